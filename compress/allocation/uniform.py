@@ -1,0 +1,25 @@
+"""Uniform allocation (SVD-LLM, ASVD default): the same kept fraction ρ for every matrix, per-matrix rank formula."""
+from __future__ import annotations
+
+from ..linalg import breakeven_rank, rank_for_ratio, saves_parameters
+
+
+def decide(row, rank: int) -> None:
+    """Set ``row.rank``/``row.factorize``; a rank that saves nothing keeps the matrix dense (noted in the report)."""
+    m, n = row.out_features, row.in_features
+    rank = min(rank, m, n)
+    row.rank = rank
+    row.factorize = saves_parameters(m, n, rank)
+    if not row.factorize:
+        row.note = f"kept dense: rank {rank} >= break-even {breakeven_rank(m, n):.1f}"
+
+
+def uniform(stage, rows) -> None:
+    kind, value = stage.budget
+    for row in rows:
+        if kind == "param_ratio":
+            decide(row, rank_for_ratio(row.out_features, row.in_features, value, stage.align))
+        elif kind == "rank":
+            decide(row, int(value))
+        else:  # energy: chosen per matrix from its spectrum during compression
+            row.rank, row.factorize, row.note = None, None, f"rank from spectrum (energy {value})"

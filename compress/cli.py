@@ -1,0 +1,143 @@
+"""``lrc``: compress causal LMs with low-rank methods. Every command is a few lines over ``compress.api``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LrcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lrc: post-training low-rank compression of causal language models, layer by layer.\n\n"
+                       "MODEL is a hub id, a local Hugging Face directory, a .gguf file, or 'smollm2' (the bundled "
+                       "SmolLM2-135M-Instruct). Ratios are fractions of targeted Linear parameters KEPT.")
+out = Console()
+err = Console(stderr=True)
+
+MODEL_ARG = typer.Argument(..., help="hub id, local HF directory, .gguf file, or 'smollm2'")
+RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML (see recipes/)")
+
+
+def _fail(e: LrcError) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered decomposition methods."""
+    from .methods import METHODS
+
+    table = Table(title="lrc methods")
+    table.add_column("method")
+    table.add_column("needs")
+    table.add_column("description")
+    for name, cls in sorted(METHODS.items()):
+        table.add_row(name, ",".join(cls.needs) or "weights only", cls.description)
+    out.print(table)
+
+
+@app.command()
+def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
+         json_out: Optional[Path] = typer.Option(None, "--json", help="also write the plan as JSON here"),
+         all_rows: bool = typer.Option(False, "--all", help="show every module (default: blocks 0 and last)")) -> None:
+    """Dry run: per-module rank and parameters before/after, and totals. Loads only the config."""
+    from . import api
+    from .plan import totals
+
+    try:
+        rows = api.plan(model, recipe)
+    except LrcError as e:
+        _fail(e)
+    last = max(r.block for r in rows)
+    table = Table(title=f"plan: {recipe.name} on {model}")
+    for col in ("module", "method", "shape (out x in)", "rank", "params before", "params after", "note"):
+        table.add_column(col)
+    for r in rows:
+        if all_rows or r.block in (0, last):
+            table.add_row(r.name, r.method, f"{r.out_features} x {r.in_features}", str(r.rank or "data"),
+                          f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
+                          r.note)
+    out.print(table)
+    t = totals(rows)
+    kept = t["kept_fraction_of_targeted"]
+    out.print(f"targeted Linears: {t['targeted_modules']} ({t['factorized_modules']} factorized, "
+              f"{t['dense_modules']} kept dense); params {t['targeted_params_before']:,} → "
+              + (f"{t['targeted_params_after']:,} (kept {kept:.4f} of targeted; embeddings and lm_head excluded)"
+                 if kept is not None else "data-dependent"))
+    if json_out:
+        json_out.write_text(json.dumps({"modules": [r.to_dict() for r in rows], "totals": t}, indent=2))
+
+
+@app.command()
+def compress(
+    model: str = MODEL_ARG,
+    recipe: Path = RECIPE_OPT,
+    out_dir: Path = typer.Option(..., "--out", "-o", help="checkpoint directory to create"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its first unfinished block"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    calib: Optional[str] = typer.Option(None, help="override calibration.dataset (set name, local file, selfgen)"),
+    samples: Optional[int] = typer.Option(None, help="override calibration.samples"),
+    seq_len: Optional[int] = typer.Option(None, help="override calibration.seq_len"),
+    device: Optional[str] = typer.Option(None, help="override engine.device (auto, cpu, cuda)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="activation/token cache (default ~/.cache/lrc or $LRC_CACHE)"),
+    keep_cache: bool = typer.Option(False, help="keep the activation cache after success"),
+) -> None:
+    """Calibrate, compress block by block, and write a checkpoint that loads with trust_remote_code=True."""
+    from . import api
+    from .recipe import load_recipe
+    from .report import summary_table
+
+    try:
+        r = api.with_overrides(load_recipe(recipe), str(recipe), calibration__dataset=calib,
+                               calibration__samples=samples, calibration__seq_len=seq_len, engine__device=device)
+        report = api.compress(model, r, out_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
+                              keep_cache=keep_cache)
+    except LrcError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written to --out; rerun with --resume to continue")
+        raise typer.Exit(130)
+    out.print(summary_table(report))
+    out.print(f"wrote {out_dir} (lrc_report.json, lrc_modules.csv, lrc_recipe.yaml)")
+
+
+@app.command()
+def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory")) -> None:
+    """What a checkpoint contains: base architecture, module types and ranks, parameter accounting."""
+    cfg_path = checkpoint / "config.json"
+    if not cfg_path.is_file():
+        _fail(LrcError(f"{checkpoint}: not a checkpoint directory (no config.json)"))
+    cfg = json.loads(cfg_path.read_text())
+    if "lrc" not in cfg:
+        _fail(LrcError(f"{checkpoint}: config.json has no 'lrc' section (not compressed by lrc)"))
+    lrc = cfg["lrc"]
+    table = Table(title=f"{checkpoint} ({lrc['base_architecture']}, lrc format {lrc['format_version']})")
+    for col in ("module", "type", "shape (out x in)", "rank"):
+        table.add_column(col)
+    for name, spec in lrc["modules"].items():
+        table.add_row(name, spec["type"], f"{spec['out_features']} x {spec['in_features']}",
+                      str(spec.get("rank", "-")))
+    out.print(table)
+    rep = checkpoint / "lrc_report.json"
+    if rep.is_file():
+        from .report import summary_table
+
+        out.print(summary_table(json.loads(rep.read_text())))
+
+
+def main() -> None:
+    try:
+        app()
+    except LrcError as e:  # errors raised outside a command body
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

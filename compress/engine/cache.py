@@ -1,0 +1,91 @@
+"""On-disk run state: calibration activations between blocks, the captured block kwargs, finished-block marks.
+
+Layout of ``<cache>/runs/<fingerprint>/``: ``acts_<i>.bin`` (raw memmap, samples x seq_len x hidden, model dtype) holds
+block i's inputs; ``kwargs.pt`` the non-hidden-state arguments the blocks need (masks, positions, rotary tables);
+``block_<i>.safetensors`` + ``block_<i>.json`` the compressed block and its report rows. The JSON is written last
+(atomic rename), so its presence marks block i finished; ``--resume`` restarts at the first unfinished block.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def model_fingerprint(model) -> str:
+    """Cheap identity of a model: config plus a strided sample of every parameter's values."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RunCache:
+    def __init__(self, root: Path, fingerprint: str, resume: bool):
+        self.dir = Path(root) / "runs" / fingerprint[:24]
+        if not resume and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    # activations ---------------------------------------------------------------------------------------------
+    def acts_path(self, i: int) -> Path:
+        return self.dir / f"acts_{i}.bin"
+
+    def acts(self, i: int, shape: tuple[int, ...], dtype: torch.dtype, create: bool = False) -> torch.Tensor:
+        """A tensor memory-mapped on ``acts_<i>.bin``; writes to it land in the file."""
+        path = self.acts_path(i)
+        numel = int(torch.Size(shape).numel())
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if create:
+            tmp = path.with_suffix(".partial")
+            with open(tmp, "wb") as f:
+                f.truncate(nbytes)
+            os.replace(tmp, path)
+        elif not path.is_file() or path.stat().st_size != nbytes:
+            raise FileNotFoundError(path)
+        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+    def drop_acts(self, i: int) -> None:
+        self.acts_path(i).unlink(missing_ok=True)
+
+    # block kwargs ---------------------------------------------------------------------------------------------
+    def save_kwargs(self, kwargs: dict) -> None:
+        torch.save(kwargs, self.dir / "kwargs.pt.tmp")
+        os.replace(self.dir / "kwargs.pt.tmp", self.dir / "kwargs.pt")
+
+    def load_kwargs(self) -> dict | None:
+        path = self.dir / "kwargs.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else None
+
+    # finished blocks ------------------------------------------------------------------------------------------
+    def block_done(self, i: int) -> bool:
+        return (self.dir / f"block_{i}.json").is_file()
+
+    def first_unfinished(self, n: int) -> int:
+        i = 0
+        while i < n and self.block_done(i):
+            i += 1
+        return i
+
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        st = self.dir / f"block_{i}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(st) + ".tmp")
+        os.replace(str(st) + ".tmp", st)
+        tmp = self.dir / f"block_{i}.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.dir / f"block_{i}.json")
+
+    def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        info = json.loads((self.dir / f"block_{i}.json").read_text())
+        return load_file(str(self.dir / f"block_{i}.safetensors")), info
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

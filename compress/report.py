@@ -1,0 +1,69 @@
+"""What was done, in numbers: parameter accounting, per-module rows, timings; JSON, CSV and a rich table."""
+from __future__ import annotations
+
+import csv
+import json
+import resource
+from pathlib import Path
+
+from rich.table import Table
+
+CSV_FIELDS = ["name", "stage", "method", "type", "out_features", "in_features", "rank", "params_before",
+              "params_after", "rel_error", "seconds", "note"]
+
+RATIO_DEFINITION = ("kept_fraction_of_targeted = parameters of the targeted decoder-block Linears after / before "
+                    "(weights + biases); embeddings and lm_head are never targeted and are excluded from it")
+
+
+def count_params(model) -> dict:
+    """Unique parameters of the whole model, and how many of them are embeddings / output head."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    emb = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    n_emb = sum(p.numel() for p in emb.values())
+    return {"total": total, "embeddings_and_head": n_emb, "excluding_embeddings_and_head": total - n_emb}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def build_report(rows: list[dict], before: dict, after: dict, extra: dict) -> dict:
+    pb = sum(r["params_before"] for r in rows)
+    pa = sum(r["params_after"] for r in rows)
+    return {
+        **extra,
+        "ratio_definition": RATIO_DEFINITION,
+        "targeted": {"modules": len(rows), "factorized": sum(r["type"] == "lowrank" for r in rows),
+                     "kept_dense": sum(r["type"] == "dense" for r in rows), "params_before": pb,
+                     "params_after": pa, "kept_fraction_of_targeted": pa / pb if pb else None},
+        "model_params": {"before": before, "after": after,
+                         "kept_fraction_of_model": after["total"] / before["total"]},
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "modules": rows,
+    }
+
+
+def write_report(directory: Path, report: dict) -> None:
+    (directory / "lrc_report.json").write_text(json.dumps(report, indent=2))
+    with open(directory / "lrc_modules.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(report["modules"])
+
+
+def summary_table(report: dict) -> Table:
+    t = report["targeted"]
+    mp = report["model_params"]
+    table = Table(title="lrc compression summary", show_header=False)
+    table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept dense)")
+    table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
+                                     f"(kept {t['kept_fraction_of_targeted']:.4f})")
+    table.add_row("model params (all)", f"{mp['before']['total']:,} → {mp['after']['total']:,} "
+                                        f"(kept {mp['kept_fraction_of_model']:.4f}, embeddings+head included)")
+    errs = [r["rel_error"] for r in report["modules"] if r["type"] == "lowrank"]
+    if errs:
+        table.add_row("weighted rel. error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    table.add_row("wall time", f"{report.get('seconds', 0):.1f} s on {report.get('device', '?')}")
+    table.add_row("peak RSS", f"{report['peak_rss_gib']:.2f} GiB")
+    return table
