@@ -16,8 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="lrc: post-training low-rank compression of causal language models, layer by layer.\n\n"
                        "MODEL is a hub id, a local Hugging Face directory, a .gguf file, or 'smollm2' (the bundled "
                        "SmolLM2-135M-Instruct). Ratios are fractions of targeted Linear parameters KEPT.")
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 MODEL_ARG = typer.Argument(..., help="hub id, local HF directory, .gguf file, or 'smollm2'")
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML (see recipes/)")
@@ -132,6 +132,9 @@ def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint director
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lrc reports its own phases; keep errors on one line
     try:
         app()
     except LrcError as e:  # errors raised outside a command body

@@ -17,7 +17,7 @@ class Progress:
         if enabled:
             self._rich = _RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=console or Console(file=sys.stderr), transient=False)
+                TimeRemainingColumn(), console=console or Console(file=sys.stderr), transient=True)
             self._rich.start()
             self._task = self._rich.add_task("preparing", total=None)
 

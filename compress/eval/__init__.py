@@ -1,0 +1,1 @@
+"""Evaluation: paper-style perplexity (more in later issues: zero-shot, KL, speed)."""

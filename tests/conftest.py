@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny trained tokenizer, a synthetic corpus, tiny random Llama/Qwen2/Mistral models with GQA,
+and the real ``../shared/models/stories260k`` (tests that need ``../shared`` skip when it is absent)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from compress.recipe import parse_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LRC_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260k"
+WORDS = ("the a one little big red blue cat dog bird tree house sun moon girl boy mom dad friend ball park "
+         "ran jumped saw found liked wanted played said looked happy sad fast slow and but then so because "
+         "very with under over into near far day night time home school water food toy box").split()
+
+
+def needs_shared(path: Path = STORIES):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not found: ../shared (lrc's data and models "
+                                                        "beside the repository) is absent in this clone")
+
+
+def make_corpus(n_rows: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))).capitalize() + "."
+            for _ in range(n_rows)]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in make_corpus()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(make_corpus(), trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    return cls(**common)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """``tiny_model_dir(arch)`` → a saved random model directory (with tokenizer) for llama, qwen2 or mistral."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+def tiny_recipe(corpus: Path, method: str = "svd-llm", samples: int = 8, seq_len: int = 32, **stage):
+    if not any(k in stage for k in ("param_ratio", "rank", "energy")):
+        stage["param_ratio"] = 0.6
+    engine = {"device": "cpu", "batch_size": 3}
+    for key in ("propagate", "sequential"):
+        if key in stage:
+            engine[key] = stage.pop(key)
+    return parse_recipe({"calibration": {"dataset": str(corpus), "samples": samples, "seq_len": seq_len},
+                         "engine": engine, "stages": [{"method": method, **stage}]})

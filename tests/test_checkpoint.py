@@ -1,0 +1,72 @@
+"""Checkpoint round trip: reload with plain transformers (lrc not importable) and with compress.load."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import compress
+from compress import api
+from conftest import tiny_recipe
+
+RELOAD = textwrap.dedent("""
+    import sys
+    sys.modules["compress"] = None  # lrc must not be importable: the checkpoint carries its own loader
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    x = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(x).logits, sys.argv[3])
+    print(type(model.get_submodule("model.layers.0.self_attn.q_proj")).__name__)
+""")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_round_trip_in_fresh_process_and_with_compress_load(arch, tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "ckpt"
+    report = api.compress(str(tiny_model_dir(arch)), tiny_recipe(corpus_file, param_ratio=0.5), out,
+                          cache_dir=tmp_path / "cache", progress=False)
+    model = report["model_obj"]
+    x = torch.randint(0, 150, (2, 12))
+    with torch.no_grad():
+        expected = model(x).logits
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("LowRankLinear")
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=0)
+
+    loaded = compress.load(out)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, expected, atol=1e-5, rtol=0)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_lrc.LrcForCausalLM"}
+    spec = cfg["lrc"]["modules"]["model.layers.0.self_attn.k_proj"]
+    assert spec == {"type": "lowrank", "in_features": 64, "out_features": 32, "rank": 10, "bias": arch == "qwen2"}
+    for name in ("model.safetensors", "modeling_lrc.py", "lrc_recipe.yaml", "lrc_report.json", "lrc_modules.csv",
+                 "tokenizer.json"):
+        assert (out / name).is_file(), name
+    rows = (out / "lrc_modules.csv").read_text().splitlines()
+    assert rows[0].startswith("name,stage,method,type") and len(rows) == 1 + 21
+    rep = json.loads((out / "lrc_report.json").read_text())
+    assert rep["targeted"]["params_after"] == sum(r["params_after"] for r in rep["modules"])
+    assert "KEPT" in rep["ratio_definition"] or "after / before" in rep["ratio_definition"]
+
+
+def test_saved_checkpoint_has_fewer_parameters(tiny_model_dir, corpus_file, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "ckpt"
+    report = api.compress(str(tiny_model_dir("mistral")), tiny_recipe(corpus_file, param_ratio=0.5), out,
+                          cache_dir=tmp_path / "cache", progress=False)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        stored = sum(f.get_tensor(k).numel() for k in f.keys())
+    assert stored == report["model_params"]["after"]["total"]
+    assert report["model_params"]["after"]["total"] < report["model_params"]["before"]["total"]
