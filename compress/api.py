@@ -12,16 +12,19 @@ from pathlib import Path
 import torch
 
 from . import __version__
+import yaml
+
 from .checkpoint import load, save_checkpoint
+from .checkpoint.modeling_lrc import LRC_FORMAT_VERSION
 from .engine.pipeline import compress_blocks
 from .errors import LrcError
 from .models import cache_root, load_model, resolve_model_path
 from .plan import PlanRow, make_plan
 from .progress import Progress
-from .recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+from .recipe import Recipe, load_recipe, parse_recipe
 from .report import build_report, count_params, write_report
 
-__all__ = ["compress_model", "compress", "plan", "load", "with_overrides"]
+__all__ = ["compress_model", "compress", "save", "plan", "load", "with_overrides"]
 
 
 def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recipe:
@@ -37,8 +40,12 @@ def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recip
 
 
 def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir: str | Path | None = None,
-                   resume: bool = False, progress: bool = False) -> dict:
-    """Compress ``model`` in place following ``recipe``; return the report (parameter accounting, module rows)."""
+                   resume: bool = False, progress: bool = False, keep_cache: bool = False) -> dict:
+    """Compress ``model`` in place following ``recipe``; return the report (parameter accounting, module rows).
+
+    The module structure is recorded in ``model.config.lrc`` so that ``save(model, tokenizer, out, report)`` writes a
+    checkpoint that reloads anywhere. The activation cache is removed on success unless ``keep_cache``.
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if tokenizer is None:
@@ -51,15 +58,37 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
         result = compress_blocks(model, tokenizer, recipe, Path(cache_dir or cache_root()), resume, bar)
     finally:
         bar.close()
-    report = build_report(result["rows"], before, count_params(model), {
+    previous = getattr(model.config, "lrc", None) or {}
+    model.config.lrc = {"format_version": LRC_FORMAT_VERSION, "base_architecture": type(model).__name__,
+                        "modules": {**previous.get("modules", {}), **result["modules"]}}
+    if not keep_cache:
+        result["cache"].clear()
+    return build_report(result["rows"], before, count_params(model), {
         "lrc_version": __version__, "model": getattr(model.config, "_name_or_path", ""),
         "recipe": recipe.resolved(), "device": result["device"], "seconds": round(result["seconds"], 3),
         "calibration_tokens": result["calibration_tokens"], "resumed_from_block": result["resumed_from_block"],
-        "torch": torch.__version__,
+        "run_cache": str(result["cache"].dir), "torch": torch.__version__,
     })
-    report["_modules_spec"] = result["modules"]
-    report["_cache"] = result["cache"]
-    return report
+
+
+def save(model, tokenizer, out: str | Path, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a compressed model as a checkpoint directory, atomically (a temp dir renamed at the end)."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_checkpoint(model, tokenizer, tmp)
+        if report is not None:
+            (tmp / "lrc_recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False))
+            write_report(tmp, report)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -71,33 +100,20 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: bool = False,
              overwrite: bool = False, cache_dir: str | Path | None = None, progress: bool = True,
-             keep_cache: bool = False) -> dict:
-    """Load MODEL, compress it, and write the checkpoint to ``out`` (atomically: temp dir, then rename)."""
+             keep_cache: bool = False) -> tuple[object, dict]:
+    """Load MODEL, compress it, write the checkpoint to ``out``; return ``(compressed model, report)``."""
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
     _check_out(out, overwrite or resume)
-    net, tokenizer, path = load_model(model, recipe.model.dtype)
-    report = compress_model(net, recipe, tokenizer, cache_dir, resume, progress)
-    modules, cache = report.pop("_modules_spec"), report.pop("_cache")
+    net, tokenizer, _ = load_model(model, recipe.model.dtype)
+    report = compress_model(net, recipe, tokenizer, cache_dir, resume, progress, keep_cache=True)
     report["model"], report["total_seconds"] = model, round(time.perf_counter() - t0, 3)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_checkpoint(net, tokenizer, tmp, modules, {"source_model": model})
-        (tmp / "lrc_recipe.yaml").write_text(dump_recipe(recipe))
-        write_report(tmp, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save(net, tokenizer, out, report, overwrite=True)
     if not keep_cache:
-        cache.clear()
-    report["model_obj"] = net
-    return report
+        shutil.rmtree(report["run_cache"], ignore_errors=True)
+    return net, report
 
 
 def plan(model: str, recipe: Recipe | str | Path) -> list[PlanRow]:

@@ -96,7 +96,7 @@ def compress(
     try:
         r = api.with_overrides(load_recipe(recipe), str(recipe), calibration__dataset=calib,
                                calibration__samples=samples, calibration__seq_len=seq_len, engine__device=device)
-        report = api.compress(model, r, out_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
+        _, report = api.compress(model, r, out_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
                               keep_cache=keep_cache)
     except LrcError as e:
         _fail(e)

@@ -73,8 +73,30 @@ def gram_sqrt(H: torch.Tensor, damping: float = 1e-6, rtol: float | None = None)
     return SquareRoot(S=Q * root, S_pinv=inv_root[:, None] * Q.T, dropped=int((~keep).sum()))
 
 
-@dataclass
 class Spectrum:
+    """The rank-r solutions of one weighted low-rank problem: ``sigma`` (descending) and ``factors(r)``.
+
+    ``truncation_loss(r)`` is the squared weighted error of keeping r values, ``sum(sigma[r:]**2)``; when
+    ``input_weighted`` is True that weight is the input Gram, so the loss is exactly ``||(W − A B) X||_F²``.
+    """
+
+    sigma: torch.Tensor
+    input_weighted: bool = False
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def truncation_loss(self, rank: int) -> float:
+        """Sum of the dropped σ² (SVD-LLM Theorem 3.2 for the whitened problem)."""
+        return float((self.sigma[rank:].double() ** 2).sum())
+
+    def relative_error(self, rank: int) -> float:
+        total = float((self.sigma.double() ** 2).sum())
+        return (self.truncation_loss(rank) / total) ** 0.5 if total > 0 else 0.0
+
+
+@dataclass
+class SVDSpectrum(Spectrum):
     """SVD of a transformed weight ``L W R = U Σ Vᵀ`` together with the inverses that undo the transform.
 
     ``factors(r)`` returns ``A = L⁺ U_r Σ_r^{1/2}`` and ``B = Σ_r^{1/2} V_rᵀ R⁺`` so that ``A B`` is the rank-r
@@ -97,9 +119,56 @@ class Spectrum:
             B = B @ self.right_pinv
         return A, B
 
-    def truncation_loss(self, rank: int) -> float:
-        """Squared weighted error of keeping ``rank`` values: the sum of the dropped σ² (SVD-LLM Theorem 3.2)."""
-        return float((self.sigma[rank:].double() ** 2).sum())
+
+@dataclass
+class ProjectionSpectrum(Spectrum):
+    """``W' = U_r U_rᵀ W`` with ``U`` the top eigenvectors of the output Gram ``W H Wᵀ = (W X)(W X)ᵀ``.
+
+    This is the minimiser of ``||(W − W') X||_F`` over rank-r ``W'`` (the left singular vectors of ``W X``), i.e. the
+    SVD-LLM solution ``U_r Σ_r V_rᵀ S⁻¹`` written without any inverse: ``U_r Σ_r V_rᵀ S⁻¹ = U_r U_rᵀ W S S⁻¹``.
+    Factors are balanced as ``A = U_r Σ_r^{1/2}``, ``B = Σ_r^{-1/2} U_rᵀ W`` (unscaled where σ is ~0).
+    """
+
+    sigma: torch.Tensor
+    U: torch.Tensor
+    W: torch.Tensor
+    input_weighted: bool = True
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.sigma[:rank]
+        scale = torch.where(s > s[:1].clamp_min(1e-300) * 1e-10, s.clamp_min(1e-300).sqrt(), torch.ones_like(s))
+        U = self.U[:, :rank]
+        return U * scale, (U.T @ self.W) / scale[:, None]
+
+
+def whitened_spectrum(W: torch.Tensor, H: torch.Tensor, root: torch.Tensor | None = None) -> ProjectionSpectrum:
+    """Spectrum of ``W X`` from ``W`` (m x n) and ``H = X Xᵀ``, by the cheaper of two exact routes (float64).
+
+    m <= n: eigh of the m x m output Gram ``W H Wᵀ``. m > n: with any square root ``H = S Sᵀ`` (pass ``root`` to
+    share it between Linears with the same input), eigh of the n x n ``Sᵀ Wᵀ W S`` gives ``V``, then
+    ``U = W S V Σ⁻¹``. Negative round-off eigenvalues are clamped to 0; no inverse of ``H`` is ever formed.
+    """
+    W, H = W.double(), H.double()
+    m, n = W.shape
+    if m <= n:
+        lam, U = torch.linalg.eigh(W @ H @ W.T)
+        lam, U = lam.flip(0).clamp_min(0), U.flip(1)
+        return ProjectionSpectrum(sigma=lam.sqrt(), U=U, W=W)
+    S = root if root is not None else sym_sqrt(H)
+    WS = W @ S
+    lam, V = torch.linalg.eigh(WS.T @ WS)
+    lam, V = lam.flip(0).clamp_min(0), V.flip(1)
+    sigma = lam.sqrt()
+    tiny = sigma <= sigma[:1].clamp_min(1e-300) * 1e-12
+    U = (WS @ V) / torch.where(tiny, torch.ones_like(sigma), sigma)
+    U[:, tiny] = 0.0  # directions W X does not reach: never selected before the non-zero ones
+    return ProjectionSpectrum(sigma=sigma, U=U, W=W)
+
+
+def sym_sqrt(H: torch.Tensor) -> torch.Tensor:
+    """``S = Q Λ^{1/2}`` with ``H = Q Λ Qᵀ`` (eigh, float64, negative round-off clamped), so ``S Sᵀ = H``."""
+    lam, Q = torch.linalg.eigh(0.5 * (H.double() + H.double().T))
+    return Q * lam.clamp_min(0).sqrt()
 
 
 def weighted_svd(
@@ -108,7 +177,7 @@ def weighted_svd(
     left_pinv: torch.Tensor | None = None,
     right: torch.Tensor | None = None,
     right_pinv: torch.Tensor | None = None,
-) -> Spectrum:
+) -> "SVDSpectrum":
     """Exact SVD of ``left @ W @ right`` in float64 (transforms optional)."""
     M = W.double()
     if left is not None:
@@ -116,7 +185,7 @@ def weighted_svd(
     if right is not None:
         M = M @ right.double()
     U, s, Vh = torch.linalg.svd(M, full_matrices=False)
-    return Spectrum(U, s, Vh, left_pinv, right_pinv)
+    return SVDSpectrum(sigma=s, U=U, Vh=Vh, left_pinv=left_pinv, right_pinv=right_pinv)
 
 
 def weighted_error(W: torch.Tensor, W_approx: torch.Tensor, H: torch.Tensor | None) -> float:

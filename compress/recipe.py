@@ -157,7 +157,3 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise LrcError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     return parse_recipe(data, str(path))
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.resolved(), sort_keys=False)

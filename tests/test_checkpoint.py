@@ -28,9 +28,8 @@ RELOAD = textwrap.dedent("""
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_round_trip_in_fresh_process_and_with_compress_load(arch, tiny_model_dir, corpus_file, tmp_path):
     out = tmp_path / "ckpt"
-    report = api.compress(str(tiny_model_dir(arch)), tiny_recipe(corpus_file, param_ratio=0.5), out,
-                          cache_dir=tmp_path / "cache", progress=False)
-    model = report["model_obj"]
+    model, report = api.compress(str(tiny_model_dir(arch)), tiny_recipe(corpus_file, param_ratio=0.5), out,
+                                 cache_dir=tmp_path / "cache", progress=False)
     x = torch.randint(0, 150, (2, 12))
     with torch.no_grad():
         expected = model(x).logits
@@ -64,7 +63,7 @@ def test_saved_checkpoint_has_fewer_parameters(tiny_model_dir, corpus_file, tmp_
     from safetensors import safe_open
 
     out = tmp_path / "ckpt"
-    report = api.compress(str(tiny_model_dir("mistral")), tiny_recipe(corpus_file, param_ratio=0.5), out,
+    _, report = api.compress(str(tiny_model_dir("mistral")), tiny_recipe(corpus_file, param_ratio=0.5), out,
                           cache_dir=tmp_path / "cache", progress=False)
     with safe_open(out / "model.safetensors", "pt") as f:
         stored = sum(f.get_tensor(k).numel() for k in f.keys())

@@ -26,7 +26,7 @@ def test_resume_after_crash_is_byte_identical(tiny_model_dir, corpus_file, tmp_p
     assert not list(tmp_path.glob(".out.partial*"))
     monkeypatch.setattr(pipeline, "after_block", lambda i: None)
 
-    report = api.compress(model, recipe, tmp_path / "out", resume=True, cache_dir=tmp_path / "c2", progress=False)
+    _, report = api.compress(model, recipe, tmp_path / "out", resume=True, cache_dir=tmp_path / "c2", progress=False)
     assert report["resumed_from_block"] == 2
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

@@ -13,11 +13,14 @@ from .modeling_lrc import LRC_FORMAT_VERSION
 MODELING_FILE = Path(__file__).with_name("modeling_lrc.py")
 
 
-def save_checkpoint(model, tokenizer, directory: str | Path, modules: dict, extra: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
+    """``model.config.lrc`` (set by ``compress_model``) describes the replaced modules."""
     directory = Path(directory)
     base = type(model).__name__
-    model.config.lrc = {"format_version": LRC_FORMAT_VERSION, "base_architecture": base, "modules": modules,
-                        **(extra or {})}
+    lrc = getattr(model.config, "lrc", None)
+    if not isinstance(lrc, dict) or "modules" not in lrc:
+        raise ValueError("model.config.lrc is missing: compress the model with lrc before saving it")
+    model.config.lrc = {**lrc, "format_version": LRC_FORMAT_VERSION, "base_architecture": base}
     model.config.auto_map = {"AutoModelForCausalLM": "modeling_lrc.LrcForCausalLM"}
     model.config.architectures = [base]
     model.save_pretrained(directory)

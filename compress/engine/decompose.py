@@ -29,7 +29,8 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage) -> tuple[nn.Mo
     error = 0.0
     if row.factorize:
         A, B = spectrum.factors(row.rank)
-        error = weighted_error(W, A @ B, H)
+        # exact ||(W - AB)X|| / ||WX||: free from the spectrum when it is the input-Gram-weighted one
+        error = spectrum.relative_error(row.rank) if spectrum.input_weighted else weighted_error(W, A @ B, H)
         new = LowRankLinear(row.in_features, row.out_features, row.rank, bias=module.bias is not None,
                             device=module.weight.device, dtype=module.weight.dtype)
         new.first.weight.copy_(B)
