@@ -198,3 +198,27 @@ def weighted_error(W: torch.Tensor, W_approx: torch.Tensor, H: torch.Tensor | No
     num = ((D @ H) * D).sum().clamp_min(0)
     den = ((W @ H) * W).sum().clamp_min(1e-300)
     return float((num / den).sqrt())
+
+
+def dense_target(W: torch.Tensor, H_c: torch.Tensor, C: torch.Tensor, damping: float = 0.1
+                 ) -> torch.Tensor:
+    """Weight that maps the compressed model's inputs to the dense model's outputs, shrunk towards ``W``.
+
+    With dense inputs ``X``, compressed-path inputs ``X̃`` (same tokens), ``H_c = X̃ X̃ᵀ`` and ``C = X X̃ᵀ``, and
+    ``μ = damping · mean(diag H_c)``: ``W_t = argmin ||W X − W' X̃||² + μ ||W' − W||² = (W C + μ W)(H_c + μ I)⁻¹``
+    (float64, eigh). ``damping → 0`` is the plain least-squares fit, ``damping → ∞`` gives back ``W`` (the ``layer``
+    objective). For any rank-r ``W'``, ``||W X − W' X̃||² = const + ||(W_t − W') X̃||²`` when ``μ = 0``, so the rank-r
+    solution is the whitened one for ``W_t`` on ``H_c``.
+    """
+    H, W = H_c.double(), W.double()
+    mu = damping * H.diagonal().mean().clamp_min(1e-300)
+    lam, Q = torch.linalg.eigh(0.5 * (H + H.T))
+    return ((W @ C.double() + mu * W) @ Q) / (lam.clamp_min(0) + mu) @ Q.T
+
+
+def dense_objective_error(W, W_approx, H_d, C, H_c) -> float:
+    """``||W X − W' X̃||_F / ||W X||_F`` from ``H_d = X Xᵀ``, ``C = X X̃ᵀ``, ``H_c = X̃ X̃ᵀ``."""
+    W, Wp = W.double(), W_approx.double()
+    total = ((W @ H_d.double()) * W).sum()
+    err2 = total - 2 * ((W @ C.double()) * Wp).sum() + ((Wp @ H_c.double()) * Wp).sum()
+    return float((err2.clamp_min(0) / total.clamp_min(1e-300)).sqrt())

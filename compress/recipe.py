@@ -44,6 +44,19 @@ class EngineConfig(_Strict):
         "compressed", description="next block's inputs come from the compressed (default) or the original block")
     sequential: bool = Field(
         True, description="within a block, compress q/k/v → o → gate/up → down so later groups see earlier ones")
+    objective: Literal["layer", "dense"] = Field(
+        "layer", description="layer: each Linear reproduces its own outputs on the inputs it now sees, "
+                             "min ||(W−W')X̃||; dense: it reproduces the dense model's outputs, min ||WX − W'X̃|| "
+                             "(corrects the drift of earlier compression; needs propagate: compressed)")
+    dense_damping: float = Field(0.1, ge=0, description="dense objective: shrink the least-squares fit towards W by "
+                                                        "damping·mean(diag X̃X̃ᵀ)·||W′−W||² (0 = plain fit)")
+
+    @model_validator(mode="after")
+    def _dense_needs_compressed(self):
+        if self.objective == "dense" and self.propagate != "compressed":
+            raise ValueError("objective: dense needs propagate: compressed (with original inputs there is no "
+                             "drift to correct)")
+        return self
 
 
 class StageConfig(_Strict):

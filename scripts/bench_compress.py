@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LRC_SHARED", ROOT.parent / "shared"))
 CALIB = SHARED / "data" / "calib" / "wiki_passages.jsonl"
@@ -74,21 +76,21 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc-bench"))
-    ap.add_argument("--propagate", default="compressed", choices=["compressed", "original"])
-    ap.add_argument("--parallel", action="store_true", help="engine.sequential=false")
+    ap.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="engine options, e.g. objective=dense propagate=original sequential=false")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "KEPT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(a.model, a.one[0], float(a.one[1]), a.samples, a.seq_len, a.windows, a.cache,
-                             {"propagate": a.propagate, "sequential": not a.parallel})))
+                             {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.engine)})))
         return
     results = []
     for run in a.runs:
         method, _, kept = run.partition(":")
         cmd = [sys.executable, __file__, "--model", a.model, "--samples", str(a.samples), "--seq-len",
-               str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--propagate", a.propagate,
-               *(["--parallel"] if a.parallel else []), "--one", method, kept or "1"]
+               str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--engine", *a.engine,
+               "--one", method, kept or "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])

@@ -90,7 +90,7 @@ def tiny_recipe(corpus: Path, method: str = "svd-llm", samples: int = 8, seq_len
     if not any(k in stage for k in ("param_ratio", "rank", "energy")):
         stage["param_ratio"] = 0.6
     engine = {"device": "cpu", "batch_size": 3}
-    for key in ("propagate", "sequential"):
+    for key in ("propagate", "sequential", "objective", "dense_damping"):
         if key in stage:
             engine[key] = stage.pop(key)
     return parse_recipe({"calibration": {"dataset": str(corpus), "samples": samples, "seq_len": seq_len},

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from compress.linalg import (gram_sqrt, rank_for_energy, rank_for_ratio, saves_parameters, weighted_error,
-                             weighted_svd, whitened_spectrum)
+                             weighted_svd, whitened_spectrum, dense_target, dense_objective_error)
 from compress.methods import get_method
 
 
@@ -131,3 +131,40 @@ def test_rank_for_energy():
     assert rank_for_energy(s, 1.0) == 3
     spec = weighted_svd(torch.eye(3, dtype=torch.float64))
     assert spec.sigma.shape == (3,)
+
+
+def _drifted(m=8, n=10, N=60, seed=3):
+    """Dense inputs X and compressed-path inputs X̃ = X + drift, on the same tokens."""
+    W, X = _data(m, n, N, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    Xc = X + 0.3 * X.std() * torch.randn(X.shape, generator=g, dtype=torch.float64)
+    return W, X, Xc
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_dense_objective_reaches_brute_force_optimum(m, n):
+    """With damping 0, whitening the least-squares target on X̃ minimises ||W X − W' X̃|| over rank-r W'."""
+    W, X, Xc = _drifted(m, n)
+    Hc, C, Hd = Xc @ Xc.T, X @ Xc.T, X @ X.T
+    Wt = dense_target(W, Hc, C, damping=0.0)
+    Y = W @ X
+    _, _, Vh = torch.linalg.svd(Xc, full_matrices=False)  # orthonormal basis of X̃'s row space
+    YV = Y @ Vh.T
+    s = torch.linalg.svdvals(YV)
+    for r in (1, 3, min(m, n) - 1):
+        A, B = whitened_spectrum(Wt, Hc).factors(r)
+        ours = float(torch.linalg.norm(Y - A @ B @ Xc))
+        best = float((torch.linalg.norm(Y) ** 2 - torch.linalg.norm(YV) ** 2 + (s[r:] ** 2).sum()).sqrt())
+        assert abs(ours - best) <= 1e-6 * best
+        # and it beats the layer objective (whitening W itself on X̃) on this criterion
+        A2, B2 = whitened_spectrum(W, Hc).factors(r)
+        assert ours < float(torch.linalg.norm(Y - A2 @ B2 @ Xc))
+        rel = dense_objective_error(W, A @ B, Hd, C, Hc)
+        assert abs(rel - ours / float(torch.linalg.norm(Y))) < 1e-9
+
+
+def test_dense_target_shrinks_to_w():
+    W, X, Xc = _drifted()
+    assert torch.allclose(dense_target(W, Xc @ Xc.T, X @ Xc.T, damping=1e9), W, atol=1e-6)
+    W_ls = dense_target(W, Xc @ Xc.T, X @ Xc.T, damping=0.0)
+    assert torch.allclose(W_ls, torch.linalg.lstsq(Xc.T, (W @ X).T).solution.T, atol=1e-8)

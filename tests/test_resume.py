@@ -10,9 +10,10 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_after_crash_is_byte_identical(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["layer", "dense"])  # dense also keeps the dense activation stream
+def test_resume_after_crash_is_byte_identical(objective, tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     model = str(tiny_model_dir("llama"))
-    recipe = tiny_recipe(corpus_file, param_ratio=0.5)
+    recipe = tiny_recipe(corpus_file, param_ratio=0.5, objective=objective)
     api.compress(model, recipe, tmp_path / "ref", cache_dir=tmp_path / "c1", progress=False)
 
     def crash(i):

@@ -3,7 +3,8 @@
 Layout of ``<cache>/runs/<fingerprint>/``: ``acts_<i>.bin`` (raw memmap, samples x seq_len x hidden, model dtype) holds
 block i's inputs; ``kwargs.pt`` the non-hidden-state arguments the blocks need (masks, positions, rotary tables);
 ``block_<i>.safetensors`` + ``block_<i>.json`` the compressed block and its report rows. The JSON is written last
-(atomic rename), so its presence marks block i finished; ``--resume`` restarts at the first unfinished block.
+(atomic rename), so its presence marks block i finished; ``dense_<i>.bin`` holds the dense model's
+activations when ``engine.objective`` is ``dense``; ``--resume`` restarts at the first unfinished block.
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ class RunCache:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # activations ---------------------------------------------------------------------------------------------
-    def acts_path(self, i: int) -> Path:
-        return self.dir / f"acts_{i}.bin"
+    def acts_path(self, i: int, stream: str = "acts") -> Path:
+        return self.dir / f"{stream}_{i}.bin"
 
-    def acts(self, i: int, shape: tuple[int, ...], dtype: torch.dtype, create: bool = False) -> torch.Tensor:
-        """A tensor memory-mapped on ``acts_<i>.bin``; writes to it land in the file."""
-        path = self.acts_path(i)
+    def acts(self, i: int, shape: tuple[int, ...], dtype: torch.dtype, create: bool = False,
+             stream: str = "acts") -> torch.Tensor:
+        """A tensor memory-mapped on ``<stream>_<i>.bin``; writes to it land in the file. Streams: ``acts`` (the
+        compressed model's activations) and ``dense`` (the dense model's, kept for ``objective: dense``)."""
+        path = self.acts_path(i, stream)
         numel = int(torch.Size(shape).numel())
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if create:
@@ -54,7 +57,8 @@ class RunCache:
         return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
 
     def drop_acts(self, i: int) -> None:
-        self.acts_path(i).unlink(missing_ok=True)
+        for stream in ("acts", "dense"):
+            self.acts_path(i, stream).unlink(missing_ok=True)
 
     # block kwargs ---------------------------------------------------------------------------------------------
     def save_kwargs(self, kwargs: dict) -> None:

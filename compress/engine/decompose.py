@@ -8,7 +8,7 @@ from torch import nn
 
 from ..allocation.uniform import decide
 from ..checkpoint.modeling_lrc import LowRankLinear
-from ..linalg import rank_for_energy, weighted_error
+from ..linalg import dense_objective_error, dense_target, rank_for_energy, weighted_error
 
 
 def lowrank_spec(m: LowRankLinear) -> dict:
@@ -17,11 +17,21 @@ def lowrank_spec(m: LowRankLinear) -> dict:
 
 
 @torch.no_grad()
-def decompose(method, module: nn.Linear, stats: dict, row, stage) -> tuple[nn.Module | None, dict]:
-    """Replacement module (or None when the matrix stays dense) and the per-module report row."""
+def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping: float = 0.1
+              ) -> tuple[nn.Module | None, dict]:
+    """Replacement module (or None when the matrix stays dense) and the per-module report row.
+
+    With ``cross_gram`` in ``stats`` (``objective: dense``), data-aware methods factorise the least-squares weight
+    that maps the compressed inputs to the dense outputs (``linalg.dense_target``), and the reported error is
+    ``||W X − W' X̃|| / ||W X||`` against the dense model's outputs.
+    """
     t0 = time.perf_counter()
     W = module.weight.detach().double()
-    spectrum = method.spectrum(W, stats)
+    dense = "cross_gram" in stats
+    target = W
+    if dense and "input_gram" in method.needs:
+        target = dense_target(W, stats["input_gram"], stats["cross_gram"], dense_damping)
+    spectrum = method.spectrum(target, stats)
     if row.rank is None:  # energy budget: rank from this matrix's own spectrum
         decide(row, rank_for_energy(spectrum.sigma, stage.energy))
     H = stats.get("input_gram")

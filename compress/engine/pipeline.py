@@ -7,6 +7,7 @@ original one with ``propagate: original``) into the next block's input file → 
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
 from .capture import StopForward, capture_block_inputs, map_tensors
 from .decompose import decompose, lowrank_spec
-from .stats import attach, discover_groups, stop_after
+from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,29 +36,43 @@ def after_block(i: int) -> None:
     """Called once block ``i`` is finished and saved (a seam for tests that simulate a crash)."""
 
 
-@torch.no_grad()
-def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop_module=None) -> None:
-    """Stream the cached inputs through ``block``; write outputs to ``out`` or stop after ``stop_module``."""
+def _forward(block, x, kwargs, stop_module, out, sl) -> None:
     handle = stop_after(stop_module) if stop_module is not None else None
     try:
-        for s in range(0, x_in.shape[0], batch_size):
-            x = x_in[s : s + batch_size].to(device)
-            try:
-                y = block(x, **kwargs)
-            except StopForward:
-                continue
-            y = y[0] if isinstance(y, (tuple, list)) else y
-            out[s : s + batch_size] = y.to("cpu", out.dtype)
+        y = block(x, **kwargs)
+    except StopForward:
+        return
     finally:
         if handle is not None:
             handle.remove()
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    out[sl] = y.to("cpu", out.dtype)
 
 
-def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, progress) -> tuple[dict, list]:
+@torch.no_grad()
+def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense=None) -> None:
+    """Stream the cached inputs through ``block``; write outputs to ``out`` or stop after the module named ``stop``.
+
+    ``dense = (dense_block, dense_in, dense_out)`` runs the untouched copy of the block on the dense model's own
+    activations first, batch by batch, so hooks can pair dense and compressed inputs of the same tokens.
+    """
+    mods = dict(block.named_modules())
+    dmods = dict(dense[0].named_modules()) if dense else {}
+    for s in range(0, x_in.shape[0], batch_size):
+        sl = slice(s, s + batch_size)
+        if dense:
+            _forward(dense[0], dense[1][sl].to(device), kwargs, dmods[stop] if stop else None, dense[2], sl)
+        _forward(block, x_in[sl].to(device), kwargs, mods[stop] if stop else None, out, sl)
+
+
+def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, progress,
+                    dense_io=None) -> tuple[dict, list]:
     eng = recipe.engine
     rel = {r.name.removeprefix(prefix): r for r in rows}
     groups = discover_groups(block, x_in[:1].to(device), kwargs)
     modules = dict(block.named_modules())
+    dense_block = copy.deepcopy(block) if dense_io else None
+    dense = (dense_block, *dense_io) if dense_io else None
     owner = {n: g[0] for g in groups for n in g}
     specs, report = {}, []
     wrote_outputs = False
@@ -70,12 +85,16 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
         passes = targeted if eng.sequential else [[n for g in targeted for n in g]]
         for group in passes:
             progress.phase(f"statistics {','.join(n.rsplit('.', 1)[-1] for n in group)}")
+            own = {n: owner[n] for n in group}
             needs = set(method.needs) | {"input_gram"}  # the Gram also gives the report's weighted error
-            collectors = attach(needs, modules, {n: owner[n] for n in group})
+            collectors = attach(needs, modules, own)
+            if dense:
+                collectors.append(DenseInputs(dict(dense_block.named_modules()), own))
+                collectors.append(CrossGram(modules, own, collectors[-1]))
             record = eng.propagate == "original" and not wrote_outputs
             try:
                 run_pass(block, x_in, kwargs, eng.batch_size, device, out=x_out if record else None,
-                         stop_module=None if record else modules[group[-1]])
+                         stop=None if record else group[-1], dense=dense)
             finally:
                 for c in collectors:
                     c.remove()
@@ -83,7 +102,7 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
             progress.phase(f"decompose {len(group)} module(s)")
             for n in group:
                 stats = {c.name: c.result(n) for c in collectors}
-                new, info = decompose(method, modules[n], stats, rel[n], stage)
+                new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
                 report.append(info)
                 if new is not None:
                     block.set_submodule(n, new)
@@ -91,7 +110,7 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
             del collectors
     if not wrote_outputs:
         progress.phase("propagate")
-        run_pass(block, x_in, kwargs, eng.batch_size, device, out=x_out)
+        run_pass(block, x_in, kwargs, eng.batch_size, device, out=x_out, dense=dense)
     return specs, report
 
 
@@ -122,14 +141,19 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         blocks[i].load_state_dict(tensors)
         specs.update(info["modules"])
         report.extend(info["rows"])
+    dense_stream = recipe.engine.objective == "dense"
     try:
         x_in = cache.acts(start, shape, dtype) if start < n else None
+        d_in = cache.acts(start, shape, dtype, stream="dense") if dense_stream and start < n else None
     except FileNotFoundError:
         x_in, start = None, 0
     if start == 0 and (x_in is None or kwargs is None):
         progress.phase("capture block-0 inputs")
         x_in = cache.acts(0, shape, dtype, create=True)
         kwargs = capture_block_inputs(model, blocks, ids, x_in, recipe.engine.batch_size, device)
+        if dense_stream:
+            d_in = cache.acts(0, shape, dtype, create=True, stream="dense")
+            d_in.copy_(x_in)
         cache.save_kwargs(kwargs)
     dev_kwargs = map_tensors(kwargs, lambda t: t.to(device))
     progress.start_blocks(n, start)
@@ -137,15 +161,16 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         progress.block(i)
         block = blocks[i].to(device)
         x_out = cache.acts(i + 1, shape, dtype, create=True)
+        d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
         rows = [r for r in plan if r.block == i]
         bspecs, brows = _compress_block(block, f"{prefix}.{i}.", rows, recipe, x_in, x_out, dev_kwargs, device,
-                                        progress)
+                                        progress, (d_in, d_out) if dense_stream else None)
         blocks[i] = block.to("cpu")
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
         cache.drop_acts(i)
         specs.update(bspecs)
         report.extend(brows)
-        x_in = x_out
+        x_in, d_in = x_out, d_out
         after_block(i)
     progress.done()
     return {"modules": specs, "rows": report, "cache": cache, "seconds": time.perf_counter() - t_start,

@@ -35,10 +35,10 @@ def discover_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> lis
     return [members for _, members in groups]
 
 
-class InputGram:
-    """``H = Σ xᵀx`` over all calibration tokens of each group's shared input: fp32 per batch, summed in fp64."""
+class GroupCollector:
+    """Base of the collectors: one pre-hook per group owner; ``add(key, x)`` sees the input as (tokens, features)."""
 
-    name = "input_gram"
+    name = ""
 
     def __init__(self, modules: dict[str, nn.Module], owner: dict[str, str]):
         self.owner = owner
@@ -47,13 +47,14 @@ class InputGram:
 
     def _hook(self, key: str):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            g = (x.T @ x).double()
-            if key in self.acc:
-                self.acc[key] += g
-            else:
-                self.acc[key] = g
+            self.add(key, args[0].reshape(-1, args[0].shape[-1]).float())
         return hook
+
+    def accumulate(self, key: str, value: torch.Tensor) -> None:
+        self.acc[key] = self.acc[key] + value if key in self.acc else value
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def result(self, name: str) -> torch.Tensor:
         return self.acc[self.owner[name]]
@@ -61,6 +62,43 @@ class InputGram:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class InputGram(GroupCollector):
+    """``H = Σ xᵀx`` over all calibration tokens of each group's shared input: fp32 per batch, summed in fp64."""
+
+    name = "input_gram"
+
+    def add(self, key, x):
+        self.accumulate(key, (x.T @ x).double())
+
+
+class DenseInputs(InputGram):
+    """Attached to the dense copy of the block: the dense Gram ``H = X Xᵀ`` (for the report's error against the
+    dense outputs), and each group's input of the current batch, kept for ``CrossGram``."""
+
+    name = "dense_gram"
+
+    def __init__(self, modules, owner):
+        super().__init__(modules, owner)
+        self.current: dict[str, torch.Tensor] = {}
+
+    def add(self, key, x):
+        self.current[key] = x
+        super().add(key, x)
+
+
+class CrossGram(GroupCollector):
+    """``C = Σ x x̃ᵀ`` between the dense block's inputs ``x`` and the compressed block's inputs ``x̃`` (same tokens)."""
+
+    name = "cross_gram"
+
+    def __init__(self, modules, owner, dense: DenseInputs):
+        super().__init__(modules, owner)
+        self.dense = dense
+
+    def add(self, key, x):
+        self.accumulate(key, (self.dense.current.pop(key).T @ x).double())
 
 
 COLLECTORS = {InputGram.name: InputGram}
