@@ -64,6 +64,9 @@ def summary_table(report: dict) -> Table:
     errs = [r["rel_error"] for r in report["modules"] if r["type"] == "lowrank"]
     if errs:
         table.add_row("weighted rel. error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
-    table.add_row("wall time", f"{report.get('seconds', 0):.1f} s on {report.get('device', '?')}")
+    ph = report.get("phase_seconds", {})
+    detail = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in ph.items())
+    table.add_row("wall time", f"{report.get('seconds', 0):.1f} s on {report.get('device', '?')}"
+                  + (f" ({detail})" if detail else ""))
     table.add_row("peak RSS", f"{report['peak_rss_gib']:.2f} GiB")
     return table

@@ -125,6 +125,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     dtype = next(model.parameters()).dtype
     progress.phase("calibration tokens")
     ids = calibration_tokens(model, tokenizer, recipe.calibration, Path(cache_dir), recipe.engine.batch_size)
+    phases = {"calibration_tokens": time.perf_counter() - t_start}
     fp = model_fingerprint(model) + str(ids.sum().item()) + str(recipe.resolved())
     import hashlib
 
@@ -155,6 +156,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             d_in = cache.acts(0, shape, dtype, create=True, stream="dense")
             d_in.copy_(x_in)
         cache.save_kwargs(kwargs)
+    phases["capture"] = time.perf_counter() - t_start - phases["calibration_tokens"]
     dev_kwargs = map_tensors(kwargs, lambda t: t.to(device))
     progress.start_blocks(n, start)
     for i in range(start, n):
@@ -173,5 +175,8 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         x_in, d_in = x_out, d_out
         after_block(i)
     progress.done()
-    return {"modules": specs, "rows": report, "cache": cache, "seconds": time.perf_counter() - t_start,
+    total = time.perf_counter() - t_start
+    phases["blocks"] = total - phases["calibration_tokens"] - phases["capture"]
+    return {"modules": specs, "rows": report, "cache": cache, "seconds": total,
+            "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "calibration_tokens": int(ids.numel()), "device": str(device), "resumed_from_block": start}
