@@ -23,6 +23,7 @@ from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
 from .capture import StopForward, capture_block_inputs, map_tensors
 from .decompose import decompose, lowrank_spec
+from .memory import release
 from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
 
 
@@ -105,7 +106,9 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
                 new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
                 report.append(info)
                 if new is not None:
+                    old = modules[n]
                     block.set_submodule(n, new)
+                    release([p.data for p in old.parameters()])
                     specs[rel[n].name] = lowrank_spec(new)
             del collectors
     if not wrote_outputs:
