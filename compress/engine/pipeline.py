@@ -8,6 +8,7 @@ original one with ``propagate: original``) into the next block's input file → 
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from pathlib import Path
 
@@ -130,13 +131,22 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     ids = calibration_tokens(model, tokenizer, recipe.calibration, Path(cache_dir), recipe.engine.batch_size)
     phases = {"calibration_tokens": time.perf_counter() - t_start}
     fp = model_fingerprint(model) + str(ids.sum().item()) + str(recipe.resolved())
-    import hashlib
-
     cache = RunCache(cache_dir, hashlib.sha256(fp.encode()).hexdigest(), resume)
     shape = (ids.shape[0], ids.shape[1], model.config.hidden_size)
     n = len(blocks)
-    start = cache.first_unfinished(n) if resume else 0
-    kwargs = cache.load_kwargs()
+    dense_stream = recipe.engine.objective == "dense"
+    start, kwargs, x_in, d_in = 0, None, None, None
+    done = cache.first_unfinished(n) if resume else 0
+    if done == n:
+        start = n
+    elif done > 0:
+        try:  # everything the first unfinished block needs must be on disk, else start over
+            kwargs = cache.load_kwargs()
+            x_in = cache.acts(done, shape, dtype)
+            d_in = cache.acts(done, shape, dtype, stream="dense") if dense_stream else None
+            start = done if kwargs is not None else 0
+        except FileNotFoundError:
+            start = 0
     specs: dict = {}
     report: list = []
     for i in range(start):  # resume: restore finished blocks exactly as they were saved
@@ -145,13 +155,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         blocks[i].load_state_dict(tensors)
         specs.update(info["modules"])
         report.extend(info["rows"])
-    dense_stream = recipe.engine.objective == "dense"
-    try:
-        x_in = cache.acts(start, shape, dtype) if start < n else None
-        d_in = cache.acts(start, shape, dtype, stream="dense") if dense_stream and start < n else None
-    except FileNotFoundError:
-        x_in, start = None, 0
-    if start == 0 and (x_in is None or kwargs is None):
+    if start == 0:
         progress.phase("capture block-0 inputs")
         x_in = cache.acts(0, shape, dtype, create=True)
         kwargs = capture_block_inputs(model, blocks, ids, x_in, recipe.engine.batch_size, device)
@@ -160,7 +164,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             d_in.copy_(x_in)
         cache.save_kwargs(kwargs)
     phases["capture"] = time.perf_counter() - t_start - phases["calibration_tokens"]
-    dev_kwargs = map_tensors(kwargs, lambda t: t.to(device))
+    dev_kwargs = map_tensors(kwargs, lambda t: t.to(device)) if kwargs is not None else None
     progress.start_blocks(n, start)
     for i in range(start, n):
         progress.block(i)
