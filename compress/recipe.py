@@ -77,18 +77,12 @@ class StageConfig(_Strict):
             raise ValueError(f"unknown method {v!r}; registered: {', '.join(sorted(METHODS))}")
         return v
 
-    @field_validator("param_ratio")
+    @field_validator("param_ratio", "energy")
     @classmethod
-    def _ratio_range(cls, v):
+    def _fraction(cls, v, info):
+        what = "parameters" if info.field_name == "param_ratio" else "spectral energy"
         if v is not None and not 0 < v <= 1:
-            raise ValueError(f"must be in (0, 1] (fraction of parameters kept); got {v}")
-        return v
-
-    @field_validator("energy")
-    @classmethod
-    def _energy_range(cls, v):
-        if v is not None and not 0 < v <= 1:
-            raise ValueError(f"must be in (0, 1] (fraction of spectral energy kept); got {v}")
+            raise ValueError(f"must be in (0, 1] (fraction of {what} kept); got {v}")
         return v
 
     @model_validator(mode="after")
