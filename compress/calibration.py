@@ -27,7 +27,7 @@ def named_sets() -> dict[str, dict]:
     return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(CALIB_DIR.glob("*.yaml"))}
 
 
-def _rows_from_file(path: Path, field: str | None) -> list[str]:
+def rows_from_file(path: Path, field: str | None) -> list[str]:
     if not path.is_file():
         raise LrcError(f"{path}: calibration file not found")
     try:
@@ -49,7 +49,7 @@ def _rows_from_file(path: Path, field: str | None) -> list[str]:
     return [str(r[field]) for r in records]
 
 
-def _rows_from_hub(name: str, spec: dict) -> list[str]:
+def rows_from_hub(name: str, spec: dict, keep_empty: bool = False) -> list[str]:
     from datasets import load_dataset
 
     kwargs = {k: spec[k] for k in ("name", "data_files") if k in spec}
@@ -58,7 +58,7 @@ def _rows_from_hub(name: str, spec: dict) -> list[str]:
     except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
         raise LrcError(f"calibration set {name!r} (hub dataset {spec['path']}) could not be loaded: "
                        f"{str(err).splitlines()[0][:160]}; offline? pass a local file with --calib PATH") from None
-    return [r for r in ds[spec.get("text_field", "text")] if r]
+    return [r for r in ds[spec.get("text_field", "text")] if r or keep_empty]
 
 
 def describe_source(cfg: CalibrationConfig) -> str:
@@ -74,12 +74,12 @@ def describe_source(cfg: CalibrationConfig) -> str:
 def load_rows(cfg: CalibrationConfig) -> list[str]:
     src = cfg.dataset
     if src.endswith(LOCAL_SUFFIXES):
-        return _rows_from_file(Path(src), cfg.text_field)
+        return rows_from_file(Path(src), cfg.text_field)
     sets = named_sets()
     if src not in sets:
         raise LrcError(f"calibration.dataset: unknown set {src!r}; use one of {sorted(sets) + ['selfgen']} "
                        f"or a local {'/'.join(LOCAL_SUFFIXES)} file")
-    return _rows_from_hub(src, sets[src])
+    return rows_from_hub(src, sets[src])
 
 
 def windows_from_ids(ids: torch.Tensor, samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:

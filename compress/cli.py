@@ -107,6 +107,39 @@ def compress(
     out.print(f"wrote {out_dir} (lrc_report.json, lrc_modules.csv, lrc_recipe.yaml)")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="hub id, local HF directory, .gguf, 'smollm2', or an lrc checkpoint"),
+    ppl: str = typer.Option("wikitext2", help="comma-separated sets (calib/ names with an eval split) or local "
+                                              ".txt/.jsonl/.parquet files"),
+    seq_len: int = typer.Option(2048, help="window length (capped by the model's context)"),
+    stride: Optional[int] = typer.Option(None, help="slide windows by this many tokens (default: non-overlapping)"),
+    max_windows: Optional[int] = typer.Option(None, help="score only the first N windows (quick looks)"),
+    bos: bool = typer.Option(False, help="prepend BOS to every window (and score its first token)"),
+    reference: Optional[str] = typer.Option(None, help="dense model: also report KL(dense‖model) and top-1 agreement"),
+    batch_size: int = typer.Option(4, help="windows per forward"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
+) -> None:
+    """Paper-style perplexity (GPTQ / SVD-LLM protocol) and, with --reference, KL to the dense model.
+
+    Results of an lrc checkpoint are also merged into its lrc_report.json under "eval".
+    """
+    from .eval.run import evaluate, results_table
+
+    try:
+        results = evaluate(model, [p for p in ppl.split(",") if p], seq_len, stride, max_windows, bos, reference,
+                           batch_size)
+    except LrcError as e:
+        _fail(e)
+    except ValueError as e:  # window arithmetic: too short a text, bad stride
+        _fail(LrcError(f"--ppl: {e}"))
+    out.print(results_table(results))
+    for name, r in results["perplexity"].items():
+        out.print(f"{name}: {r['protocol']}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 @app.command()
 def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory")) -> None:
     """What a checkpoint contains: base architecture, module types and ranks, parameter accounting."""

@@ -1,0 +1,109 @@
+"""Evaluation: paper-style perplexity equals an independent transformers computation; windows; KL; lrc eval."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from compress.cli import app
+from compress.eval.kl import kl_to_reference
+from compress.eval.perplexity import perplexity, tokenize, window_spans
+from conftest import SHARED, STORIES, needs_shared, tiny_recipe
+
+TEXT = (Path(__file__).parent / "data" / "tinystories_style.txt").read_text()
+
+
+def test_non_overlapping_windows_drop_the_partial_tail():
+    assert window_spans(10, 4) == [(0, 4, 0), (4, 8, 4)]
+    assert window_spans(10, 4, max_windows=1) == [(0, 4, 0)]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        window_spans(3, 4)
+
+
+def test_sliding_windows_score_every_token_once():
+    spans = window_spans(10, 4, stride=2)
+    assert spans == [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    scored = [t for s, e, first in spans for t in range(max(first, s + 1), e)]
+    assert scored == list(range(1, 10))
+    with pytest.raises(ValueError, match="stride"):
+        window_spans(10, 4, stride=5)
+
+
+@needs_shared()
+@pytest.mark.parametrize("bos", [False, True])
+def test_perplexity_matches_plain_transformers(bos):
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    ids = tokenize(tok, TEXT)
+    L = 128
+    total, count = 0.0, 0
+    with torch.no_grad():  # independent reference: one window at a time, labels= loss (mean over its targets)
+        for s in range(0, ids.numel() - L + 1, L):
+            x = ids[s : s + L][None]
+            if bos:
+                x = torch.cat([torch.tensor([[tok.bos_token_id]]), x], 1)
+            n = x.shape[1] - 1
+            total += float(model(x, labels=x).loss.double()) * n
+            count += n
+    expected = math.exp(total / count)
+    res = perplexity(model, tok, TEXT, seq_len=L, bos=bos, batch_size=3)
+    assert res.tokens == count
+    assert abs(res.perplexity - expected) <= 1e-6 * expected
+
+
+@needs_shared()
+def test_sliding_window_perplexity_is_lower_with_more_context():
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    flat = perplexity(model, tok, TEXT, seq_len=64)
+    slide = perplexity(model, tok, TEXT, seq_len=64, stride=32)
+    assert slide.tokens > flat.tokens and slide.perplexity < flat.perplexity
+
+
+def test_kl_of_a_model_to_itself_is_zero(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    ids = torch.randint(0, len(tokenizer), (300,))
+    res = kl_to_reference(model, model, ids, seq_len=64)
+    assert abs(res.kl) < 1e-6 and res.top1_agreement == 1.0 and res.tokens == 4 * 63
+
+
+@needs_shared()
+def test_lrc_eval_on_a_checkpoint_merges_into_its_report(tmp_path, corpus_file):
+    from compress import api
+
+    wiki = SHARED / "data" / "wikitext2" / "wikitext2_raw_test.jsonl"
+    out = tmp_path / "ck"
+    api.compress(str(STORIES), tiny_recipe(corpus_file, param_ratio=0.8, seq_len=64), out,
+                 cache_dir=tmp_path / "c", progress=False)
+    res = CliRunner().invoke(app, ["eval", str(out), "--ppl", str(wiki), "--seq-len", "256", "--max-windows", "4",
+                                   "--reference", str(STORIES), "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "e.json").read_text())
+    r = results["perplexity"][str(wiki)]
+    assert r["windows"] == 4 and r["tokens"] == 4 * 255 and "non-overlapping" in r["protocol"]
+    kl = results["kl"][str(wiki)]
+    assert kl["kl"] > 0 and 0 < kl["top1_agreement"] < 1
+    report = json.loads((out / "lrc_report.json").read_text())
+    assert report["eval"]["perplexity"][str(wiki)]["perplexity"] == r["perplexity"]
+    bad = CliRunner().invoke(app, ["eval", str(out), "--ppl", "nosuchset"])
+    assert bad.exit_code == 2 and "unknown evaluation set" in bad.output
+
+
+@needs_shared()
+def test_named_eval_set_goes_through_datasets(monkeypatch, tmp_path):
+    """``--ppl NAME`` loads the set's eval split with datasets (the hub code path), here from a local json file,
+    and gives the same text as the local file."""
+    from compress import calibration
+    from compress.eval.data import load_eval_text
+
+    wiki = SHARED / "data" / "wikitext2" / "wikitext2_raw_test.jsonl"
+    (tmp_path / "wiki.yaml").write_text(f"path: json\ntext_field: text\neval:\n  split: train\n  data_files: {wiki}\n")
+    monkeypatch.setattr(calibration, "CALIB_DIR", tmp_path)
+    text = load_eval_text("wiki")
+    assert text == load_eval_text(str(wiki))
+    joined = SHARED / "data" / "wikitext2" / "wikitext2_test_joined.txt"
+    if joined.is_file():
+        assert text == joined.read_text()
