@@ -141,6 +141,31 @@ def eval_cmd(
 
 
 @app.command()
+def bench(
+    model: str = typer.Argument(..., help="hub id, local HF directory, .gguf, 'smollm2', or an lrc checkpoint"),
+    reference: Optional[str] = typer.Option(None, help="dense model measured side by side in the same process"),
+    seq_lens: str = typer.Option("128,512", help="prefill sequence lengths (batch 1)"),
+    decode_batches: str = typer.Option("1,8", help="decode batch sizes"),
+    decode_tokens: int = typer.Option(32, help="new tokens per decode run"),
+    repeats: int = typer.Option(5, help="timed runs per measurement (median; one warm-up first)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
+) -> None:
+    """Real cost on this device: parameters, size on disk, memory, prefill and decode tokens/s, speed-ups."""
+    from .eval.run import bench as run_bench
+    from .eval.run import bench_table
+
+    try:
+        results = run_bench(model, reference, tuple(int(x) for x in seq_lens.split(",")),
+                            tuple(int(x) for x in decode_batches.split(",")), decode_tokens, repeats, device)
+    except LrcError as e:
+        _fail(e)
+    out.print(bench_table(results))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
 def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory")) -> None:
     """What a checkpoint contains: base architecture, module types and ranks, parameter accounting."""
     cfg_path = checkpoint / "config.json"

@@ -107,3 +107,30 @@ def test_named_eval_set_goes_through_datasets(monkeypatch, tmp_path):
     joined = SHARED / "data" / "wikitext2" / "wikitext2_test_joined.txt"
     if joined.is_file():
         assert text == joined.read_text()
+
+
+def test_bench_counts_and_speedups(tiny_model_dir, corpus_file, tmp_path):
+    """lrc bench on a compressed checkpoint and its dense reference: structure and the honest counts (no timing
+    assertions: speed belongs to benchmarks, not tests)."""
+    from compress import api
+
+    dense = str(tiny_model_dir("llama"))
+    out = tmp_path / "ck"
+    _, report = api.compress(dense, tiny_recipe(corpus_file, param_ratio=0.5), out, cache_dir=tmp_path / "c",
+                             progress=False)
+    res = CliRunner().invoke(app, ["bench", str(out), "--reference", dense, "--seq-lens", "16,32",
+                                   "--decode-batches", "1,2", "--decode-tokens", "4", "--repeats", "1",
+                                   "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    m, r = b["models"]["model"], b["models"]["reference"]
+    assert r["params_block_linears"] == report["targeted"]["params_before"]
+    assert m["params_block_linears"] == report["targeted"]["params_after"]
+    assert m["params_total"] == report["model_params"]["after"]["total"]
+    from transformers import AutoConfig
+
+    head = 64 * AutoConfig.from_pretrained(dense).vocab_size  # lm_head of the tiny model (not tied)
+    assert b["flop_ideal_speedup"] == pytest.approx((r["params_block_linears"] + head) /
+                                                    (m["params_block_linears"] + head), rel=1e-3)
+    assert set(m["prefill_tokens_per_s"]) == {"16", "32"} and all(v > 0 for v in m["decode_tokens_per_s"].values())
+    assert m["checkpoint_bytes"] < r["checkpoint_bytes"]
