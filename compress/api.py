@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from . import __version__
 import yaml
 
+from . import __version__
 from .checkpoint import load, save_checkpoint
 from .checkpoint.modeling_lrc import LRC_FORMAT_VERSION
 from .engine.pipeline import compress_blocks
@@ -132,5 +131,3 @@ def plan(model: str, recipe: Recipe | str | Path) -> list[PlanRow]:
         net = AutoModelForCausalLM.from_config(config)
     return make_plan(net, recipe)
 
-
-load = load
