@@ -15,9 +15,14 @@ RATIO_DEFINITION = ("kept_fraction_of_targeted = parameters of the targeted deco
                     "(weights + biases); embeddings and lm_head are never targeted and are excluded from it")
 
 
+def unique_parameters(model) -> list:
+    """Parameters counted once even when tied (embeddings shared with lm_head)."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
 def count_params(model) -> dict:
     """Unique parameters of the whole model, and how many of them are embeddings / output head."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = sum(p.numel() for p in unique_parameters(model))
     emb = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
            for p in m.parameters()}
     n_emb = sum(p.numel() for p in emb.values())

@@ -52,6 +52,6 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
         "type": "lowrank" if new is not None else "dense",
         "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
         "params_before": row.params_before, "params_after": row.params_after,
-        "rel_error": error, "seconds": round(time.perf_counter() - t0, 4), "note": row.note, **method.notes(),
+        "rel_error": error, "seconds": round(time.perf_counter() - t0, 4), "note": row.note,
     }
     return new, info

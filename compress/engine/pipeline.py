@@ -130,8 +130,10 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     progress.phase("calibration tokens")
     ids = calibration_tokens(model, tokenizer, recipe.calibration, Path(cache_dir), recipe.engine.batch_size)
     phases = {"calibration_tokens": time.perf_counter() - t_start}
-    fp = model_fingerprint(model) + str(ids.sum().item()) + str(recipe.resolved())
-    cache = RunCache(cache_dir, hashlib.sha256(fp.encode()).hexdigest(), resume)
+    fp = hashlib.sha256(model_fingerprint(model).encode())
+    fp.update(ids.numpy().tobytes())
+    fp.update(str(recipe.resolved()).encode())
+    cache = RunCache(cache_dir, fp.hexdigest(), resume)
     shape = (ids.shape[0], ids.shape[1], model.config.hidden_size)
     n = len(blocks)
     dense_stream = recipe.engine.objective == "dense"

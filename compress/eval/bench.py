@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..plan import find_blocks
+from ..report import unique_parameters
 
 
 def block_linear_params(model) -> int:
@@ -80,8 +81,8 @@ def measure(model, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: in
 
 
 def describe(model, path: str | None) -> dict:
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    return {"params_total": params, "params_block_linears": block_linear_params(model),
-            "linear_macs_per_token": linear_macs_per_token(model), "weights_gib": weight_bytes / 2**30,
+    params = unique_parameters(model)
+    return {"params_total": sum(p.numel() for p in params), "params_block_linears": block_linear_params(model),
+            "linear_macs_per_token": linear_macs_per_token(model),
+            "weights_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
             "checkpoint_bytes": disk_bytes(path)}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import is_lrc_checkpoint, load_model, resolve_model_path
+from ..models import is_lrc_checkpoint, load_model
 from .data import load_eval_text
 from .kl import kl_to_reference
 from .perplexity import perplexity_of_ids, tokenize
@@ -44,7 +44,7 @@ def evaluate(model_spec: str, ppl: list[str], seq_len: int = 2048, stride: int |
         if ref is not None:
             out["kl"][source] = kl_to_reference(model, ref, ids, L, stride, max_windows, batch_size,
                                                 bos_id).to_dict()
-    if is_lrc_checkpoint(resolve_model_path(model_spec)):
+    if is_lrc_checkpoint(path):
         merge_into_report(Path(path), out)
     return out
 

@@ -38,10 +38,6 @@ class Method:
         """The (weighted) SVD of ``weight`` (float64, m x n) whose truncation is this method's rank-r solution."""
         raise NotImplementedError
 
-    def notes(self) -> dict:
-        """Per-module diagnostics from the last ``spectrum`` call (e.g. clamped eigenvalues), for the report."""
-        return {}
-
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: ``@register`` adds the method to the registry under ``cls.name``."""
