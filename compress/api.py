@@ -107,9 +107,21 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         recipe = load_recipe(recipe)
     out = Path(out)
     _check_out(out, overwrite or resume)
+    if recipe.eval is not None:
+        from .eval.run import preflight
+
+        preflight(recipe.eval)  # fail on a missing eval file now, not after the compression
     net, tokenizer, _ = load_model(model, recipe.model.dtype)
     report = compress_model(net, recipe, tokenizer, cache_dir, resume, progress, keep_cache=True)
     report["model"], report["total_seconds"] = model, round(time.perf_counter() - t0, 3)
+    if recipe.eval is not None:
+        from .eval.run import evaluate_model
+
+        reference = load_model(model, recipe.model.dtype)[0] if recipe.eval.kl else None
+        t1 = time.perf_counter()
+        report["eval"] = evaluate_model(net, tokenizer, recipe.eval, reference)
+        report["eval_seconds"] = round(time.perf_counter() - t1, 3)
+        del reference
     save(net, tokenizer, out, report, overwrite=True)
     if not keep_cache:
         shutil.rmtree(report["run_cache"], ignore_errors=True)

@@ -104,38 +104,57 @@ def compress(
         err.print("interrupted: nothing was written to --out; rerun with --resume to continue")
         raise typer.Exit(130)
     out.print(summary_table(report))
+    if "eval" in report:
+        from .eval.run import results_tables
+
+        for table in results_tables(report["eval"], str(out_dir)):
+            out.print(table)
     out.print(f"wrote {out_dir} (lrc_report.json, lrc_modules.csv, lrc_recipe.yaml)")
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="hub id, local HF directory, .gguf, 'smollm2', or an lrc checkpoint"),
-    ppl: str = typer.Option("wikitext2", help="comma-separated sets (calib/ names with an eval split) or local "
-                                              ".txt/.jsonl/.parquet files"),
-    seq_len: int = typer.Option(2048, help="window length (capped by the model's context)"),
+    ppl: Optional[str] = typer.Option(None, help="comma-separated perplexity sets: calib/ names with an eval split "
+                                                 "(wikitext2, ptb, c4) or local .txt/.jsonl/.parquet files "
+                                                 "[default: wikitext2 unless only --tasks is given]"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated zero-shot tasks: arc_easy, arc_challenge, piqa, "
+                                                   "hellaswag, winogrande, openbookqa, lambada_standard, boolq"),
+    limit: Optional[int] = typer.Option(None, help="zero-shot: first N documents of each task"),
+    data_dir: Optional[str] = typer.Option(None, help="zero-shot data directory [default: $LRC_DATA_DIR]"),
+    seq_len: int = typer.Option(2048, help="perplexity window length (capped by the model's context)"),
     stride: Optional[int] = typer.Option(None, help="slide windows by this many tokens (default: non-overlapping)"),
     max_windows: Optional[int] = typer.Option(None, help="score only the first N windows (quick looks)"),
     bos: bool = typer.Option(False, help="prepend BOS to every window (and score its first token)"),
     reference: Optional[str] = typer.Option(None, help="dense model: also report KL(dense‖model) and top-1 agreement"),
-    batch_size: int = typer.Option(4, help="windows per forward"),
+    batch_size: int = typer.Option(4, help="windows (perplexity) or requests (zero-shot) per forward"),
+    request_cache: bool = typer.Option(True, help="reuse lm-eval answers cached for these exact weights"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
 ) -> None:
-    """Paper-style perplexity (GPTQ / SVD-LLM protocol) and, with --reference, KL to the dense model.
+    """Paper-style perplexity (GPTQ / SVD-LLM protocol), KL to a dense model, and lm-eval zero-shot accuracy.
 
-    Results of an lrc checkpoint are also merged into its lrc_report.json under "eval".
+    Zero-shot tasks run through lm-eval's Python API on the loaded model with lrc's task files, which read local
+    data (--data-dir). Results of an lrc checkpoint are also merged into its lrc_report.json under "eval".
     """
-    from .eval.run import evaluate, results_table
+    from .eval.run import evaluate, results_tables
+    from .recipe import EvalConfig, parse_model
 
+    split = (lambda v: [x for x in (v or "").split(",") if x])
     try:
-        results = evaluate(model, [p for p in ppl.split(",") if p], seq_len, stride, max_windows, bos, reference,
-                           batch_size)
+        cfg = parse_model(EvalConfig, "lrc eval", ppl=split(ppl) if ppl is not None else
+                          ([] if tasks else ["wikitext2"]), tasks=split(tasks), limit=limit, data_dir=data_dir,
+                          seq_len=seq_len, stride=stride, max_windows=max_windows, bos=bos, batch_size=batch_size,
+                          request_cache=request_cache)
+        results = evaluate(model, cfg, reference)
     except LrcError as e:
         _fail(e)
-    except ValueError as e:  # window arithmetic: too short a text, bad stride
-        _fail(LrcError(f"--ppl: {e}"))
-    out.print(results_table(results))
+    for table in results_tables(results, model):
+        out.print(table)
     for name, r in results["perplexity"].items():
         out.print(f"{name}: {r['protocol']}", highlight=False)
+    if "zero_shot" in results:
+        out.print(f"zero-shot task files: {results['zero_shot']['include_path']} (lm_eval --include_path)",
+                  highlight=False)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
 
@@ -152,8 +171,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
 ) -> None:
     """Real cost on this device: parameters, size on disk, memory, prefill and decode tokens/s, speed-ups."""
-    from .eval.run import bench as run_bench
-    from .eval.run import bench_table
+    from .eval.bench import bench_table, run_bench
 
     try:
         results = run_bench(model, reference, tuple(int(x) for x in seq_lens.split(",")),

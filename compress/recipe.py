@@ -100,6 +100,32 @@ class StageConfig(_Strict):
         raise AssertionError
 
 
+class EvalConfig(_Strict):
+    """What ``lrc eval`` measures; as a recipe's ``eval`` section, ``lrc compress`` runs it on the result."""
+    ppl: list[str] = Field(default_factory=list, description="perplexity sets: calib/ names with an eval split "
+                                                             "(wikitext2, ptb, c4) or local .txt/.jsonl files")
+    seq_len: int = Field(2048, gt=1, description="perplexity window (capped by the model's context)")
+    stride: int | None = Field(None, gt=0, description="sliding windows with this stride (default non-overlapping)")
+    max_windows: int | None = Field(None, gt=0, description="score only the first N windows")
+    bos: bool = Field(False, description="prepend BOS to every window")
+    kl: bool = Field(False, description="in a recipe: KL(dense‖compressed) and top-1 agreement to the input model")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval zero-shot tasks shipped with lrc")
+    limit: int | None = Field(None, gt=0, description="zero-shot: first N documents per task")
+    data_dir: str | None = Field(None, description="zero-shot data directory (default $LRC_DATA_DIR)")
+    batch_size: int = Field(4, gt=0, description="windows (perplexity) or requests (zero-shot) per forward")
+    request_cache: bool = Field(True, description="zero-shot: reuse lm-eval answers cached for these exact weights")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from .eval.zeroshot import TASKS
+
+        unknown = [t for t in v if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; lrc ships {', '.join(TASKS)}")
+        return v
+
+
 class Recipe(_Strict):
     name: str | None = None
     description: str | None = None
@@ -107,6 +133,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     stages: list[StageConfig] = Field(min_length=1)
+    eval: EvalConfig | None = Field(None, description="evaluate the compressed model before it is written")
 
     def method_config(self, i: int):
         stage = self.stages[i]
@@ -135,6 +162,14 @@ def _one_line(err: ValidationError, source: str, prefix: tuple = ()) -> LrcError
         msg = "unknown key"
     where = _loc(prefix + loc)
     return LrcError(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
+
+
+def parse_model(cls, source: str, **values):
+    """Validate ``values`` as ``cls`` (a config model); one-line ``LrcError`` naming the field on failure."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        raise _one_line(err, source) from None
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

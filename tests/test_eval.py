@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from compress.cli import app
+from compress.errors import LrcError
 from compress.eval.kl import kl_to_reference
 from compress.eval.perplexity import perplexity, tokenize, window_spans
 from conftest import SHARED, STORIES, needs_shared, tiny_recipe
@@ -134,3 +135,32 @@ def test_bench_counts_and_speedups(tiny_model_dir, corpus_file, tmp_path):
                                                     (m["params_block_linears"] + head), rel=1e-3)
     assert set(m["prefill_tokens_per_s"]) == {"16", "32"} and all(v > 0 for v in m["decode_tokens_per_s"].values())
     assert m["checkpoint_bytes"] < r["checkpoint_bytes"]
+
+
+@needs_shared(SHARED / "data" / "arc_easy")
+def test_recipe_eval_section_runs_after_compression(tmp_path, corpus_file, monkeypatch):
+    """A recipe's ``eval`` section: perplexity, KL to the input model and zero-shot land in lrc_report.json;
+    ``lrc eval --tasks`` on the checkpoint later adds tasks to the same report and recomputes the mean."""
+    from compress import api
+    from compress.recipe import parse_recipe
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+    data = tiny_recipe(corpus_file, param_ratio=0.8, seq_len=64).model_dump(mode="json")
+    data["eval"] = {"ppl": [str(corpus_file)], "seq_len": 64, "max_windows": 3, "kl": True, "tasks": ["arc_easy"],
+                    "limit": 5, "data_dir": str(SHARED / "data")}
+    out = tmp_path / "ck"
+    _, report = api.compress(str(STORIES), parse_recipe(data), out, cache_dir=tmp_path / "c", progress=False)
+    ev = json.loads((out / "lrc_report.json").read_text())["eval"]
+    assert ev["perplexity"][str(corpus_file)]["windows"] == 3 and ev["kl"][str(corpus_file)]["kl"] > 0
+    assert ev["zero_shot"]["tasks"]["arc_easy"]["n"] == 5
+    res = CliRunner().invoke(app, ["eval", str(out), "--tasks", "piqa", "--limit", "5", "--data-dir",
+                                   str(SHARED / "data")])
+    assert res.exit_code == 0, res.output
+    zs = json.loads((out / "lrc_report.json").read_text())["eval"]["zero_shot"]
+    assert set(zs["tasks"]) == {"arc_easy", "piqa"} and zs["mean"]["acc_tasks"] == 2
+    assert str(corpus_file) in json.loads((out / "lrc_report.json").read_text())["eval"]["perplexity"]
+
+    data["eval"]["ppl"] = [str(tmp_path / "missing.txt")]  # checked before any compression work
+    with pytest.raises(LrcError, match="eval.ppl: .*missing.txt: file not found"):
+        api.compress(str(STORIES), parse_recipe(data), tmp_path / "ck2", cache_dir=tmp_path / "c", progress=False)
+    assert not (tmp_path / "ck2").exists()

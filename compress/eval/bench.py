@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import load_model
 from ..plan import find_blocks
 from ..report import unique_parameters
 
@@ -86,3 +87,59 @@ def describe(model, path: str | None) -> dict:
             "linear_macs_per_token": linear_macs_per_token(model),
             "weights_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
             "checkpoint_bytes": disk_bytes(path)}
+
+
+def run_bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512), decode_batches=(1, 8),
+          decode_tokens: int = 32, repeats: int = 5, device: str = "auto", dtype: str = "float32") -> dict:
+    """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``."""
+    from ..engine.pipeline import resolve_device
+
+    dev = resolve_device(device)
+    results = {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats,
+               "decode_tokens": decode_tokens, "models": {}}
+    for role, spec in (("reference", reference), ("model", model_spec)):
+        if spec is None:
+            continue
+        model, _, path = load_model(spec, dtype)
+        model.to(dev)
+        results["models"][role] = {"name": spec, **describe(model, path),
+                                   **measure(model, seq_lens, decode_batches, decode_tokens, repeats)}
+        del model
+    if reference:
+        m, r = results["models"]["model"], results["models"]["reference"]
+        results["flop_ideal_speedup"] = r["linear_macs_per_token"] / m["linear_macs_per_token"]
+        results["measured_speedup"] = {
+            f"prefill@{L}": m["prefill_tokens_per_s"][L] / r["prefill_tokens_per_s"][L] for L in seq_lens}
+        results["measured_speedup"].update({
+            f"decode@b{b}": m["decode_tokens_per_s"][b] / r["decode_tokens_per_s"][b] for b in decode_batches})
+    return results
+
+
+def bench_table(results: dict):
+    from rich.table import Table
+
+    models = results["models"]
+    table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, median of "
+                        f"{results['repeats']})")
+    table.add_column("")
+    for role in models:
+        table.add_column(f"{role}: {models[role]['name']}")
+    first = next(iter(models.values()))
+    rows = [("params (total)", lambda d: f"{d['params_total']:,}"),
+            ("params (block Linears)", lambda d: f"{d['params_block_linears']:,}"),
+            ("checkpoint on disk", lambda d: f"{d['checkpoint_bytes'] / 2**20:.1f} MiB" if d["checkpoint_bytes"]
+             else "–"),
+            ("weights in memory", lambda d: f"{d['weights_gib']:.3f} GiB")]
+    rows += [(f"prefill tok/s @ {L}", lambda d, L=L: f"{d['prefill_tokens_per_s'][L]:.0f}")
+             for L in first["prefill_tokens_per_s"]]
+    rows += [(f"decode tok/s @ batch {b}", lambda d, b=b: f"{d['decode_tokens_per_s'][b]:.1f}")
+             for b in first["decode_tokens_per_s"]]
+    if "peak_device_memory_gib" in first:
+        rows.append(("peak device memory", lambda d: f"{d['peak_device_memory_gib']:.2f} GiB"))
+    for label, fmt in rows:
+        table.add_row(label, *(fmt(d) for d in models.values()))
+    if "flop_ideal_speedup" in results:
+        table.add_row("FLOP-ideal speed-up", "", f"{results['flop_ideal_speedup']:.3f}x")
+        for k, v in results["measured_speedup"].items():
+            table.add_row(f"measured speed-up {k}", "", f"{v:.3f}x")
+    return table

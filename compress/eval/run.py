@@ -1,16 +1,16 @@
-"""``lrc eval``: perplexity on named or local sets, and KL/agreement to a dense reference, as one JSON result."""
+"""``lrc eval``: perplexity, KL/agreement to a dense reference and lm-eval zero-shot accuracy, as one JSON result."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..models import is_lrc_checkpoint, load_model
+from ..recipe import EvalConfig
 from .data import load_eval_text
 from .kl import kl_to_reference
 from .perplexity import perplexity_of_ids, tokenize
+from .zeroshot import mean_of
 
 
 def effective_seq_len(model, seq_len: int) -> int:
@@ -26,24 +26,62 @@ def protocol(seq_len: int, stride: int | None, bos: bool, res) -> str:
             f"{res.windows} windows; exp")
 
 
-def evaluate(model_spec: str, ppl: list[str], seq_len: int = 2048, stride: int | None = None,
-             max_windows: int | None = None, bos: bool = False, reference: str | None = None,
-             batch_size: int = 4, dtype: str = "float32") -> dict:
-    model, tokenizer, path = load_model(model_spec, dtype)
-    ref = load_model(reference, dtype)[0] if reference else None
-    L = effective_seq_len(model, seq_len)
-    bos_id = tokenizer.bos_token_id if bos else None
-    out = {"model": model_spec, "reference": reference, "perplexity": {}, "kl": {}}
-    for source in ppl:
+def evaluate_model(model, tokenizer, cfg: EvalConfig, reference=None) -> dict:
+    """Run ``cfg`` on a loaded model: perplexity per set, KL to ``reference`` (a loaded dense model) on the same
+    windows, and the zero-shot tasks. Returns ``{"perplexity", "kl", "zero_shot"}``."""
+    L = effective_seq_len(model, cfg.seq_len)
+    bos_id = tokenizer.bos_token_id if cfg.bos else None
+    out: dict = {"perplexity": {}, "kl": {}}
+    for source in cfg.ppl:
         t0 = time.perf_counter()
         ids = tokenize(tokenizer, load_eval_text(source))
-        res = perplexity_of_ids(model, ids, L, stride, max_windows, batch_size, bos_id)
+        try:
+            res = perplexity_of_ids(model, ids, L, cfg.stride, cfg.max_windows, cfg.batch_size, bos_id)
+        except ValueError as e:  # window arithmetic: too short a text, bad stride
+            from ..errors import LrcError
+
+            raise LrcError(f"--ppl {source}: {e}") from None
         out["perplexity"][source] = {
             **res.to_dict(), "dataset": source, "seconds": round(time.perf_counter() - t0, 2),
-            "protocol": protocol(L, stride, bos, res)}
-        if ref is not None:
-            out["kl"][source] = kl_to_reference(model, ref, ids, L, stride, max_windows, batch_size,
-                                                bos_id).to_dict()
+            "protocol": protocol(L, cfg.stride, cfg.bos, res)}
+        if reference is not None:
+            out["kl"][source] = kl_to_reference(model, reference, ids, L, cfg.stride, cfg.max_windows,
+                                                cfg.batch_size, bos_id).to_dict()
+    if cfg.tasks:
+        from .zeroshot import zero_shot
+
+        t0 = time.perf_counter()
+        out["zero_shot"] = zero_shot(model, tokenizer, cfg.tasks, cfg.data_dir, cfg.limit, cfg.batch_size,
+                                     cache=cfg.request_cache)
+        out["zero_shot"]["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def preflight(cfg: EvalConfig) -> None:
+    """Check that every perplexity source and zero-shot data file exists, before any expensive work."""
+    from ..calibration import LOCAL_SUFFIXES, named_sets
+    from ..errors import LrcError
+
+    sets = named_sets()
+    for source in cfg.ppl:
+        if source.endswith(LOCAL_SUFFIXES):
+            if not Path(source).is_file():
+                raise LrcError(f"eval.ppl: {source}: file not found")
+        elif "eval" not in sets.get(source, {}):
+            raise LrcError(f"eval.ppl: unknown evaluation set {source!r}; use one of "
+                           f"{sorted(k for k, v in sets.items() if 'eval' in v)} or a local file")
+    if cfg.tasks:
+        from .zeroshot import check_tasks, resolve_data_dir
+
+        check_tasks(cfg.tasks, resolve_data_dir(cfg.data_dir))
+
+
+def evaluate(model_spec: str, cfg: EvalConfig, reference: str | None = None, dtype: str = "float32") -> dict:
+    """Load MODEL (and REFERENCE), run ``cfg``; results of an lrc checkpoint are merged into its report."""
+    preflight(cfg)
+    model, tokenizer, path = load_model(model_spec, dtype)
+    ref = load_model(reference, dtype)[0] if reference else None
+    out = {"model": model_spec, "reference": reference, **evaluate_model(model, tokenizer, cfg, ref)}
     if is_lrc_checkpoint(path):
         merge_into_report(Path(path), out)
     return out
@@ -56,78 +94,41 @@ def merge_into_report(checkpoint: Path, results: dict) -> None:
     ev = report.setdefault("eval", {})
     for key in ("perplexity", "kl"):
         ev.setdefault(key, {}).update(results.get(key, {}))
+    if "zero_shot" in results:
+        zs = ev.setdefault("zero_shot", {"tasks": {}})
+        zs["tasks"].update(results["zero_shot"]["tasks"])
+        zs.update({k: v for k, v in results["zero_shot"].items() if k not in ("tasks", "mean")})
+        zs["mean"] = mean_of(zs["tasks"])
     tmp = report_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(report_path)
 
 
-def results_table(results: dict):
+def results_tables(results: dict, title: str) -> list:
+    """Rich tables: perplexity (+ KL) per set, and zero-shot acc / acc_norm per task with the mean."""
     from rich.table import Table
 
-    table = Table(title=f"lrc eval: {results['model']}")
-    for col in ("dataset", "perplexity", "seq_len", "windows", "tokens", "KL(dense‖model)", "top-1 agree"):
-        table.add_column(col)
-    for name, r in results["perplexity"].items():
-        kl = results["kl"].get(name)
-        table.add_row(name, f"{r['perplexity']:.4f}", str(r["seq_len"]), str(r["windows"]), f"{r['tokens']:,}",
-                      f"{kl['kl']:.5f}" if kl else "–", f"{kl['top1_agreement']:.4f}" if kl else "–")
-    return table
-
-
-
-
-def bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512), decode_batches=(1, 8),
-          decode_tokens: int = 32, repeats: int = 5, device: str = "auto", dtype: str = "float32") -> dict:
-    """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``."""
-    from ..engine.pipeline import resolve_device
-    from .bench import describe, measure
-
-    dev = resolve_device(device)
-    results = {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats,
-               "decode_tokens": decode_tokens, "models": {}}
-    for role, spec in (("reference", reference), ("model", model_spec)):
-        if spec is None:
-            continue
-        model, _, path = load_model(spec, dtype)
-        model.to(dev)
-        results["models"][role] = {"name": spec, **describe(model, path),
-                                   **measure(model, seq_lens, decode_batches, decode_tokens, repeats)}
-        del model
-    if reference:
-        m, r = results["models"]["model"], results["models"]["reference"]
-        results["flop_ideal_speedup"] = r["linear_macs_per_token"] / m["linear_macs_per_token"]
-        results["measured_speedup"] = {
-            f"prefill@{L}": m["prefill_tokens_per_s"][L] / r["prefill_tokens_per_s"][L] for L in seq_lens}
-        results["measured_speedup"].update({
-            f"decode@b{b}": m["decode_tokens_per_s"][b] / r["decode_tokens_per_s"][b] for b in decode_batches})
-    return results
-
-
-def bench_table(results: dict):
-    from rich.table import Table
-
-    models = results["models"]
-    table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, median of "
-                        f"{results['repeats']})")
-    table.add_column("")
-    for role in models:
-        table.add_column(f"{role}: {models[role]['name']}")
-    first = next(iter(models.values()))
-    rows = [("params (total)", lambda d: f"{d['params_total']:,}"),
-            ("params (block Linears)", lambda d: f"{d['params_block_linears']:,}"),
-            ("checkpoint on disk", lambda d: f"{d['checkpoint_bytes'] / 2**20:.1f} MiB" if d["checkpoint_bytes"]
-             else "–"),
-            ("weights in memory", lambda d: f"{d['weights_gib']:.3f} GiB")]
-    rows += [(f"prefill tok/s @ {L}", lambda d, L=L: f"{d['prefill_tokens_per_s'][L]:.0f}")
-             for L in first["prefill_tokens_per_s"]]
-    rows += [(f"decode tok/s @ batch {b}", lambda d, b=b: f"{d['decode_tokens_per_s'][b]:.1f}")
-             for b in first["decode_tokens_per_s"]]
-    if "peak_device_memory_gib" in first:
-        rows.append(("peak device memory", lambda d: f"{d['peak_device_memory_gib']:.2f} GiB"))
-    for label, fmt in rows:
-        table.add_row(label, *(fmt(d) for d in models.values()))
-    if "flop_ideal_speedup" in results:
-        table.add_row("FLOP-ideal speed-up", "", f"{results['flop_ideal_speedup']:.3f}x")
-        for k, v in results["measured_speedup"].items():
-            table.add_row(f"measured speed-up {k}", "", f"{v:.3f}x")
-    return table
+    tables = []
+    if results.get("perplexity"):
+        table = Table(title=f"perplexity: {title}")
+        for col in ("dataset", "perplexity", "seq_len", "windows", "tokens", "KL(dense‖model)", "top-1 agree"):
+            table.add_column(col)
+        for name, r in results["perplexity"].items():
+            kl = results.get("kl", {}).get(name)
+            table.add_row(name, f"{r['perplexity']:.4f}", str(r["seq_len"]), str(r["windows"]), f"{r['tokens']:,}",
+                          f"{kl['kl']:.5f}" if kl else "–", f"{kl['top1_agreement']:.4f}" if kl else "–")
+        tables.append(table)
+    zs = results.get("zero_shot")
+    if zs:
+        limit = f", first {zs['limit']} docs per task" if zs.get("limit") else ""
+        table = Table(title=f"zero-shot (lm-eval {zs.get('lm_eval_version', '')}, 0-shot{limit}): {title}")
+        for col in ("task", "n", "acc", "± stderr", "acc_norm", "± stderr"):
+            table.add_column(col)
+        fmt = (lambda e, k: f"{e[k]:.4f}" if k in e and e[k] is not None else "–")
+        for name, e in zs["tasks"].items():
+            table.add_row(name, str(e.get("n", "")), fmt(e, "acc"), fmt(e, "acc_stderr"), fmt(e, "acc_norm"),
+                          fmt(e, "acc_norm_stderr"))
+        m = zs["mean"]
+        table.add_row("mean", "", fmt(m, "acc"), "", fmt(m, "acc_norm"), "", style="bold")
+        tables.append(table)
+    return tables
