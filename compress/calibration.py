@@ -57,7 +57,7 @@ def rows_from_hub(name: str, spec: dict, keep_empty: bool = False) -> list[str]:
         ds = load_dataset(spec["path"], split=spec.get("split", "train"), **kwargs)
     except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
         raise LrcError(f"calibration set {name!r} (hub dataset {spec['path']}) could not be loaded: "
-                       f"{str(err).splitlines()[0][:160]}; offline? pass a local file with --calib PATH") from None
+                       f"{str(err).splitlines()[0][:160]}; offline? pass a local .jsonl/.txt file instead") from None
     return [r for r in ds[spec.get("text_field", "text")] if r or keep_empty]
 
 

@@ -184,6 +184,38 @@ def bench(
 
 
 @app.command()
+def push(
+    checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory"),
+    repo_id: str = typer.Argument(..., help="hub repository, e.g. you/SmolLM2-135M-svd-llm-80"),
+    private: bool = typer.Option(False, help="create the repository as private"),
+    token: Optional[str] = typer.Option(None, help="hub token with write access [default: $HF_TOKEN or the token "
+                                                   "stored by `hf auth login`]"),
+    dry_run: bool = typer.Option(False, help="print the files and the model card; upload and write nothing"),
+    base_model: Optional[str] = typer.Option(None, help="hub id for the card's base_model [default: from the report]"),
+    endpoint: Optional[str] = typer.Option(None, envvar="HF_ENDPOINT", help="hub endpoint (a mirror or private hub)"),
+) -> None:
+    """Publish a checkpoint: write its model card (README.md), create the repo if needed, upload the folder."""
+    from .publish import push as run_push
+
+    try:
+        res = run_push(checkpoint, repo_id, private, token, dry_run, endpoint, base_model)
+    except LrcError as e:
+        _fail(e)
+    table = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo_id}"
+                        f"{' (private)' if private else ''}")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for name, size in res["files"]:
+        table.add_row(name, f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size:,} B")
+    out.print(table)
+    if dry_run:
+        out.print("model card (README.md):", highlight=False)
+        out.print(res["card"], markup=False, highlight=False)
+    else:
+        out.print(f"{res['url']}" + ("" if res["card_written"] else " (kept your own README.md)"), highlight=False)
+
+
+@app.command()
 def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory")) -> None:
     """What a checkpoint contains: base architecture, module types and ranks, parameter accounting."""
     cfg_path = checkpoint / "config.json"

@@ -47,7 +47,7 @@ def test_unreachable_hub_set_is_one_line_error(monkeypatch, tokenizer, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(LrcError, match="offline\\? pass a local file") as err:
+    with pytest.raises(LrcError, match="offline\\? pass a local .jsonl") as err:
         calibration_tokens(None, tokenizer, CalibrationConfig(dataset="wikitext2", samples=2, seq_len=8),
                            tmp_path / "cache")
     assert "\n" not in str(err.value)
