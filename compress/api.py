@@ -128,12 +128,24 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
     return net, report
 
 
-def plan(model: str, recipe: Recipe | str | Path) -> list[PlanRow]:
-    """Ranks and parameter counts per targeted module, from the config alone (no weights are loaded)."""
+def plan(model: str, recipe: Recipe | str | Path, cache_dir: str | Path | None = None,
+         progress: bool = False) -> list[PlanRow]:
+    """Ranks and parameter counts per targeted module. Uniform budgets need the config alone (no weights are
+    loaded); global allocators (energy, welore, loss) load the model and compute the spectra they read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if any(s.allocator != "uniform" for s in recipe.stages):
+        net, tokenizer, _ = load_model(model, recipe.model.dtype)
+        bar = Progress(enabled=progress)
+        try:
+            result = compress_blocks(net, tokenizer, recipe, Path(cache_dir or cache_root()), progress=bar,
+                                     plan_only=True)
+        finally:
+            bar.close()
+        result["cache"].clear()
+        return result["plan"]
     path = resolve_model_path(model)
     try:
         config = AutoConfig.from_pretrained(path)

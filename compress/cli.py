@@ -51,7 +51,7 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
     from .plan import totals
 
     try:
-        rows = api.plan(model, recipe)
+        rows = api.plan(model, recipe, progress=True)
     except LrcError as e:
         _fail(e)
     last = max(r.block for r in rows)

@@ -64,7 +64,10 @@ class StageConfig(_Strict):
     param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
     rank: int | None = Field(None, ge=1)
     energy: float | None = None
-    allocator: Literal["uniform"] = "uniform"
+    allocator: Literal["uniform", "energy", "welore", "loss"] = Field(
+        "uniform", description="uniform: same ratio per matrix; energy / welore / loss: one global budget over the "
+                               "stage's matrices from their spectra (see compress/allocation)")
+    allocator_options: dict[str, Any] = Field(default_factory=dict, description="welore: target; loss: normalize")
     targets: list[str] | None = Field(DEFAULT_TARGETS, description="regexes on module names (re.search)")
     ignore: list[str] = Field(default_factory=list)
     align: int = Field(1, ge=1, description="round ranks down to a multiple of this")
@@ -90,6 +93,18 @@ class StageConfig(_Strict):
         given = [k for k in ("param_ratio", "rank", "energy") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one budget of param_ratio, rank, energy; got {given or 'none'}")
+        return self
+
+    @model_validator(mode="after")
+    def _global_needs_ratio(self):
+        if self.allocator != "uniform" and self.param_ratio is None:
+            raise ValueError(f"allocator {self.allocator} distributes a param_ratio budget; give param_ratio")
+        from .allocation import OPTIONS
+
+        if self.allocator in OPTIONS:
+            OPTIONS[self.allocator].model_validate(self.allocator_options)
+        elif self.allocator_options:
+            raise ValueError(f"allocator {self.allocator} takes no allocator_options")
         return self
 
     @property

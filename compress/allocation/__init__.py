@@ -1,15 +1,31 @@
-"""Rank allocation: turn a stage's budget into a rank per targeted matrix.
+"""Rank allocation: turn a stage's budget into a rank per targeted matrix (the step between statistics and
+decomposition).
 
-Allocators are registered by name in ``ALLOCATORS``; each takes the stage and its plan rows (shapes) and fills in
-``rank`` and ``factorize``. Data-dependent budgets (``energy``) leave ``rank=None``: the pipeline decides it from the
-method's spectrum when the statistics exist.
+``uniform`` needs only the shapes (``lrc plan`` shows it from the config). The global allocators see every targeted
+matrix's spectrum first and meet the stage's ``param_ratio`` over all of them: ``energy`` and ``loss`` use the
+method's own (e.g. whitened) spectrum from a statistics pass over the dense model, ``welore`` the plain weight's.
+Each is ``fn(stage, rows, spectra, options)`` and sets ``rank``/``factorize``/``note`` on the rows.
 """
 from __future__ import annotations
 
+from .energy import energy
+from .loss import LossOptions, loss
 from .uniform import uniform
+from .welore import WeLoreOptions, welore
 
-ALLOCATORS = {"uniform": uniform}
+ALLOCATORS = {"uniform": uniform, "energy": energy, "welore": welore, "loss": loss}
+OPTIONS = {"welore": WeLoreOptions, "loss": LossOptions}
+SPECTRUM = {"energy": "method", "loss": "method", "welore": "weights"}  # which spectrum a global allocator reads
 
 
 def allocate(stage, rows) -> None:
-    ALLOCATORS[stage.allocator](stage, rows)
+    """Shape-only step of ``make_plan``: uniform ranks now; global allocators wait for ``allocate_global``."""
+    if stage.allocator == "uniform":
+        uniform(stage, rows)
+    else:
+        for r in rows:
+            r.rank, r.factorize, r.note = None, None, f"{stage.allocator} allocator (needs spectra)"
+
+
+def allocate_global(stage, rows, spectra) -> None:
+    ALLOCATORS[stage.allocator](stage, rows, spectra, stage.allocator_options)

@@ -14,7 +14,7 @@ def decide(row, rank: int) -> None:
         row.note = f"kept dense: rank {rank} >= break-even {breakeven_rank(m, n):.1f}"
 
 
-def uniform(stage, rows) -> None:
+def uniform(stage, rows, spectra=None, options=None) -> None:
     kind, value = stage.budget
     for row in rows:
         if kind == "param_ratio":

@@ -57,8 +57,18 @@ class RunCache:
         return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
 
     def drop_acts(self, i: int) -> None:
-        for stream in ("acts", "dense"):
+        for stream in ("acts", "dense", "spectra"):
             self.acts_path(i, stream).unlink(missing_ok=True)
+
+    # whole-run statistics (Fisher sums, allocation spectra) -------------------------------------------------------
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.dir / f"{name}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.dir / f"{name}.safetensors"
+        return load_file(str(path)) if path.is_file() else None
 
     # block kwargs ---------------------------------------------------------------------------------------------
     def save_kwargs(self, kwargs: dict) -> None:

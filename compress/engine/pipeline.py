@@ -25,6 +25,7 @@ from .cache import RunCache, model_fingerprint
 from .capture import StopForward, capture_block_inputs, map_tensors
 from .decompose import decompose, lowrank_spec
 from .memory import release
+from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
 
 
@@ -68,7 +69,7 @@ def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense
 
 
 def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, progress,
-                    dense_io=None) -> tuple[dict, list]:
+                    dense_io=None, extra=None) -> tuple[dict, list]:
     eng = recipe.engine
     rel = {r.name.removeprefix(prefix): r for r in rows}
     groups = discover_groups(block, x_in[:1].to(device), kwargs)
@@ -104,6 +105,7 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
             progress.phase(f"decompose {len(group)} module(s)")
             for n in group:
                 stats = {c.name: c.result(n) for c in collectors}
+                stats.update((extra or {}).get(rel[n].name, {}))
                 new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
                 report.append(info)
                 if new is not None:
@@ -119,8 +121,11 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
 
 
 def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: bool = False,
-                    progress: Progress | None = None) -> dict:
-    """Compress ``model`` in place, block by block. Returns ``{"modules": specs, "rows": report, ...}``."""
+                    progress: Progress | None = None, plan_only: bool = False) -> dict:
+    """Compress ``model`` in place, block by block. Returns ``{"modules": specs, "rows": report, ...}``.
+
+    With ``plan_only`` it stops once every rank is decided (global allocators included) and returns ``{"plan"}``.
+    """
     progress = progress or Progress(enabled=False)
     t_start = time.perf_counter()
     device = resolve_device(recipe.engine.device)
@@ -133,7 +138,15 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     fp = hashlib.sha256(model_fingerprint(model).encode())
     fp.update(ids.numpy().tobytes())
     fp.update(str(recipe.resolved()).encode())
-    cache = RunCache(cache_dir, fp.hexdigest(), resume)
+    cache = RunCache(cache_dir, fp.hexdigest(), resume or plan_only)
+    extra: dict = {}
+    if needs_fisher(recipe):  # on the dense model, before any finished block is restored
+        t_f = time.perf_counter()
+        sums = fisher_stats(model, ids, plan, recipe, cache, device, progress)
+        phases["fisher"] = time.perf_counter() - t_f
+        for key, v in sums.items():
+            name, kind = key.rsplit(".", 1)
+            extra.setdefault(name, {})[kind] = v
     shape = (ids.shape[0], ids.shape[1], model.config.hidden_size)
     n = len(blocks)
     dense_stream = recipe.engine.objective == "dense"
@@ -165,7 +178,16 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             d_in = cache.acts(0, shape, dtype, create=True, stream="dense")
             d_in.copy_(x_in)
         cache.save_kwargs(kwargs)
-    phases["capture"] = time.perf_counter() - t_start - phases["calibration_tokens"]
+    phases["capture"] = time.perf_counter() - t_start - sum(phases.values())
+    if any(st.allocator != "uniform" for st in recipe.stages):
+        t_alloc = time.perf_counter()
+        spectra = allocation_spectra(blocks, prefix, plan, recipe, cache, x_in, shape, dtype,
+                                     map_tensors(kwargs, lambda t: t.to(device)), device, progress, extra)
+        apply_global_allocation(plan, recipe, spectra)
+        phases["allocation"] = time.perf_counter() - t_alloc
+    if plan_only:
+        progress.done()
+        return {"plan": plan, "cache": cache}
     dev_kwargs = map_tensors(kwargs, lambda t: t.to(device)) if kwargs is not None else None
     progress.start_blocks(n, start)
     for i in range(start, n):
@@ -175,7 +197,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
         rows = [r for r in plan if r.block == i]
         bspecs, brows = _compress_block(block, f"{prefix}.{i}.", rows, recipe, x_in, x_out, dev_kwargs, device,
-                                        progress, (d_in, d_out) if dense_stream else None)
+                                        progress, (d_in, d_out) if dense_stream else None, extra)
         blocks[i] = block.to("cpu")
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
         cache.drop_acts(i)
@@ -185,7 +207,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         after_block(i)
     progress.done()
     total = time.perf_counter() - t_start
-    phases["blocks"] = total - phases["calibration_tokens"] - phases["capture"]
+    phases["blocks"] = total - sum(phases.values())
     return {"modules": specs, "rows": report, "cache": cache, "seconds": total,
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "calibration_tokens": int(ids.numel()), "device": str(device), "resumed_from_block": start}

@@ -101,11 +101,40 @@ class CrossGram(GroupCollector):
         self.accumulate(key, (self.dense.current.pop(key).T @ x).double())
 
 
-COLLECTORS = {InputGram.name: InputGram}
+class InputAbsMean(GroupCollector):
+    """Per input channel ``mean_t |x_tj|`` (ASVD's ``abs_mean`` activation scale), sums in fp64."""
+
+    name = "input_abs_mean"
+
+    def __init__(self, modules, owner):
+        super().__init__(modules, owner)
+        self.count: dict[str, int] = {}
+
+    def add(self, key, x):
+        self.accumulate(key, x.abs().sum(0).double())
+        self.count[key] = self.count.get(key, 0) + x.shape[0]
+
+    def result(self, name):
+        key = self.owner[name]
+        return self.acc[key] / self.count[key]
+
+
+class InputAbsMax(GroupCollector):
+    """Per input channel ``max_t |x_tj|`` (ASVD's ``abs_max`` option)."""
+
+    name = "input_abs_max"
+
+    def add(self, key, x):
+        m = x.abs().amax(0).double()
+        self.acc[key] = torch.maximum(self.acc[key], m) if key in self.acc else m
+
+
+COLLECTORS = {c.name: c for c in (InputGram, InputAbsMean, InputAbsMax)}
+MODEL_STATS = {"fisher"}  # whole-model statistics computed before the block loop (engine/fisher.py)
 
 
 def attach(needs: set[str], modules: dict[str, nn.Module], owner: dict[str, str]) -> list:
-    return [COLLECTORS[n](modules, owner) for n in sorted(needs)]
+    return [COLLECTORS[n](modules, owner) for n in sorted(needs - MODEL_STATS)]
 
 
 def stop_after(module: nn.Module):
