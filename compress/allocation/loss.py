@@ -14,7 +14,6 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..linalg import rank_for_ratio
 from .budget import max_saving_rank, params_at, set_rank
 
 
@@ -27,34 +26,51 @@ def module_type(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name, count=1)
 
 
+def _candidates(r, spectrum, normalize: bool) -> list[tuple[float, str]]:
+    """Each extra direction of ``r`` after the first, valued by the loss it removes per parameter it costs."""
+    s2 = spectrum.double() ** 2
+    total = float(s2.sum()) if normalize else 1.0
+    cost = r.out_features + r.in_features
+    return [(float(s2[j]) / (total or 1.0) / cost, r.name) for j in range(1, max_saving_rank(r))]
+
+
+def _take(candidates, ranks, cost_of, used: int, budget: float) -> int:
+    """Walk candidates by value; add a direction wherever it still fits (each matrix's are in order)."""
+    for _, name in candidates:
+        if used + cost_of[name] <= budget:
+            ranks[name] += 1
+            used += cost_of[name]
+    return used
+
+
 def loss(stage, rows, spectra, options) -> None:
     opts = LossOptions.model_validate(options)
     groups: dict[str, list] = {}
     for r in rows:
         groups.setdefault(module_type(r.name), []).append(r)
+    cost_of = {r.name: r.out_features + r.in_features for r in rows}
+    ranks = {r.name: 1 for r in rows}  # every factorised matrix keeps at least one direction
+    leftovers, used = [], 0
     for members in groups.values():
-        budget = sum(params_at(r, rank_for_ratio(r.out_features, r.in_features, stage.param_ratio, stage.align))
-                     for r in members)
-        candidates = []
-        for r in members:
-            s2 = spectra[r.name].double() ** 2
-            total = float(s2.sum()) if opts.normalize else 1.0
-            cost = r.out_features + r.in_features
-            cap = max_saving_rank(r)
-            for j in range(cap):
-                candidates.append((float(s2[j]) / (total or 1.0) / cost, r.name))
-        candidates.sort(key=lambda c: -c[0])
-        cost_of = {r.name: r.out_features + r.in_features for r in members}
-        ranks = {r.name: 1 for r in members}  # every factorised matrix keeps at least one direction
-        used = sum(params_at(r, 1) for r in members)
-        taken = {r.name: 0 for r in members}
-        for _, name in candidates:
-            taken[name] += 1
-            if taken[name] == 1:  # the first direction is already paid for
-                continue
-            if used + cost_of[name] > budget:
-                continue
-            ranks[name] += 1
-            used += cost_of[name]
-        for r in members:
-            set_rank(r, ranks[r.name], f"loss-allocated ({module_type(r.name)})")
+        budget = stage.param_ratio * sum(r.params_before for r in members)
+        cands = sorted((c for r in members for c in _candidates(r, spectra[r.name], opts.normalize)),
+                       key=lambda c: -c[0])
+        base = sum(params_at(r, 1) for r in members)
+        taken = _take(cands, ranks, cost_of, base, budget) - base
+        used += base + taken
+        leftovers += _remaining(cands, ranks, members)
+    # the groups' rounding leaves less than one direction each: spend it on the best remaining ones overall
+    _take(sorted(leftovers, key=lambda c: -c[0]), ranks, cost_of, used,
+          stage.param_ratio * sum(r.params_before for r in rows))
+    for r in rows:
+        set_rank(r, ranks[r.name], f"loss-allocated ({module_type(r.name)})")
+
+
+def _remaining(cands, ranks, members) -> list:
+    seen = {r.name: 1 for r in members}
+    out = []
+    for c in cands:
+        seen[c[1]] += 1
+        if seen[c[1]] > ranks[c[1]]:
+            out.append(c)
+    return out

@@ -25,7 +25,9 @@ def fisher_sums(model: nn.Module, ids: torch.Tensor, names: list[str], device: t
            for n in names for k, i in (("fisher_out", 0), ("fisher_in", 1))}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    had_ckpt = getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    had_ckpt = bool(getattr(model, flag, False))
     handles = []
 
     def reduce(param):
@@ -43,7 +45,7 @@ def fisher_sums(model: nn.Module, ids: torch.Tensor, names: list[str], device: t
         model.to(device)
         model.eval()  # no dropout: the Fisher of the deployed model
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
             model.train()  # transformers only checkpoints in training mode; these models have no dropout at p>0
         for s in range(0, ids.shape[0], batch_size):
             x = ids[s : s + batch_size].to(device)
@@ -58,7 +60,7 @@ def fisher_sums(model: nn.Module, ids: torch.Tensor, names: list[str], device: t
             p.requires_grad_(flag)
             p.grad = None
         if checkpointing and not had_ckpt:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.train(was_training)
         model.to(home)
     return acc
