@@ -64,10 +64,10 @@ class StageConfig(_Strict):
     param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
     rank: int | None = Field(None, ge=1)
     energy: float | None = None
-    allocator: Literal["uniform", "energy", "welore", "loss"] = Field(
+    allocator: Literal["uniform", "energy", "welore", "loss", "sensitivity"] = Field(
         "uniform", description="uniform: same ratio per matrix; energy / welore / loss: one global budget over the "
                                "stage's matrices from their spectra (see compress/allocation)")
-    allocator_options: dict[str, Any] = Field(default_factory=dict, description="welore: target; loss: normalize")
+    allocator_options: dict[str, Any] = Field(default_factory=dict, description="welore: target; loss: normalize; sensitivity: ratios, samples")
     targets: list[str] | None = Field(DEFAULT_TARGETS, description="regexes on module names (re.search)")
     ignore: list[str] = Field(default_factory=list)
     align: int = Field(1, ge=1, description="round ranks down to a multiple of this")

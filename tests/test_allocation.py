@@ -24,11 +24,15 @@ def _recipe(corpus, method, allocator, ratio, **aopts):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method,allocator", [("svd-llm", "energy"), ("svd-llm", "welore"), ("svd-llm", "loss"),
-                                              ("asvd", "energy")])
-def test_budget_met_within_one_rank_step(arch, method, allocator, tiny_model_dir, tokenizer, corpus_file, tmp_path):
+                                              ("asvd", "energy"), ("asvd", "sensitivity")])
+def test_budget_met_within_one_rank_step(arch, method, allocator, tiny_model_dir, tokenizer, corpus_file, tmp_path,
+                                         monkeypatch):
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
     ratio = 0.6
-    report = compress_model(model, _recipe(corpus_file, method, allocator, ratio), tokenizer, cache_dir=tmp_path)
+    aopts = {"ratios": [0.2, 0.5, 0.8], "samples": 2} if allocator == "sensitivity" else {}
+    report = compress_model(model, _recipe(corpus_file, method, allocator, ratio, **aopts), tokenizer,
+                            cache_dir=tmp_path)
     t = report["targeted"]
     step = max(r["out_features"] + r["in_features"] for r in report["modules"])
     assert t["params_after"] <= ratio * t["params_before"]
@@ -94,3 +98,22 @@ def test_global_allocator_needs_param_ratio(corpus_file):
     data["stages"][0].update({"rank": None, "param_ratio": 0.5, "allocator_options": {"target": "bits"}})
     with pytest.raises(LrcError, match="target"):
         parse_recipe(data)
+
+
+def test_sensitivity_search_protects_the_sensitive_matrix():
+    """STRS on a hand-made table: the matrix whose perplexity explodes when compressed keeps the most, the result
+    fits the budget within one rank step, and the sweep is not repeated once cached (see the run above)."""
+    from types import SimpleNamespace
+
+    from compress.allocation.sensitivity import sensitivity
+    from compress.plan import PlanRow
+
+    rows = [PlanRow(f"m{i}", 0, "asvd", i, 64, 64, False, None, None) for i in range(4)]
+    ratios = [0.2, 0.5, 0.8]
+    table = {"m0": torch.tensor([900.0, 400.0, 30.0], dtype=torch.float64)}
+    table.update({f"m{i}": torch.tensor([12.0, 11.0, 10.5], dtype=torch.float64) for i in range(1, 4)})
+    stage = SimpleNamespace(param_ratio=0.5, align=1)
+    sensitivity(stage, rows, table, {"ratios": ratios})
+    assert rows[0].params_after > max(r.params_after for r in rows[1:])  # here it even stays dense
+    after, before = sum(r.params_after for r in rows), sum(r.params_before for r in rows)
+    assert after <= 0.5 * before and 0.5 * before - after <= 128

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from .energy import energy
 from .loss import LossOptions, loss
+from .sensitivity import SensitivityOptions, sensitivity
 from .uniform import uniform
 from .welore import WeLoreOptions, welore
 
-ALLOCATORS = {"uniform": uniform, "energy": energy, "welore": welore, "loss": loss}
-OPTIONS = {"welore": WeLoreOptions, "loss": LossOptions}
-SPECTRUM = {"energy": "method", "loss": "method", "welore": "weights"}  # which spectrum a global allocator reads
+ALLOCATORS = {"uniform": uniform, "energy": energy, "welore": welore, "loss": loss, "sensitivity": sensitivity}
+OPTIONS = {"welore": WeLoreOptions, "loss": LossOptions, "sensitivity": SensitivityOptions}
+# what a global allocator reads per matrix: the method's spectrum, the weight's, or ASVD's perplexity sweep
+SPECTRUM = {"energy": "method", "loss": "method", "welore": "weights", "sensitivity": "sweep"}
 
 
 def allocate(stage, rows) -> None:

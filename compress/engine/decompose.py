@@ -32,7 +32,7 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
     if dense and "input_gram" in method.needs:
         target = dense_target(W, stats["input_gram"], stats["cross_gram"], dense_damping)
     spectrum = method.spectrum(target, stats)
-    if row.rank is None:  # energy budget: rank from this matrix's own spectrum
+    if row.rank is None and row.factorize is None:  # energy budget: rank from this matrix's own spectrum
         decide(row, rank_for_energy(spectrum.sigma, stage.energy))
     H = stats.get("input_gram")
     new = None

@@ -181,8 +181,8 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     phases["capture"] = time.perf_counter() - t_start - sum(phases.values())
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
-        spectra = allocation_spectra(blocks, prefix, plan, recipe, cache, x_in, shape, dtype,
-                                     map_tensors(kwargs, lambda t: t.to(device)), device, progress, extra)
+        spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, x_in, shape, dtype,
+                                     map_tensors(kwargs, lambda t: t.to(device)), device, progress, extra, ids)
         apply_global_allocation(plan, recipe, spectra)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:

@@ -31,7 +31,9 @@ def fisher_stats(model, ids, plan, recipe, cache, device, progress) -> dict[str,
 
 
 @torch.no_grad()
-def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, extra) -> dict[str, torch.Tensor]:
+def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None
+                   ) -> dict[str, torch.Tensor]:
+    """Spectra (or, for ``sensitivity`` stages, the perplexity sweep) of the block's rows on dense inputs."""
     from .pipeline import run_pass  # the one place that streams activations through a block
 
     rel = {r.name.removeprefix(prefix): r for r in rows}
@@ -39,8 +41,8 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
     groups = discover_groups(block, x_in[:1].to(device), kwargs)
     owner = {n: g[0] for g in groups for n in g if n in rel}
     methods = {si: METHODS[s.method](recipe.method_config(si)) for si, s in enumerate(recipe.stages)}
-    needs = set().union(*(set(methods[r.stage].needs) for r in rows if SPECTRUM[recipe.stages[r.stage].allocator]
-                          == "method")) - {"fisher"}
+    needs = set().union(*(set(methods[r.stage].needs) for r in rows
+                          if SPECTRUM[recipe.stages[r.stage].allocator] != "weights")) - {"fisher"}
     collectors = attach(needs, modules, owner) if needs else []
     try:
         run_pass(block, x_in, kwargs, recipe.engine.batch_size, device, out=x_out)
@@ -50,29 +52,66 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
     out = {}
     for n, r in rel.items():
         W = modules[n].weight.detach().double()
-        if SPECTRUM[recipe.stages[r.stage].allocator] == "weights":
+        kind = SPECTRUM[recipe.stages[r.stage].allocator]
+        if kind == "weights":
             out[r.name] = torch.linalg.svdvals(W).cpu()
-        else:
-            stats = {c.name: c.result(n) for c in collectors}
-            stats.update(extra.get(r.name, {}))
-            out[r.name] = methods[r.stage].spectrum(W, stats).sigma.cpu()
+            continue
+        stats = {c.name: c.result(n) for c in collectors}
+        stats.update(extra.get(r.name, {}))
+        spectrum = methods[r.stage].spectrum(W, stats)
+        out[r.name] = spectrum.sigma.cpu() if kind == "method" else sweep(modules[n], spectrum, r)
     return out
 
 
-def allocation_spectra(blocks, prefix, plan, recipe, cache, x0, shape, dtype, kwargs, device, progress,
-                       extra) -> dict[str, torch.Tensor]:
-    """Singular values of every matrix whose stage uses a global allocator (cached as ``spectra.safetensors``)."""
+def _sweeper(model, ids, recipe, progress):
+    """``sweep(module, spectrum, row)``: calibration ppl of the whole model with only ``module`` at each candidate
+    ratio of its stage (ASVD STRS), the weight restored afterwards."""
+    from ..allocation.sensitivity import SensitivityOptions, _rank
+
+    def sweep(module, spectrum, row) -> torch.Tensor:
+        stage = recipe.stages[row.stage]
+        opts = SensitivityOptions.model_validate(stage.allocator_options)
+        x = ids[: opts.samples].to(next(model.parameters()).device)
+        original = module.weight.data.clone()
+        ppls = []
+        try:
+            for ratio in sorted(opts.ratios):
+                A, B = spectrum.factors(min(_rank(row, ratio, stage.align), int(spectrum.sigma.numel())))
+                module.weight.data.copy_((A @ B).to(original.dtype))
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                ppls.append(float(torch.exp(loss.double())))
+        finally:
+            module.weight.data.copy_(original)
+        progress.phase(f"sensitivity {row.name}")
+        return torch.tensor(ppls, dtype=torch.float64)
+    return sweep
+
+
+def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dtype, kwargs, device, progress,
+                       extra, ids) -> dict[str, torch.Tensor]:
+    """What the global allocators read, per matrix (cached as ``spectra.safetensors`` in the run): singular values,
+    or for ``sensitivity`` the calibration perplexity at each candidate ratio (also kept under
+    ``$LRC_CACHE/sensitivity``, keyed by model, calibration tokens and method, as it is the expensive one)."""
     cached = cache.load_tensors("spectra")
     if cached is not None:
         return cached
     rows = [r for r in plan if recipe.stages[r.stage].allocator != "uniform"]
     if not rows:
         return {}
+    sweep_key = _sweep_key(model, ids, recipe) if any(SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"
+                                                      for r in rows) else None
+    stored = _load_sweep(sweep_key) if sweep_key else None
+    sweep = _sweeper(model, ids, recipe, progress) if sweep_key else None
+    if sweep is not None:
+        model.to(device)  # the sweep runs the whole model
     spectra: dict[str, torch.Tensor] = {}
     data_free = all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
     x_in = x0
     for i, block in enumerate(blocks):
         brows = [r for r in rows if r.block == i]
+        if stored is not None and all(r.name in stored for r in brows if
+                                      SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"):
+            sweep = (lambda module, spectrum, row: stored[row.name])
         progress.phase(f"spectra for allocation, block {i + 1}/{len(blocks)}")
         block.to(device)
         if data_free:
@@ -82,14 +121,55 @@ def allocation_spectra(blocks, prefix, plan, recipe, cache, x0, shape, dtype, kw
         else:
             x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
             spectra.update(_block_spectra(block, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs, device,
-                                          extra))
+                                          extra, sweep))
             if i > 0:
                 cache.acts_path(i, "spectra").unlink(missing_ok=True)
             x_in = x_out
-        block.to("cpu")
+        if sweep_key is None:
+            block.to("cpu")
+    if sweep_key is not None:
+        model.to("cpu")
+        _store_sweep(sweep_key, {r.name: spectra[r.name] for r in rows
+                                 if SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"})
     cache.acts_path(len(blocks), "spectra").unlink(missing_ok=True)
     cache.save_tensors("spectra", spectra)
     return spectra
+
+
+def _sweep_key(model, ids, recipe) -> str:
+    import hashlib
+
+    from .cache import model_fingerprint
+
+    h = hashlib.sha256(model_fingerprint(model).encode())
+    h.update(ids.numpy().tobytes())
+    for si, st in enumerate(recipe.stages):
+        if st.allocator == "sensitivity":
+            h.update(f"{si}{st.method}{recipe.method_config(si).model_dump()}{st.allocator_options}{st.align}"
+                     f"{st.targets}{st.ignore}".encode())
+    return h.hexdigest()[:24]
+
+
+def _load_sweep(key: str):
+    from safetensors.torch import load_file
+
+    from ..models import cache_root
+
+    path = cache_root() / "sensitivity" / f"{key}.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+def _store_sweep(key: str, table: dict) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    from ..models import cache_root
+
+    path = cache_root() / "sensitivity" / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in table.items()}, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
 
 
 def apply_global_allocation(plan, recipe, spectra) -> None:
