@@ -4,8 +4,9 @@ Default protocol: calibration = 64 windows x 512 tokens of ../shared/data/calib/
 evaluation = WikiText-2 test, the first 32 non-overlapping 512-token windows; fp32, CPU, 2 threads. "kept" is the
 fraction of decoder-block Linear parameters kept (embeddings and lm_head excluded), as measured on the result.
 Each configuration runs in its own process (its own peak RSS); results are appended to --jsonl as they finish, so an
-interrupted run keeps what it measured. A configuration is METHOD[+OPTION=VALUE...]@ALLOCATOR:KEPT, e.g.
-``fwsvd+axis=output@uniform:0.8`` or ``svd-llm@energy:0.6``; ``dense`` needs no suffix.
+interrupted run keeps what it measured. A configuration is METHOD[+OPTION=VALUE...]@ALLOCATOR:KEPT[#ENGINE=VALUE,...],
+e.g. ``fwsvd+axis=output@uniform:0.8``, ``svd-llm@energy:0.6`` or ``asvd@uniform:0.8#propagate=original``; ``dense``
+needs no suffix.
 
     python scripts/bench_quality.py --model smollm2 --jsonl docs/results/quality.jsonl --plot docs/quality.png
 """
@@ -28,17 +29,23 @@ DEFAULT = ["dense"] + [f"{m}@uniform:{k}" for k in (0.8, 0.6) for m in METHODS] 
           [f"svd-llm@{a}:{k}" for k in (0.8, 0.6) for a in ("energy", "welore", "loss")]
 
 
+def _values(pairs: list[str]) -> dict:
+    out = {}
+    for o in pairs:
+        k, v = o.split("=")
+        out[k] = float(v) if v.replace(".", "", 1).isdigit() else {"true": True, "false": False}.get(v, v)
+    return out
+
+
 def parse(config: str) -> dict:
     if config == "dense":
-        return {"method": "dense", "options": {}, "allocator": None, "kept": 1.0}
+        return {"method": "dense", "options": {}, "allocator": None, "kept": 1.0, "engine": {}}
+    config, _, engine = config.partition("#")
     head, kept = config.rsplit(":", 1)
     head, allocator = head.split("@") if "@" in head else (head, "uniform")
     method, *opts = head.split("+")
-    options = {}
-    for o in opts:
-        k, v = o.split("=")
-        options[k] = float(v) if v.replace(".", "", 1).isdigit() else v
-    return {"method": method, "options": options, "allocator": allocator, "kept": float(kept)}
+    return {"method": method, "options": _values(opts), "allocator": allocator, "kept": float(kept),
+            "engine": _values(engine.split(",") if engine else [])}
 
 
 def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, cache: str) -> dict:
@@ -56,7 +63,7 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
     out = {"config": config, "model": model_spec, **c, "calibration": f"{samples}x{seq_len}"}
     if c["method"] != "dense":
         recipe = parse_recipe({"calibration": {"dataset": str(CALIB), "samples": samples, "seq_len": seq_len},
-                               "engine": {"device": "cpu", "batch_size": 8},
+                               "engine": {"device": "cpu", "batch_size": 8, **c["engine"]},
                                "stages": [{"method": c["method"], "param_ratio": c["kept"], "options": c["options"],
                                            "allocator": c["allocator"]}]})
         t = time.perf_counter()
@@ -82,7 +89,8 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict[str, list] = {}
     for r in rows:
         if r["method"] != "dense":
-            label = r["config"].rsplit(":", 1)[0].replace("@uniform", "")
+            head, _, eng = r["config"].partition("#")
+            label = head.rsplit(":", 1)[0].replace("@uniform", "") + (f" #{eng}" if eng else "")
             series.setdefault(label, []).append((r["kept_measured"], r["perplexity"]))
     for label, pts in sorted(series.items()):
         pts.sort()
