@@ -44,9 +44,13 @@ class PlanRow:
     rank: int | None
     factorize: bool | None
     note: str = ""
+    compensation: bool = False  # a residual of ``rank`` added to the module (EoRA)
+    standalone: bool = True  # False when an earlier stage already counts this module's parameters
 
     @property
     def params_before(self) -> int:
+        if not self.standalone:
+            return 0
         return self.out_features * self.in_features + (self.out_features if self.bias else 0)
 
     @property
@@ -54,6 +58,8 @@ class PlanRow:
         if self.factorize is None:
             return None
         b = self.out_features if self.bias else 0
+        if self.compensation:
+            return self.params_before + self.rank * (self.out_features + self.in_features)
         if not self.factorize:
             return self.params_before
         return self.rank * (self.out_features + self.in_features) + b
@@ -64,10 +70,13 @@ class PlanRow:
 
 def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int, nn.Linear]]:
     """``(stage, name, block, module)`` for every targeted Linear; a module may belong to one stage only."""
+    from .methods import METHODS
+
     prefix, blocks = find_blocks(model)
     owner: dict[str, int] = {}
     out = []
     for si, stage in enumerate(recipe.stages):
+        compensation = METHODS[stage.method].kind == "compensation"
         try:
             targets = [re.compile(t) for t in stage.targets] if stage.targets else None
             ignore = [re.compile(t) for t in stage.ignore]
@@ -83,9 +92,9 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
                     continue
                 if any(t.search(name) for t in ignore):
                     continue
-                if name in owner:
+                if name in owner and not compensation:
                     raise LrcError(f"stages[{si}]: {name} is already compressed by stages[{owner[name]}]")
-                owner[name] = si
+                owner.setdefault(name, si)
                 hits += 1
                 out.append((si, name, bi, mod))
         if hits == 0:
@@ -94,11 +103,15 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
 
 
 def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
-    rows = []
+    from .methods import METHODS
+
+    rows, seen = [], set()
     for si, name, bi, mod in stage_targets(model, recipe):
         stage = recipe.stages[si]
         rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, mod.bias is not None,
-                            None, None))
+                            None, None, compensation=METHODS[stage.method].kind == "compensation",
+                            standalone=name not in seen))
+        seen.add(name)
     for si, stage in enumerate(recipe.stages):
         allocate(stage, [r for r in rows if r.stage == si])
     return rows
@@ -110,7 +123,7 @@ def totals(rows: list[PlanRow]) -> dict:
     known = [r for r in rows if r.params_after is not None]
     after = sum(r.params_after for r in known) if len(known) == len(rows) else None
     return {
-        "targeted_modules": len(rows),
+        "targeted_modules": len({r.name for r in rows}),
         "factorized_modules": sum(1 for r in rows if r.factorize),
         "dense_modules": sum(1 for r in rows if r.factorize is False),
         "targeted_params_before": before,

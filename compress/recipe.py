@@ -96,6 +96,13 @@ class StageConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _compensation_budget(self):
+        if METHODS[self.method].kind == "compensation" and (self.energy is not None or self.allocator != "uniform"):
+            raise ValueError(f"{self.method} adds a residual: give its rank or param_ratio (extra parameters as a "
+                             "fraction of each matrix) with the uniform allocator")
+        return self
+
+    @model_validator(mode="after")
     def _global_needs_ratio(self):
         if self.allocator != "uniform" and self.param_ratio is None:
             raise ValueError(f"allocator {self.allocator} distributes a param_ratio budget; give param_ratio")

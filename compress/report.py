@@ -39,8 +39,10 @@ def build_report(rows: list[dict], before: dict, after: dict, extra: dict) -> di
     return {
         **extra,
         "ratio_definition": RATIO_DEFINITION,
-        "targeted": {"modules": len(rows), "factorized": sum(r["type"] == "lowrank" for r in rows),
-                     "kept_dense": sum(r["type"] == "dense" for r in rows), "params_before": pb,
+        "targeted": {"modules": len({r["name"] for r in rows}),
+                     "factorized": sum(r["type"] == "lowrank" for r in rows),
+                     "kept_dense": sum(r["type"] == "dense" for r in rows),
+                     "compensated": sum(r["type"] == "compensated" for r in rows), "params_before": pb,
                      "params_after": pa, "kept_fraction_of_targeted": pa / pb if pb else None},
         "model_params": {"before": before, "after": after,
                          "kept_fraction_of_model": after["total"] / before["total"]},

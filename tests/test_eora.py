@@ -53,3 +53,67 @@ def test_singular_gram_is_handled_and_counted():
     assert res.dropped == 6  # 10 input directions, calibration spans 4
     assert _obj(delta, res.B @ res.A, X) < 1e-8 * float(torch.linalg.norm(delta @ X))  # 4 directions suffice
     assert float(torch.linalg.norm(res.A @ torch.linalg.svd(X)[0][:, 4:])) < 1e-8  # unseen directions untouched
+
+
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("first", ["svd", "svd-llm"])
+def test_eora_stage_after_a_decomposition_round_trips(arch, first, tiny_model_dir, tokenizer, corpus_file, tmp_path):
+    """svd/svd-llm then eora on tiny GQA models: every module gains a residual, the error on calibration inputs
+    falls, the parameter accounting adds exactly r(m+n) per module, and the checkpoint reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from compress import api
+    from compress.checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
+    from compress.recipe import parse_recipe
+    from conftest import tiny_recipe
+
+    data = tiny_recipe(corpus_file, first, param_ratio=0.5).model_dump(mode="json")
+    data["stages"].append({"method": "eora", "rank": 4})
+    out = tmp_path / "ck"
+    model, report = api.compress(str(tiny_model_dir(arch)), parse_recipe(data), out, cache_dir=tmp_path / "c",
+                                 progress=False)
+    q = model.model.layers[1].self_attn.q_proj
+    assert isinstance(q, CompensatedLinear) and isinstance(q.base, LowRankLinear) and q.rank == 4
+    rows = {(r["name"], r["stage"]): r for r in report["modules"]}
+    names = {r["name"] for r in report["modules"]}
+    assert report["targeted"]["modules"] == len(names) and report["targeted"]["compensated"] == len(names)
+    for name in names:
+        base, comp = rows[(name, 0)], rows[(name, 1)]
+        assert comp["params_before"] == 0
+        assert comp["params_after"] == 4 * (comp["out_features"] + comp["in_features"])
+        assert comp["rel_error"] < comp["base_error"]  # same inputs: the residual repairs part of the error
+        assert base["type"] in ("lowrank", "dense")
+    assert report["targeted"]["params_after"] == sum(r["params_after"] for r in report["modules"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    x = torch.randint(0, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x).logits, reloaded(x).logits, atol=1e-5)
+
+
+def test_eora_budget_rules(corpus_file):
+    from compress.errors import LrcError
+    from compress.recipe import parse_recipe
+    from conftest import tiny_recipe
+
+    data = tiny_recipe(corpus_file, "svd", param_ratio=0.5).model_dump(mode="json")
+    data["stages"].append({"method": "eora", "energy": 0.9})
+    with pytest.raises(LrcError, match="stages\\[1\\].*residual"):
+        parse_recipe(data)
+    data["stages"][1] = {"method": "svd-llm", "rank": 2}  # two decompositions of one module are still refused
+    from transformers import AutoModelForCausalLM
+
+    from compress.plan import make_plan
+
+    with pytest.raises(LrcError, match="already compressed by stages\\[0\\]"):
+        make_plan(_tiny_llama(), parse_recipe(data))
+
+
+def _tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(cfg)

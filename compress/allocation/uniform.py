@@ -14,9 +14,20 @@ def decide(row, rank: int) -> None:
         row.note = f"kept dense: rank {rank} >= break-even {breakeven_rank(m, n):.1f}"
 
 
+def residual_rank(row, kind: str, value: float, align: int = 1) -> None:
+    """A compensation row: ``rank`` as given, or ``param_ratio`` read as EXTRA parameters ``ρ·m·n`` (EoRA)."""
+    m, n = row.out_features, row.in_features
+    rank = int(value) if kind == "rank" else rank_for_ratio(m, n, value, align)
+    row.rank, row.factorize = max(1, min(rank, m, n)), True
+    row.note = f"residual rank {row.rank}"
+
+
 def uniform(stage, rows, spectra=None, options=None) -> None:
     kind, value = stage.budget
     for row in rows:
+        if row.compensation:
+            residual_rank(row, kind, value, stage.align)
+            continue
         if kind == "param_ratio":
             decide(row, rank_for_ratio(row.out_features, row.in_features, value, stage.align))
         elif kind == "rank":

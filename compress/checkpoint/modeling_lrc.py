@@ -9,6 +9,7 @@ loader builds the base model, swaps those modules in, and lets transformers load
 Module types (add new ones to ``MODULE_TYPES``):
 - ``lowrank``: ``LowRankLinear`` with ``in_features``, ``out_features``, ``rank``, ``bias``.
 - ``dense``: a plain ``nn.Linear`` with possibly new ``in_features``/``out_features`` (resized matrices).
+- ``compensated``: ``CompensatedLinear``, any of the above (``base``) plus a residual path of ``rank`` (EoRA).
 """
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ class LowRankLinear(nn.Module):
                 f"bias={self.second.bias is not None}")
 
 
+class CompensatedLinear(nn.Module):
+    """``y = base(x) + lora_B(lora_A(x))``: a compressed module plus a low-rank residual path (EoRA). The residual
+    uses PEFT's names and shapes (``lora_A`` rank x in, ``lora_B`` out x rank, scaling 1)."""
+
+    def __init__(self, base: nn.Module, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.base, self.rank = base, rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+
+    @property
+    def weight_approx(self) -> torch.Tensor:
+        base = self.base.weight_approx if hasattr(self.base, "weight_approx") else self.base.weight
+        return base + self.lora_B.weight @ self.lora_A.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
 def _lowrank(spec: dict, dtype=None) -> nn.Module:
     return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec.get("bias", False), dtype=dtype)
 
@@ -51,7 +72,11 @@ def _dense(spec: dict, dtype=None) -> nn.Module:
     return nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", False), dtype=dtype)
 
 
-MODULE_TYPES = {"lowrank": _lowrank, "dense": _dense}
+def _compensated(spec: dict, dtype=None) -> nn.Module:
+    return CompensatedLinear(build_module(spec["base"], dtype=dtype), spec["rank"], dtype=dtype)
+
+
+MODULE_TYPES = {"lowrank": _lowrank, "dense": _dense, "compensated": _compensated}
 
 
 def build_module(spec: dict, dtype=None) -> nn.Module:

@@ -7,13 +7,48 @@ import torch
 from torch import nn
 
 from ..allocation.uniform import decide
-from ..checkpoint.modeling_lrc import LowRankLinear
+from ..checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
 from ..linalg import dense_objective_error, dense_target, rank_for_energy, weighted_error
 
 
-def lowrank_spec(m: LowRankLinear) -> dict:
-    return {"type": "lowrank", "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-            "bias": m.second.bias is not None}
+def lowrank_spec(m: nn.Module) -> dict:
+    """The config entry describing a replacement module (see ``checkpoint/modeling_lrc.py``)."""
+    if isinstance(m, CompensatedLinear):
+        return {"type": "compensated", "in_features": m.in_features, "out_features": m.out_features,
+                "rank": m.rank, "base": lowrank_spec(m.base)}
+    if isinstance(m, LowRankLinear):
+        return {"type": "lowrank", "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                "bias": m.second.bias is not None}
+    return {"type": "dense", "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None}
+
+
+def effective_weight(m: nn.Module) -> torch.Tensor:
+    return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double()
+
+
+@torch.no_grad()
+def compensate(module: nn.Module, original: torch.Tensor, stats: dict, row, rtol: float) -> tuple[nn.Module, dict]:
+    """EoRA: ``module`` (whatever an earlier stage left) plus the residual repairing ``original − module``."""
+    from ..compensation import eora_residual
+
+    t0 = time.perf_counter()
+    delta = original.double() - effective_weight(module)
+    res = eora_residual(delta, stats["input_gram"], row.rank, rtol)
+    dev, dtype = original.device, original.dtype
+    new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
+    new.lora_A.weight.copy_(res.A)
+    new.lora_B.weight.copy_(res.B)
+    H = stats["input_gram"]
+    before_err = weighted_error(original.double(), effective_weight(module), H)
+    after_err = weighted_error(original.double(), effective_weight(new), H)
+    note = f"error {before_err:.4f} -> {after_err:.4f}" + (f"; {res.dropped} Gram eigenvalues dropped"
+                                                           if res.dropped else "")
+    info = {"name": row.name, "stage": row.stage, "method": row.method, "type": "compensated",
+            "out_features": row.out_features, "in_features": row.in_features, "rank": new.rank,
+            "params_before": row.params_before, "params_after": row.params_after, "rel_error": after_err,
+            "base_error": before_err, "dropped_eigenvalues": res.dropped, "seconds": round(time.perf_counter() - t0, 4), "note": note}
+    return new, info
 
 
 @torch.no_grad()

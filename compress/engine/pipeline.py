@@ -23,7 +23,7 @@ from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
 from .capture import StopForward, capture_block_inputs, map_tensors
-from .decompose import decompose, lowrank_spec
+from .decompose import compensate, decompose, lowrank_spec
 from .memory import release
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
@@ -71,16 +71,19 @@ def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense
 def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, progress,
                     dense_io=None, extra=None) -> tuple[dict, list]:
     eng = recipe.engine
-    rel = {r.name.removeprefix(prefix): r for r in rows}
     groups = discover_groups(block, x_in[:1].to(device), kwargs)
     modules = dict(block.named_modules())
+    originals = {r.name.removeprefix(prefix): modules[r.name.removeprefix(prefix)].weight.detach().clone()
+                 for r in rows if r.compensation}  # this block's W, kept until its stages are done
     dense_block = copy.deepcopy(block) if dense_io else None
     dense = (dense_block, *dense_io) if dense_io else None
     owner = {n: g[0] for g in groups for n in g}
     specs, report = {}, []
     wrote_outputs = False
     for si, stage in enumerate(recipe.stages):
-        targeted = [[n for n in g if n in rel and rel[n].stage == si] for g in groups]
+        rel = {r.name.removeprefix(prefix): r for r in rows if r.stage == si}
+        modules = dict(block.named_modules())  # earlier stages replaced some
+        targeted = [[n for n in g if n in rel] for g in groups]
         targeted = [g for g in targeted if g]
         if not targeted:
             continue
@@ -106,12 +109,16 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
             for n in group:
                 stats = {c.name: c.result(n) for c in collectors}
                 stats.update((extra or {}).get(rel[n].name, {}))
-                new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
+                if rel[n].compensation:
+                    new, info = compensate(modules[n], originals.pop(n), stats, rel[n], method.config.rtol)
+                else:
+                    new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
                 report.append(info)
                 if new is not None:
                     old = modules[n]
                     block.set_submodule(n, new)
-                    release([p.data for p in old.parameters()])
+                    if not rel[n].compensation:  # a compensated module keeps the old one as its base
+                        release([p.data for p in old.parameters()])
                     specs[rel[n].name] = lowrank_spec(new)
             del collectors
     if not wrote_outputs:

@@ -30,6 +30,7 @@ class Method:
     paper: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = "decomposition"  # or "compensation": adds a residual to whatever an earlier stage left
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
