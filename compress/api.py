@@ -23,7 +23,7 @@ from .progress import Progress
 from .recipe import Recipe, load_recipe, parse_recipe
 from .report import build_report, count_params, write_report
 
-__all__ = ["compress_model", "compress", "save", "plan", "load", "with_overrides"]
+__all__ = ["compress_model", "compress", "compensate", "save", "plan", "load", "with_overrides"]
 
 
 def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recipe:
@@ -39,7 +39,7 @@ def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recip
 
 
 def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir: str | Path | None = None,
-                   resume: bool = False, progress: bool = False, keep_cache: bool = False) -> dict:
+                   resume: bool = False, progress: bool = False, keep_cache: bool = False, reference=None) -> dict:
     """Compress ``model`` in place following ``recipe``; return the report (parameter accounting, module rows).
 
     The module structure is recorded in ``model.config.lrc`` so that ``save(model, tokenizer, out, report)`` writes a
@@ -54,7 +54,8 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
     before = count_params(model)
     bar = Progress(enabled=progress)
     try:
-        result = compress_blocks(model, tokenizer, recipe, Path(cache_dir or cache_root()), resume, bar)
+        result = compress_blocks(model, tokenizer, recipe, Path(cache_dir or cache_root()), resume, bar,
+                                 reference=reference)
     finally:
         bar.close()
     previous = getattr(model.config, "lrc", None) or {}
@@ -125,6 +126,47 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
     save(net, tokenizer, out, report, overwrite=True)
     if not keep_cache:
         shutil.rmtree(report["run_cache"], ignore_errors=True)
+    return net, report
+
+
+def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = None,
+               param_ratio: float | None = None, calibration: dict | None = None, export: str = "lrc",
+               overwrite: bool = False, cache_dir: str | Path | None = None, progress: bool = True,
+               dtype: str = "float32") -> tuple[object, dict]:
+    """EoRA on a model compressed elsewhere: residual paths that repair COMPRESSED towards DENSE (modules matched
+    by name, statistics from COMPRESSED's own activations). ``export``: ``lrc`` writes a checkpoint (the compressed
+    model plus the paths), ``peft`` a LoRA adapter for the compressed base."""
+    import json
+
+    from .checkpoint.peft_export import export_peft
+
+    budget = {"rank": rank} if rank is not None else {"param_ratio": param_ratio}
+    recipe = parse_recipe({"name": "eora", "calibration": calibration or {}, "model": {"dtype": dtype},
+                           "stages": [{"method": "eora", **budget}]}, "lrc compensate")
+    out = Path(out)
+    _check_out(out, overwrite)
+    reference, _, _ = load_model(dense, dtype)
+    net, tokenizer, path = load_model(compressed, dtype)
+    from .plan import find_blocks, linear_units
+
+    prefix, blocks = find_blocks(net)
+    names = dict(reference.named_modules())
+    missing = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in linear_units(b)
+               if f"{prefix}.{i}.{n}" not in names]
+    if missing:
+        raise LrcError(f"{dense}: has no module {missing[0]} of {compressed} (modules are matched by name)")
+    report = compress_model(net, recipe, tokenizer, cache_dir, progress=progress, reference=reference)
+    report.update({"model": compressed, "reference": dense})
+    if export == "peft":
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_peft(net, tmp, str(path))
+        (tmp / "lrc_report.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    else:
+        save(net, tokenizer, out, report, overwrite=True)
     return net, report
 
 

@@ -112,6 +112,41 @@ def compress(
     out.print(f"wrote {out_dir} (lrc_report.json, lrc_modules.csv, lrc_recipe.yaml)")
 
 
+@app.command()
+def compensate(
+    dense: str = typer.Argument(..., help="the original model (hub id, directory, .gguf, 'smollm2')"),
+    compressed: str = typer.Argument(..., help="the compressed model, loadable by transformers (a quantized "
+                                               "checkpoint is de-quantized on load) or an lrc checkpoint"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="directory to create"),
+    rank: Optional[int] = typer.Option(None, help="residual rank per module"),
+    param_ratio: Optional[float] = typer.Option(None, help="extra parameters per module as a fraction of m·n "
+                                                           "(instead of --rank)"),
+    calib: str = typer.Option("wikitext2", help="calibration set: calib/ name, local file, or selfgen"),
+    samples: int = typer.Option(32, help="calibration windows"),
+    seq_len: int = typer.Option(256, help="tokens per window"),
+    export: str = typer.Option("lrc", help="lrc: checkpoint with the residual paths inside; peft: LoRA adapter "
+                                           "for the compressed base"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    cache_dir: Optional[Path] = typer.Option(None, help="activation/token cache"),
+) -> None:
+    """EoRA: add eigenspace low-rank residual paths that repair COMPRESSED towards DENSE (modules matched by name)."""
+    from . import api
+    from .report import summary_table
+
+    try:
+        if (rank is None) == (param_ratio is None):
+            raise LrcError("give exactly one of --rank and --param-ratio")
+        if export not in ("lrc", "peft"):
+            raise LrcError(f"--export: {export!r} is not one of lrc, peft")
+        _, report = api.compensate(dense, compressed, out_dir, rank, param_ratio,
+                                   {"dataset": calib, "samples": samples, "seq_len": seq_len}, export, overwrite,
+                                   cache_dir)
+    except LrcError as e:
+        _fail(e)
+    out.print(summary_table(report))
+    out.print(f"wrote {out_dir} ({'PEFT LoRA adapter' if export == 'peft' else 'lrc checkpoint'})")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="hub id, local HF directory, .gguf, 'smollm2', or an lrc checkpoint"),

@@ -46,11 +46,14 @@ class PlanRow:
     note: str = ""
     compensation: bool = False  # a residual of ``rank`` added to the module (EoRA)
     standalone: bool = True  # False when an earlier stage already counts this module's parameters
+    base_params: int | None = None  # parameters of an already-compressed module (None: a dense Linear)
 
     @property
     def params_before(self) -> int:
         if not self.standalone:
             return 0
+        if self.base_params is not None:
+            return self.base_params
         return self.out_features * self.in_features + (self.out_features if self.bias else 0)
 
     @property
@@ -66,6 +69,22 @@ class PlanRow:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
+
+
+def linear_units(block: nn.Module):
+    """``(name, module)`` of every Linear-like unit: ``nn.Linear``, or an lrc replacement module as a whole (its
+    inner Linears are not units of their own)."""
+    from .checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
+
+    skip: list[str] = []
+    for sub, mod in block.named_modules():
+        if any(sub.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(mod, (LowRankLinear, CompensatedLinear)):
+            skip.append(sub)
+            yield sub, mod
+        elif isinstance(mod, nn.Linear):
+            yield sub, mod
 
 
 def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int, nn.Linear]]:
@@ -84,9 +103,7 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
             raise LrcError(f"stages[{si}].targets/ignore: bad regex ({err})") from None
         hits = 0
         for bi, block in enumerate(blocks):
-            for sub, mod in block.named_modules():
-                if not isinstance(mod, nn.Linear):
-                    continue
+            for sub, mod in linear_units(block):
                 name = f"{prefix}.{bi}.{sub}"
                 if targets is not None and not any(t.search(name) for t in targets):
                     continue
@@ -108,9 +125,15 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
     rows, seen = [], set()
     for si, name, bi, mod in stage_targets(model, recipe):
         stage = recipe.stages[si]
-        rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, mod.bias is not None,
-                            None, None, compensation=METHODS[stage.method].kind == "compensation",
-                            standalone=name not in seen))
+        compensation = METHODS[stage.method].kind == "compensation"
+        if not compensation and not isinstance(mod, nn.Linear):
+            raise LrcError(f"stages[{si}]: {name} is already compressed ({type(mod).__name__}); only a "
+                           "compensation stage (eora) can follow")
+        bias = getattr(mod, "bias", None) is not None if isinstance(mod, nn.Linear) else False
+        rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
+                            compensation=compensation, standalone=name not in seen,
+                            base_params=None if isinstance(mod, nn.Linear) else
+                            sum(p.numel() for p in mod.parameters())))
         seen.add(name)
     for si, stage in enumerate(recipe.stages):
         allocate(stage, [r for r in rows if r.stage == si])

@@ -63,7 +63,9 @@ def summary_table(report: dict) -> Table:
     t = report["targeted"]
     mp = report["model_params"]
     table = Table(title="lrc compression summary", show_header=False)
-    table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept dense)")
+    comp = f", {t['compensated']} compensated" if t.get("compensated") else ""
+    table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept dense"
+                                      f"{comp})")
     table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
                                      f"(kept {t['kept_fraction_of_targeted']:.4f})")
     table.add_row("model params (all)", f"{mp['before']['total']:,} → {mp['after']['total']:,} "

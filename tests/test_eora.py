@@ -1,5 +1,8 @@
 """EoRA's residual on random matrices: the optimum of ||(ΔW − BA)X|| among rank-r residuals, better than plain SVD
 of ΔW on that objective, exact when r >= rank(ΔW), finite on a singular Gram."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +120,69 @@ def _tiny_llama():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def _rtn4(model, group: int = 32):
+    """Round-to-nearest 4-bit, asymmetric, per group of ``group`` inputs; de-quantised in place (a stand-in for a
+    model quantized by another tool and de-quantized by transformers on load)."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                W = mod.weight
+                m, n = W.shape
+                k = group if n % group == 0 else n  # per output channel where the groups do not divide
+                g = W.reshape(m, n // k, k)
+                lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+                scale = (hi - lo).clamp_min(1e-8) / 15
+                q = ((g - lo) / scale).round().clamp(0, 15)
+                W.copy_((q * scale + lo).reshape(m, n))
+    return model
+
+
+@pytest.fixture(scope="module")
+def rtn_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import STORIES, needs_shared  # noqa: F401
+
+    if not STORIES.is_dir():
+        pytest.skip(f"needs {STORIES} (../shared)")
+    out = tmp_path_factory.mktemp("rtn") / "stories260k-rtn4"
+    _rtn4(AutoModelForCausalLM.from_pretrained(STORIES)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
+    return out
+
+
+def test_compensate_rtn_model_and_peft_export(rtn_dir, tmp_path, monkeypatch):
+    """lrc compensate with rank 8 lowers a 4-bit RTN copy's perplexity toward dense; the PEFT adapter reproduces
+    lrc's logits on the same base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.eval.perplexity import perplexity
+    from conftest import STORIES
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+    text = (Path(__file__).parent / "data" / "tinystories_style.txt").read_text()
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    args = ["compensate", str(STORIES), str(rtn_dir), "--rank", "8", "--calib", "selfgen", "--samples", "16",
+            "--seq-len", "128"]
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ck")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "adapter"), "--export", "peft"])
+    assert res.exit_code == 0, res.output
+    ppl = {name: perplexity(AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval(), tok, text,
+                            seq_len=128).perplexity
+           for name, path in (("dense", STORIES), ("rtn", rtn_dir), ("eora", tmp_path / "ck"))}
+    assert ppl["dense"] < ppl["eora"] < ppl["rtn"]
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 8 and cfg["peft_type"] == "LORA"
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", trust_remote_code=True).eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(rtn_dir), tmp_path / "adapter").eval()
+    x = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, peft_model(x).logits, atol=1e-4)
+    bad = CliRunner().invoke(app, ["compensate", str(STORIES), str(rtn_dir), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--rank" in bad.output

@@ -24,7 +24,8 @@ def lowrank_spec(m: nn.Module) -> dict:
 
 
 def effective_weight(m: nn.Module) -> torch.Tensor:
-    return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double()
+    """The dense matrix a Linear-like module applies (a copy, float64)."""
+    return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double().clone()
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def compensate(module: nn.Module, original: torch.Tensor, stats: dict, row, rtol
     t0 = time.perf_counter()
     delta = original.double() - effective_weight(module)
     res = eora_residual(delta, stats["input_gram"], row.rank, rtol)
-    dev, dtype = original.device, original.dtype
+    dev, dtype = original.device, next(module.parameters()).dtype
     new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
     new.lora_A.weight.copy_(res.A)
     new.lora_B.weight.copy_(res.B)

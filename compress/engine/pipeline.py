@@ -23,7 +23,7 @@ from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
 from .capture import StopForward, capture_block_inputs, map_tensors
-from .decompose import compensate, decompose, lowrank_spec
+from .decompose import compensate, decompose, effective_weight, lowrank_spec
 from .memory import release
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
@@ -69,11 +69,12 @@ def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense
 
 
 def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, progress,
-                    dense_io=None, extra=None) -> tuple[dict, list]:
+                    dense_io=None, extra=None, reference=None) -> tuple[dict, list]:
     eng = recipe.engine
     groups = discover_groups(block, x_in[:1].to(device), kwargs)
     modules = dict(block.named_modules())
-    originals = {r.name.removeprefix(prefix): modules[r.name.removeprefix(prefix)].weight.detach().clone()
+    source = dict(reference.named_modules()) if reference is not None else modules  # where W comes from
+    originals = {r.name.removeprefix(prefix): effective_weight(source[r.name.removeprefix(prefix)]).to(device)
                  for r in rows if r.compensation}  # this block's W, kept until its stages are done
     dense_block = copy.deepcopy(block) if dense_io else None
     dense = (dense_block, *dense_io) if dense_io else None
@@ -128,10 +129,12 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
 
 
 def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: bool = False,
-                    progress: Progress | None = None, plan_only: bool = False) -> dict:
+                    progress: Progress | None = None, plan_only: bool = False, reference=None) -> dict:
     """Compress ``model`` in place, block by block. Returns ``{"modules": specs, "rows": report, ...}``.
 
     With ``plan_only`` it stops once every rank is decided (global allocators included) and returns ``{"plan"}``.
+    ``reference`` (a dense model with the same module names) supplies the original weights compensation stages
+    repair towards, for a ``model`` compressed elsewhere; by default they are ``model``'s own weights.
     """
     progress = progress or Progress(enabled=False)
     t_start = time.perf_counter()
@@ -145,6 +148,9 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     fp = hashlib.sha256(model_fingerprint(model).encode())
     fp.update(ids.numpy().tobytes())
     fp.update(str(recipe.resolved()).encode())
+    if reference is not None:
+        fp.update(model_fingerprint(reference).encode())
+    ref_blocks = find_blocks(reference)[1] if reference is not None else None
     cache = RunCache(cache_dir, fp.hexdigest(), resume or plan_only)
     extra: dict = {}
     if needs_fisher(recipe):  # on the dense model, before any finished block is restored
@@ -204,7 +210,8 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
         rows = [r for r in plan if r.block == i]
         bspecs, brows = _compress_block(block, f"{prefix}.{i}.", rows, recipe, x_in, x_out, dev_kwargs, device,
-                                        progress, (d_in, d_out) if dense_stream else None, extra)
+                                        progress, (d_in, d_out) if dense_stream else None, extra,
+                                        ref_blocks[i] if ref_blocks is not None else None)
         blocks[i] = block.to("cpu")
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
         cache.drop_acts(i)

@@ -15,9 +15,11 @@ from .capture import StopForward
 @torch.no_grad()
 def discover_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """Linears of ``block`` grouped by shared input tensor, groups in call order (q,k,v → o → gate,up → down)."""
+    from ..plan import linear_units
+
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [mod.register_forward_pre_hook(lambda m, a, n=name: calls.append((n, a[0])))
-               for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+               for name, mod in linear_units(block)]
     try:
         block(hidden, **kwargs)
     finally:
