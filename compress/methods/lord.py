@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..linalg import ProjectionSpectrum, Spectrum
+from ..linalg import ProjectionSpectrum, Spectrum, whitened_spectrum
 from .base import Method, MethodConfig, register
 
 
@@ -48,9 +48,9 @@ class LoRD(Method):
     def spectrum(self, weight, stats) -> Spectrum:
         W = weight.double()
         if self.config.variant == "data":
-            Y = W @ stats["input_gram"].double().to(W.device) @ W.T  # output Gram Y Yᵀ
-            lam, P = torch.linalg.eigh(0.5 * (Y + Y.T))
-            return OrthonormalProjection(sigma=lam.flip(0).clamp_min(0).sqrt(), U=P.flip(1), W=W,
-                                         input_weighted=True)
+            # eigenvectors of the output Gram Y Yᵀ = W H Wᵀ are the left singular vectors of Y = W X; the whitened
+            # solver gets them by the cheaper exact route (m x m eigh when out <= in, n x n otherwise)
+            spec = whitened_spectrum(W, stats["input_gram"].double().to(W.device))
+            return OrthonormalProjection(sigma=spec.sigma, U=spec.U, W=W, input_weighted=True)
         U, s, _ = torch.linalg.svd(W, full_matrices=False)
         return OrthonormalProjection(sigma=s, U=U, W=W, input_weighted=False)
