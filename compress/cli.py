@@ -66,8 +66,9 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
     out.print(table)
     t = totals(rows)
     kept = t["kept_fraction_of_targeted"]
+    comp = f", {t['compensated_modules']} compensated" if t["compensated_modules"] else ""
     out.print(f"targeted Linears: {t['targeted_modules']} ({t['factorized_modules']} factorized, "
-              f"{t['dense_modules']} kept dense); params {t['targeted_params_before']:,} → "
+              f"{t['dense_modules']} kept dense{comp}); params {t['targeted_params_before']:,} → "
               + (f"{t['targeted_params_after']:,} (kept {kept:.4f} of targeted; embeddings and lm_head excluded)"
                  if kept is not None else "data-dependent"))
     if json_out:

@@ -147,8 +147,9 @@ def totals(rows: list[PlanRow]) -> dict:
     after = sum(r.params_after for r in known) if len(known) == len(rows) else None
     return {
         "targeted_modules": len({r.name for r in rows}),
-        "factorized_modules": sum(1 for r in rows if r.factorize),
+        "factorized_modules": sum(1 for r in rows if r.factorize and not r.compensation),
         "dense_modules": sum(1 for r in rows if r.factorize is False),
+        "compensated_modules": sum(1 for r in rows if r.compensation),
         "targeted_params_before": before,
         "targeted_params_after": after,
         "kept_fraction_of_targeted": (after / before) if after is not None and before else None,
