@@ -105,6 +105,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as a markdown table, in the order they were measured."""
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    lines = ["| configuration | kept (measured) | perplexity | × dense | compress s | peak RSS GiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['perplexity'] / dense:.2f}" if dense else "–"
+        lines.append(f"| {r['config']} | {r.get('kept_measured', 1.0):.4f} | {r['perplexity']:,.2f} | {ratio} | "
+                     f"{r.get('compress_seconds', 0):.1f} | {r.get('peak_rss_gib', 0):.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -115,8 +127,12 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc"))
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown([json.loads(line) for line in a.jsonl.read_text().splitlines()]))
+        return
     if a.one:
         print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.cache)))
         return
