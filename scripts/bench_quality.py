@@ -5,8 +5,8 @@ evaluation = WikiText-2 test, the first 32 non-overlapping 512-token windows; fp
 fraction of decoder-block Linear parameters kept (embeddings and lm_head excluded), as measured on the result.
 Each configuration runs in its own process (its own peak RSS); results are appended to --jsonl as they finish, so an
 interrupted run keeps what it measured. A configuration is METHOD[+OPTION=VALUE...]@ALLOCATOR:KEPT[#ENGINE=VALUE,...],
-e.g. ``fwsvd+axis=output@uniform:0.8``, ``svd-llm@energy:0.6`` or ``asvd@uniform:0.8#propagate=original``; ``dense``
-needs no suffix.
+e.g. ``fwsvd+axis=output@uniform:0.8``, ``svd-llm@energy:0.6`` or ``asvd@uniform:0.8#propagate=original``; append
+``>eora=R`` for an EoRA stage of rank R after it (``svd-llm@uniform:0.6>eora=16``); ``dense`` needs no suffix.
 
     python scripts/bench_quality.py --model smollm2 --jsonl docs/results/quality.jsonl --plot docs/quality.png
 """
@@ -41,11 +41,13 @@ def parse(config: str) -> dict:
     if config == "dense":
         return {"method": "dense", "options": {}, "allocator": None, "kept": 1.0, "engine": {}}
     config, _, engine = config.partition("#")
+    config, _, eora = config.partition(">")
     head, kept = config.rsplit(":", 1)
     head, allocator = head.split("@") if "@" in head else (head, "uniform")
     method, *opts = head.split("+")
     return {"method": method, "options": _values(opts), "allocator": allocator, "kept": float(kept),
-            "engine": _values(engine.split(",") if engine else [])}
+            "engine": _values(engine.split(",") if engine else []),
+            "eora_rank": int(eora.split("=")[1]) if eora else None}
 
 
 def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, cache: str) -> dict:
@@ -65,7 +67,8 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
         recipe = parse_recipe({"calibration": {"dataset": str(CALIB), "samples": samples, "seq_len": seq_len},
                                "engine": {"device": "cpu", "batch_size": 8, **c["engine"]},
                                "stages": [{"method": c["method"], "param_ratio": c["kept"], "options": c["options"],
-                                           "allocator": c["allocator"]}]})
+                                           "allocator": c["allocator"]}] +
+                                         ([{"method": "eora", "rank": c["eora_rank"]}] if c["eora_rank"] else [])})
         t = time.perf_counter()
         report = compress_model(model, recipe, tok, cache_dir=cache)
         out.update({"compress_seconds": round(time.perf_counter() - t, 1),
