@@ -93,7 +93,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["method"] != "dense":
             head, _, eng = r["config"].partition("#")
-            label = head.rsplit(":", 1)[0].replace("@uniform", "") + (f" #{eng}" if eng else "")
+            head, _, eora = head.partition(">")
+            label = head.rsplit(":", 1)[0].replace("@uniform", "") + (f" + {eora}" if eora else "") + \
+                (f" #{eng}" if eng else "")
             series.setdefault(label, []).append((r["kept_measured"], r["perplexity"]))
     for label, pts in sorted(series.items()):
         pts.sort()
