@@ -24,7 +24,7 @@ class SensitivityOptions(BaseModel):
     samples: int = Field(4, gt=0, description="calibration windows per perplexity measurement")
 
 
-def _rank(r, ratio: float, align: int) -> int:
+def rank_at(r, ratio: float, align: int) -> int:
     return max(1, rank_for_ratio(r.out_features, r.in_features, ratio, align))
 
 
@@ -44,7 +44,7 @@ def sensitivity(stage, rows, table, options) -> None:
         return chosen
 
     def total(chosen) -> int:
-        return sum(params_at(by_name[n], _rank(by_name[n], q, stage.align)) if q < 1 else by_name[n].params_before
+        return sum(params_at(by_name[n], rank_at(by_name[n], q, stage.align)) if q < 1 else by_name[n].params_before
                    for n, q in chosen.items())
 
     lo, hi = 0, len(triples)  # cut = len(triples): nothing compressed; cut = 0: every matrix at its lowest ratio
@@ -54,7 +54,7 @@ def sensitivity(stage, rows, table, options) -> None:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if total(choice(mid)) <= budget else (lo, mid - 1)
     chosen = choice(lo)
-    ranks = {n: (_rank(by_name[n], q, stage.align) if q < 1 else None) for n, q in chosen.items()}
+    ranks = {n: (rank_at(by_name[n], q, stage.align) if q < 1 else None) for n, q in chosen.items()}
     used = total(chosen)
     order = sorted(rows, key=lambda r: -float(table[r.name][0]))  # most sensitive (worst at lowest ratio) first
     grew = True

@@ -66,7 +66,7 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
 def _sweeper(model, ids, recipe, progress):
     """``sweep(module, spectrum, row)``: calibration ppl of the whole model with only ``module`` at each candidate
     ratio of its stage (ASVD STRS), the weight restored afterwards."""
-    from ..allocation.sensitivity import SensitivityOptions, _rank
+    from ..allocation.sensitivity import SensitivityOptions, rank_at
 
     def sweep(module, spectrum, row) -> torch.Tensor:
         stage = recipe.stages[row.stage]
@@ -76,7 +76,7 @@ def _sweeper(model, ids, recipe, progress):
         ppls = []
         try:
             for ratio in sorted(opts.ratios):
-                A, B = spectrum.factors(min(_rank(row, ratio, stage.align), int(spectrum.sigma.numel())))
+                A, B = spectrum.factors(min(rank_at(row, ratio, stage.align), int(spectrum.sigma.numel())))
                 module.weight.data.copy_((A @ B).to(original.dtype))
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
                 ppls.append(float(torch.exp(loss.double())))
