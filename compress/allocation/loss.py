@@ -1,24 +1,32 @@
 """``loss`` allocator, after SVD-LLM V2's heterogeneous allocation (Wang et al., arXiv 2503.12340; methods.md §3c).
 
 Matrices are grouped by module type across blocks (all q_proj, all down_proj, ...). Each group keeps the parameters
-the uniform ratio would give it, but redistributes them: ranks go where they remove the most truncation loss, i.e.
-the group's kept singular values are the largest ``σ_j²`` (per parameter) among all its matrices. With the
-whitened spectrum that loss is exactly ``||(W − W')X||²`` (SVD-LLM Theorem 3.2), so the allocation minimises the
-group's summed loss under its budget. The paper's closed-form ratio formula is ambiguous (issue #46 of its repo);
-this greedy form is exact for the stated goal. ``normalize: true`` (default) divides each matrix's σ² by its total
-energy (relative loss), so deep layers with large activations do not take every rank; ``false`` uses absolute loss.
+the uniform ratio would give it (``param_ratio`` of its own), but redistributes them by truncation loss, which with
+the whitened spectrum is exactly ``||(W − W')X||²`` (SVD-LLM Theorem 3.2). The paper's closed-form ratio formula is
+ambiguous (issue #46 of its repo). What rounding leaves of the budget goes, direction by direction, to the largest
+remaining ``σ_j²`` per parameter, so the result is within one rank step of ``param_ratio``.
+``mode: ratio`` (default) follows the paper's intent with lrc's own normalisation: each matrix's removal fraction is
+proportional to ``log(1/ℓ_i)`` with ``ℓ_i`` its relative whitened truncation loss at the uniform ratio (more loss →
+less removal), scaled to fit the group's budget exactly. ``mode: greedy`` is the exact minimiser of the group's summed
+loss instead (measured worse: it lets a few matrices lose much). ``normalize: true`` (default) uses relative loss,
+``false`` absolute loss.
 """
 from __future__ import annotations
 
+import math
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .budget import max_saving_rank, params_at, set_rank
+from ..linalg import rank_for_ratio
+from .budget import bisect, max_saving_rank, params_at, set_rank
 
 
 class LossOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    mode: Literal["ratio", "greedy"] = Field("ratio", description="ratio: V2-style smooth reallocation; greedy: "
+                                                                  "minimum summed loss")
     normalize: bool = Field(True, description="relative (per-matrix normalised) instead of absolute loss")
 
 
@@ -50,14 +58,19 @@ def loss(stage, rows, spectra, options) -> None:
         groups.setdefault(module_type(r.name), []).append(r)
     cost_of = {r.name: r.out_features + r.in_features for r in rows}
     ranks = {r.name: 1 for r in rows}  # every factorised matrix keeps at least one direction
+    if opts.mode == "ratio":
+        for members in groups.values():
+            ranks.update(_ratio_ranks(stage, members, spectra, opts.normalize))
     leftovers, used = [], 0
     for members in groups.values():
         budget = stage.param_ratio * sum(r.params_before for r in members)
         cands = sorted((c for r in members for c in _candidates(r, spectra[r.name], opts.normalize)),
                        key=lambda c: -c[0])
-        base = sum(params_at(r, 1) for r in members)
-        taken = _take(cands, ranks, cost_of, base, budget) - base
-        used += base + taken
+        if opts.mode == "ratio":  # the smooth allocation is the start; the greedy only fills what it leaves
+            used += sum(params_at(r, ranks[r.name]) for r in members)
+        else:
+            base = sum(params_at(r, 1) for r in members)
+            used += _take(cands, ranks, cost_of, base, budget)
         leftovers += _remaining(cands, ranks, members)
     # the groups' rounding leaves less than one direction each: spend it on the best remaining ones overall
     _take(sorted(leftovers, key=lambda c: -c[0]), ranks, cost_of, used,
@@ -74,3 +87,32 @@ def _remaining(cands, ranks, members) -> list:
         if seen[c[1]] > ranks[c[1]]:
             out.append(c)
     return out
+
+
+def _ratio_ranks(stage, members, spectra, normalize: bool) -> dict[str, int]:
+    """SVD-LLM V2's reallocation, made exact: at the uniform ratio each matrix would lose ``L_i`` (its truncation
+    loss); it is given a removal fraction proportional to ``log(1/L_i)`` (relative loss, so a matrix that loses
+    more is compressed less, with the log damping the spread), scaled by bisection so the group fits its budget."""
+    budget = stage.param_ratio * sum(r.params_before for r in members)
+    weight = {}
+    for r in members:
+        s2 = spectra[r.name].double() ** 2
+        k = rank_for_ratio(r.out_features, r.in_features, stage.param_ratio, stage.align)
+        loss = float(s2[k:].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
+        weight[r.name] = -math.log(min(max(loss, 1e-12), 1 - 1e-12)) if normalize else 1 / math.log(2 + float(s2[k:].sum()))
+
+    mean_w = sum(weight.values()) / len(weight)
+
+    def ranks_for(c: float) -> dict[str, int]:
+        out = {}
+        for r in members:
+            removal = min(0.95, c * (1 - stage.param_ratio) * weight[r.name] / mean_w)
+            out[r.name] = max(1, min(rank_for_ratio(r.out_features, r.in_features, 1 - removal, stage.align),
+                                     max_saving_rank(r)))
+        return out
+
+    def total(c: float) -> float:
+        return sum(params_at(r, k) for r, k in zip(members, ranks_for(c).values()))
+
+    c = bisect(total, 0.0, 20.0, budget, increasing=False)
+    return ranks_for(c)
