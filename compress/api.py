@@ -186,7 +186,8 @@ def plan(model: str, recipe: Recipe | str | Path, cache_dir: str | Path | None =
                                      plan_only=True)
         finally:
             bar.close()
-        result["cache"].clear()
+        if not result["cache"].existed:  # never delete an interrupted run's cache that --resume still needs
+            result["cache"].clear()
         return result["plan"]
     path = resolve_model_path(model)
     try:

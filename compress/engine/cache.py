@@ -32,6 +32,7 @@ def model_fingerprint(model) -> str:
 class RunCache:
     def __init__(self, root: Path, fingerprint: str, resume: bool):
         self.dir = Path(root) / "runs" / fingerprint[:24]
+        self.existed = resume and self.dir.exists()  # an interrupted run's cache, kept for --resume
         if not resume and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
