@@ -100,7 +100,8 @@ class SVDSpectrum(Spectrum):
     """SVD of a transformed weight ``L W R = U Σ Vᵀ`` together with the inverses that undo the transform.
 
     ``factors(r)`` returns ``A = L⁺ U_r Σ_r^{1/2}`` and ``B = Σ_r^{1/2} V_rᵀ R⁺`` so that ``A B`` is the rank-r
-    solution of the weighted problem ``min ||L (W − W') R||_F``. ``None`` stands for the identity.
+    solution of the weighted problem ``min ||L (W − W') R||_F``. ``None`` stands for the identity; a 1-D tensor
+    for a diagonal matrix (ASVD, FWSVD scalings: applied by broadcasting, never materialised).
     """
 
     U: torch.Tensor
@@ -113,11 +114,21 @@ class SVDSpectrum(Spectrum):
         root = self.sigma[:rank].sqrt()
         A = self.U[:, :rank] * root
         B = root[:, None] * self.Vh[:rank]
-        if self.left_pinv is not None:
-            A = self.left_pinv @ A
-        if self.right_pinv is not None:
-            B = B @ self.right_pinv
-        return A, B
+        return _left(self.left_pinv, A), _right(B, self.right_pinv)
+
+
+def _left(L: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
+    """``L @ M`` (``L`` a matrix, a diagonal given as a vector, or None for the identity)."""
+    if L is None:
+        return M
+    return L.to(M.dtype)[:, None] * M if L.dim() == 1 else L.to(M.dtype) @ M
+
+
+def _right(M: torch.Tensor, R: torch.Tensor | None) -> torch.Tensor:
+    """``M @ R`` (``R`` a matrix, a diagonal given as a vector, or None for the identity)."""
+    if R is None:
+        return M
+    return M * R.to(M.dtype) if R.dim() == 1 else M @ R.to(M.dtype)
 
 
 @dataclass
@@ -178,12 +189,8 @@ def weighted_svd(
     right: torch.Tensor | None = None,
     right_pinv: torch.Tensor | None = None,
 ) -> "SVDSpectrum":
-    """Exact SVD of ``left @ W @ right`` in float64 (transforms optional)."""
-    M = W.double()
-    if left is not None:
-        M = left.double() @ M
-    if right is not None:
-        M = M @ right.double()
+    """Exact SVD of ``left @ W @ right`` in float64 (transforms optional; a 1-D transform is a diagonal)."""
+    M = _right(_left(left, W.double()), right)
     U, s, Vh = torch.linalg.svd(M, full_matrices=False)
     return SVDSpectrum(sigma=s, U=U, Vh=Vh, left_pinv=left_pinv, right_pinv=right_pinv)
 

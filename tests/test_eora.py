@@ -106,8 +106,6 @@ def test_eora_budget_rules(corpus_file):
     with pytest.raises(LrcError, match="stages\\[1\\].*residual"):
         parse_recipe(data)
     data["stages"][1] = {"method": "svd-llm", "rank": 2}  # two decompositions of one module are still refused
-    from transformers import AutoModelForCausalLM
-
     from compress.plan import make_plan
 
     with pytest.raises(LrcError, match="already compressed by stages\\[0\\]"):
@@ -143,7 +141,7 @@ def _rtn4(model, group: int = 32):
 def rtn_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import STORIES, needs_shared  # noqa: F401
+    from conftest import STORIES
 
     if not STORIES.is_dir():
         pytest.skip(f"needs {STORIES} (../shared)")

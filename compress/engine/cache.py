@@ -29,6 +29,17 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as safetensors atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    return load_file(str(path)) if path.is_file() else None
+
+
 class RunCache:
     def __init__(self, root: Path, fingerprint: str, resume: bool):
         self.dir = Path(root) / "runs" / fingerprint[:24]
@@ -63,13 +74,10 @@ class RunCache:
 
     # whole-run statistics (Fisher sums, allocation spectra) -------------------------------------------------------
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = self.dir / f"{name}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
+        save_tensors(self.dir / f"{name}.safetensors", tensors)
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
-        path = self.dir / f"{name}.safetensors"
-        return load_file(str(path)) if path.is_file() else None
+        return load_tensors(self.dir / f"{name}.safetensors")
 
     # block kwargs ---------------------------------------------------------------------------------------------
     def save_kwargs(self, kwargs: dict) -> None:

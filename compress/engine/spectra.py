@@ -11,19 +11,26 @@ import torch
 
 from ..allocation import SPECTRUM, allocate_global
 from ..methods import METHODS
+from .cache import load_tensors, save_tensors
 from .fisher import fisher_sums
 from .stats import attach, discover_groups
 
 
+def fisher_stages(recipe) -> set[int]:
+    """Indices of the stages whose method (as configured) needs the Fisher sums."""
+    return {i for i, s in enumerate(recipe.stages) if "fisher" in METHODS[s.method](recipe.method_config(i)).needs}
+
+
 def needs_fisher(recipe) -> bool:
-    return any("fisher" in METHODS[s.method](recipe.method_config(i)).needs for i, s in enumerate(recipe.stages))
+    return bool(fisher_stages(recipe))
 
 
 def fisher_stats(model, ids, plan, recipe, cache, device, progress) -> dict[str, torch.Tensor]:
     cached = cache.load_tensors("fisher")
     if cached is not None:
         return cached
-    names = [r.name for r in plan if "fisher" in METHODS[r.method](recipe.method_config(r.stage)).needs]
+    stages = fisher_stages(recipe)
+    names = [r.name for r in plan if r.stage in stages]
     progress.phase("fisher (backward passes)")
     sums = fisher_sums(model, ids, names, device, batch_size=1, progress=progress)
     cache.save_tensors("fisher", sums)
@@ -150,26 +157,18 @@ def _sweep_key(model, ids, recipe) -> str:
     return h.hexdigest()[:24]
 
 
-def _load_sweep(key: str):
-    from safetensors.torch import load_file
-
+def _sweep_path(key: str):
     from ..models import cache_root
 
-    path = cache_root() / "sensitivity" / f"{key}.safetensors"
-    return load_file(str(path)) if path.is_file() else None
+    return cache_root() / "sensitivity" / f"{key}.safetensors"
+
+
+def _load_sweep(key: str):
+    return load_tensors(_sweep_path(key))
 
 
 def _store_sweep(key: str, table: dict) -> None:
-    import os
-
-    from safetensors.torch import save_file
-
-    from ..models import cache_root
-
-    path = cache_root() / "sensitivity" / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in table.items()}, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    save_tensors(_sweep_path(key), table)
 
 
 def apply_global_allocation(plan, recipe, spectra) -> None:

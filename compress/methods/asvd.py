@@ -41,4 +41,4 @@ class ASVD(Method):
 
     def spectrum(self, weight, stats) -> Spectrum:
         s = asvd_scale(stats[self.needs[0]], self.config.alpha, self.config.eps).to(weight.device)
-        return weighted_svd(weight, right=torch.diag(s), right_pinv=torch.diag(1 / s))
+        return weighted_svd(weight, right=s, right_pinv=1 / s)

@@ -43,6 +43,6 @@ class FWSVD(Method):
     def spectrum(self, weight, stats) -> Spectrum:
         if self.config.axis == "input":
             d = fisher_weight(stats["fisher_in"], self.config.rel_floor).to(weight.device)
-            return weighted_svd(weight, right=torch.diag(d), right_pinv=torch.diag(1 / d))
+            return weighted_svd(weight, right=d, right_pinv=1 / d)
         d = fisher_weight(stats["fisher_out"], self.config.rel_floor).to(weight.device)
-        return weighted_svd(weight, left=torch.diag(d), left_pinv=torch.diag(1 / d))
+        return weighted_svd(weight, left=d, left_pinv=1 / d)
