@@ -23,7 +23,8 @@ from .progress import Progress
 from .recipe import Recipe, load_recipe, parse_recipe
 from .report import build_report, count_params, write_report
 
-__all__ = ["compress_model", "compress", "compensate", "save", "plan", "load", "with_overrides"]
+__all__ = ["compress_model", "compress", "compensate", "save", "plan", "load", "with_overrides",
+           "with_stage_calibration"]
 
 
 def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recipe:
@@ -35,6 +36,21 @@ def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recip
             continue
         section, field = key.split("__")
         data[section][field] = value
+        if key == "calibration__dataset":
+            data["calibration"]["mix"] = None  # a dataset given on the command line replaces a recipe's mix
+    return parse_recipe(data, source)
+
+
+def with_stage_calibration(recipe: Recipe, sources: list[str], source: str = "recipe") -> Recipe:
+    """A copy of ``recipe`` where ``INDEX=DATASET`` items set stage INDEX's own calibration dataset (keeping its
+    samples/seq_len, or the recipe's when the stage had no set of its own), e.g. ``1=ARC-Easy-Dev.jsonl``."""
+    data = recipe.model_dump(mode="json")
+    for item in sources:
+        index, sep, dataset = item.partition("=")
+        if not sep or not index.isdigit() or int(index) >= len(data["stages"]):
+            raise LrcError(f"--stage-calib: {item!r} is not INDEX=DATASET with INDEX < {len(data['stages'])}")
+        stage = data["stages"][int(index)]
+        stage["calibration"] = {**(stage.get("calibration") or data["calibration"]), "dataset": dataset, "mix": None}
     return parse_recipe(data, source)
 
 
@@ -67,7 +83,8 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
         "lrc_version": __version__, "model": getattr(model.config, "_name_or_path", ""),
         "recipe": recipe.resolved(), "device": result["device"], "seconds": round(result["seconds"], 3),
         "phase_seconds": result["phase_seconds"],
-        "calibration_tokens": result["calibration_tokens"], "resumed_from_block": result["resumed_from_block"],
+        "calibration_tokens": result["calibration_tokens"], "calibration_streams": result["calibration_streams"],
+        "resumed_from_block": result["resumed_from_block"],
         "run_cache": str(result["cache"].dir), "torch": torch.__version__,
     })
 

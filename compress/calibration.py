@@ -2,8 +2,10 @@
 
 Sources: a named set from ``calib/*.yaml`` (hub dataset id, config, split, text field), a local ``.txt`` / ``.jsonl`` /
 ``.parquet`` file, or ``selfgen`` (text sampled from the model itself, as ASVD offers; needs no data at all).
-Rows are joined with "\\n\\n" and tokenized once without special tokens; ``samples`` non-overlapping windows of
+Records become text by a ``format`` (a text field, or ARC questions with their answers for task calibration); rows
+are joined with "\\n\\n" and tokenized once without special tokens; ``samples`` non-overlapping windows of
 ``seq_len`` tokens are drawn at random window slots with ``seed``. Too little text is an error, not a silent repeat.
+A ``mix`` of sources shares the windows by weight.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .errors import LrcError
-from .recipe import CalibrationConfig
+from .recipe import CalibrationConfig, CalibrationSource
 
 CALIB_DIR = Path(os.environ.get("LRC_CALIB_DIR", Path(__file__).resolve().parent.parent / "calib"))
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -27,7 +29,40 @@ def named_sets() -> dict[str, dict]:
     return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(CALIB_DIR.glob("*.yaml"))}
 
 
-def rows_from_file(path: Path, field: str | None) -> list[str]:
+def arc_text(rec: dict) -> str:
+    """An ARC record as lm-eval's arc prompt plus its answer: ``Question: <stem>\nAnswer: <correct choice>``.
+    Reads ARC's own layout (``question.stem``, ``question.choices``) and the hub's (``question``, ``choices``)."""
+    q = rec["question"]
+    stem, choices = (q["stem"], q["choices"]) if isinstance(q, dict) else (q, rec["choices"])
+    if isinstance(choices, dict):  # hub layout: {"text": [...], "label": [...]}
+        choices = [{"text": t, "label": lab} for t, lab in zip(choices["text"], choices["label"])]
+    answer = next((c["text"] for c in choices if c["label"] == rec["answerKey"]), None)
+    return f"Question: {stem}\nAnswer: {answer}" if answer is not None else f"Question: {stem}"
+
+
+def _is_arc(rec: dict) -> bool:
+    return "answerKey" in rec and "question" in rec
+
+
+def format_records(records: list, field: str | None, fmt: str, source: str) -> list[str]:
+    """Records → texts by ``fmt`` (text: ``field``; arc: ``arc_text``; auto: the field if present, else arc)."""
+    if not records or not isinstance(records[0], dict):
+        raise LrcError(f"{source}: no records to read calibration text from")
+    first = records[0]
+    if fmt == "auto":
+        fmt = "text" if (field or "text") in first or not _is_arc(first) else "arc"
+    if fmt == "arc":
+        if not _is_arc(first):
+            raise LrcError(f"{source}: format arc needs 'question' and 'answerKey' fields (fields: {sorted(first)})")
+        return [arc_text(r) for r in records]
+    field = field or "text"
+    if field not in first:
+        raise LrcError(f"{source}: no field {field!r} in the records (fields: {sorted(first)}); set "
+                       "calibration.text_field (or format: arc for ARC-style questions)")
+    return [str(r[field]) for r in records]
+
+
+def rows_from_file(path: Path, field: str | None, fmt: str = "auto") -> list[str]:
     if not path.is_file():
         raise LrcError(f"{path}: calibration file not found")
     try:
@@ -36,17 +71,12 @@ def rows_from_file(path: Path, field: str | None) -> list[str]:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            records = table.to_pylist()
+            records = pq.read_table(path).to_pylist()
         else:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
         raise LrcError(f"{path}: cannot read calibration text ({err})") from None
-    field = field or "text"
-    if not records or not isinstance(records[0], dict) or field not in records[0]:
-        keys = sorted(records[0]) if records and isinstance(records[0], dict) else []
-        raise LrcError(f"{path}: no field {field!r} in the records (fields: {keys}); set calibration.text_field")
-    return [str(r[field]) for r in records]
+    return format_records(records, field, fmt, str(path))
 
 
 def rows_from_hub(name: str, spec: dict, keep_empty: bool = False) -> list[str]:
@@ -58,28 +88,46 @@ def rows_from_hub(name: str, spec: dict, keep_empty: bool = False) -> list[str]:
     except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
         raise LrcError(f"calibration set {name!r} (hub dataset {spec['path']}) could not be loaded: "
                        f"{str(err).splitlines()[0][:160]}; offline? pass a local .jsonl/.txt file instead") from None
+    if spec.get("format", "text") != "text":
+        return format_records(list(ds), spec.get("text_field"), spec["format"], name)
     return [r for r in ds[spec.get("text_field", "text")] if r or keep_empty]
 
 
-def describe_source(cfg: CalibrationConfig) -> str:
-    """A stable identifier of the calibration text (for cache keys and the report)."""
-    src = cfg.dataset
-    if src.endswith(LOCAL_SUFFIXES):
-        p = Path(src)
+def describe_source(src: CalibrationSource) -> str:
+    """A stable identifier of one source's text (for cache keys and the report)."""
+    if src.dataset.endswith(LOCAL_SUFFIXES):
+        p = Path(src.dataset)
         st = p.stat() if p.is_file() else None
-        return f"file:{p.resolve()}:{st.st_size if st else 0}:{st.st_mtime_ns if st else 0}"
-    return f"set:{src}"
+        where = f"file:{p.resolve()}:{st.st_size if st else 0}:{st.st_mtime_ns if st else 0}"
+    else:
+        where = f"set:{src.dataset}"
+    return f"{where}|{src.text_field}|{src.format}|{src.weight}"
 
 
-def load_rows(cfg: CalibrationConfig) -> list[str]:
-    src = cfg.dataset
-    if src.endswith(LOCAL_SUFFIXES):
-        return rows_from_file(Path(src), cfg.text_field)
+def load_rows(src: CalibrationSource) -> list[str]:
+    if src.dataset.endswith(LOCAL_SUFFIXES):
+        return rows_from_file(Path(src.dataset), src.text_field, src.format)
     sets = named_sets()
-    if src not in sets:
-        raise LrcError(f"calibration.dataset: unknown set {src!r}; use one of {sorted(sets) + ['selfgen']} "
+    if src.dataset not in sets:
+        raise LrcError(f"calibration.dataset: unknown set {src.dataset!r}; use one of {sorted(sets) + ['selfgen']} "
                        f"or a local {'/'.join(LOCAL_SUFFIXES)} file")
-    return rows_from_hub(src, sets[src])
+    return rows_from_hub(src.dataset, sets[src.dataset])
+
+
+def shares(weights: list[float], samples: int) -> list[int]:
+    """Split ``samples`` by ``weights`` (largest remainders; every part gets at least one window)."""
+    total = sum(weights)
+    exact = [w / total * samples for w in weights]
+    out = [max(1, int(e)) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    k = 0
+    while sum(out) < samples:
+        out[order[k % len(order)]] += 1
+        k += 1
+    while sum(out) > samples:
+        j = max((i for i in range(len(out)) if out[i] > 1), key=lambda i: out[i] - exact[i])
+        out[j] -= 1
+    return out
 
 
 def windows_from_ids(ids: torch.Tensor, samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
@@ -108,25 +156,31 @@ def selfgen(model, tokenizer, cfg: CalibrationConfig, batch_size: int) -> torch.
     return torch.cat(out)
 
 
+def _windows(tokenizer, src: CalibrationSource, samples: int, cfg: CalibrationConfig) -> torch.Tensor:
+    text = "\n\n".join(r for r in load_rows(src) if r.strip())
+    if not text.strip():
+        raise LrcError(f"{src.dataset}: calibration text is empty")
+    flat = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    return windows_from_ids(flat, samples, cfg.seq_len, cfg.seed, src.dataset)
+
+
 def calibration_tokens(model, tokenizer, cfg: CalibrationConfig, cache_dir: Path, batch_size: int = 8):
-    """Token windows ``(samples, seq_len)`` for ``cfg``, cached under ``cache_dir/tokens`` by a fingerprint."""
+    """Token windows ``(samples, seq_len)`` for ``cfg``, cached under ``cache_dir/tokens`` by a fingerprint.
+    A ``mix`` takes each source's share of the windows from that source, in the order listed."""
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
-    source = describe_source(cfg)
-    model_id = getattr(model.config, "_name_or_path", "") if cfg.dataset == "selfgen" else ""
-    key = hashlib.sha256(f"{source}|{vocab}|{cfg.samples}|{cfg.seq_len}|{cfg.seed}|{cfg.text_field}|{model_id}"
+    sources = cfg.sources()
+    model_id = getattr(model.config, "_name_or_path", "") if cfg.dataset == "selfgen" and not cfg.mix else ""
+    ident = ";".join(describe_source(s) for s in sources)
+    key = hashlib.sha256(f"{ident}|{vocab}|{cfg.samples}|{cfg.seq_len}|{cfg.seed}|{model_id}"
                          .encode()).hexdigest()[:16]
     path = cache_dir / "tokens" / f"{key}.safetensors"
     if path.is_file():
         return load_file(path)["ids"]
-    if cfg.dataset == "selfgen":
+    if sources[0].dataset == "selfgen":
         ids = selfgen(model, tokenizer, cfg, batch_size)
     else:
-        rows = load_rows(cfg)
-        text = "\n\n".join(r for r in rows if r.strip())
-        if not text.strip():
-            raise LrcError(f"{cfg.dataset}: calibration text is empty")
-        flat = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-        ids = windows_from_ids(flat, cfg.samples, cfg.seq_len, cfg.seed, cfg.dataset)
+        counts = shares([s.weight for s in sources], cfg.samples)
+        ids = torch.cat([_windows(tokenizer, s, n, cfg) for s, n in zip(sources, counts)])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"ids": ids.contiguous()}, str(tmp))

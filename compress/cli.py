@@ -85,6 +85,8 @@ def compress(
     calib: Optional[str] = typer.Option(None, help="override calibration.dataset (set name, local file, selfgen)"),
     samples: Optional[int] = typer.Option(None, help="override calibration.samples"),
     seq_len: Optional[int] = typer.Option(None, help="override calibration.seq_len"),
+    stage_calib: list[str] = typer.Option([], help="INDEX=DATASET: stage INDEX's own calibration set (e.g. "
+                                                   "1=ARC-Easy-Dev.jsonl for task-calibrated EoRA); repeatable"),
     device: Optional[str] = typer.Option(None, help="override engine.device (auto, cpu, cuda)"),
     cache_dir: Optional[Path] = typer.Option(None, help="activation/token cache (default ~/.cache/lrc or $LRC_CACHE)"),
     keep_cache: bool = typer.Option(False, help="keep the activation cache after success"),
@@ -97,6 +99,7 @@ def compress(
     try:
         r = api.with_overrides(load_recipe(recipe), str(recipe), calibration__dataset=calib,
                                calibration__samples=samples, calibration__seq_len=seq_len, engine__device=device)
+        r = api.with_stage_calibration(r, stage_calib, str(recipe)) if stage_calib else r
         _, report = api.compress(model, r, out_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
                               keep_cache=keep_cache)
     except LrcError as e:
@@ -122,7 +125,9 @@ def compensate(
     rank: Optional[int] = typer.Option(None, help="residual rank per module"),
     param_ratio: Optional[float] = typer.Option(None, help="extra parameters per module as a fraction of m·n "
                                                            "(instead of --rank)"),
-    calib: str = typer.Option("wikitext2", help="calibration set: calib/ name, local file, or selfgen"),
+    calib: list[str] = typer.Option(["wikitext2"], help="calibration set: calib/ name, local file (ARC-style "
+                                                        "question files are detected), or selfgen; repeat to mix "
+                                                        "sources in equal shares (e.g. general text + task)"),
     samples: int = typer.Option(32, help="calibration windows"),
     seq_len: int = typer.Option(256, help="tokens per window"),
     export: str = typer.Option("lrc", help="lrc: checkpoint with the residual paths inside; peft: LoRA adapter "
@@ -139,9 +144,9 @@ def compensate(
             raise LrcError("give exactly one of --rank and --param-ratio")
         if export not in ("lrc", "peft"):
             raise LrcError(f"--export: {export!r} is not one of lrc, peft")
+        sources = {"dataset": calib[0]} if len(calib) == 1 else {"mix": [{"dataset": c} for c in calib]}
         _, report = api.compensate(dense, compressed, out_dir, rank, param_ratio,
-                                   {"dataset": calib, "samples": samples, "seq_len": seq_len}, export, overwrite,
-                                   cache_dir)
+                                   {**sources, "samples": samples, "seq_len": seq_len}, export, overwrite, cache_dir)
     except LrcError as e:
         _fail(e)
     out.print(summary_table(report))

@@ -29,12 +29,43 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+TextFormat = Literal["auto", "text", "arc"]
+_FORMAT_HELP = ("how a record becomes text: text (its text_field), arc (\"Question: …\\nAnswer: <correct choice>\", "
+                "ARC's own or the hub's layout), auto (text_field if present, else arc for ARC-shaped records)")
+
+
+class CalibrationSource(_Strict):
+    """One part of a mixed calibration set."""
+    dataset: str = Field(description="name of a set in calib/ or a local .txt/.jsonl/.parquet")
+    weight: float = Field(1.0, gt=0, description="share of the samples (weights are normalised)")
+    text_field: str | None = None
+    format: TextFormat = Field("auto", description=_FORMAT_HELP)
+
+
 class CalibrationConfig(_Strict):
+    """Calibration text → ``samples`` windows of ``seq_len`` tokens. ``mix`` replaces ``dataset`` with several
+    sources sharing the windows by weight (e.g. EoRA's 50% general text + 50% task data)."""
     dataset: str = Field("wikitext2", description="name of a set in calib/, a local .txt/.jsonl/.parquet, or selfgen")
     samples: int = Field(32, gt=0)
     seq_len: int = Field(256, gt=1)
     seed: int = 0
     text_field: str | None = Field(None, description="field holding the text in a local .jsonl/.parquet")
+    format: TextFormat = Field("auto", description=_FORMAT_HELP)
+    mix: list[CalibrationSource] | None = Field(None, min_length=1, description="several sources, by weight "
+                                                                                "(replaces dataset)")
+
+    @model_validator(mode="after")
+    def _mix_fits(self):
+        if self.mix and len(self.mix) > self.samples:
+            raise ValueError(f"mix has {len(self.mix)} sources but only {self.samples} samples to share")
+        if self.mix and any(m.dataset == "selfgen" for m in self.mix):
+            raise ValueError("selfgen cannot be part of a mix")
+        return self
+
+    def sources(self) -> list[CalibrationSource]:
+        if self.mix:
+            return list(self.mix)
+        return [CalibrationSource(dataset=self.dataset, text_field=self.text_field, format=self.format)]
 
 
 class EngineConfig(_Strict):
@@ -72,6 +103,9 @@ class StageConfig(_Strict):
     ignore: list[str] = Field(default_factory=list)
     align: int = Field(1, ge=1, description="round ranks down to a multiple of this")
     options: dict[str, Any] = Field(default_factory=dict)
+    calibration: CalibrationConfig | None = Field(
+        None, description="this stage's own statistics set (e.g. task questions for EoRA), propagated through the "
+                          "compressed blocks beside the recipe's calibration; default: the recipe's")
 
     @field_validator("method")
     @classmethod
@@ -156,6 +190,22 @@ class Recipe(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     stages: list[StageConfig] = Field(min_length=1)
     eval: EvalConfig | None = Field(None, description="evaluate the compressed model before it is written")
+
+    @model_validator(mode="after")
+    def _stage_calibration(self):
+        for i, st in enumerate(self.stages):
+            if st.calibration is None:
+                continue
+            if st.allocator != "uniform":
+                raise ValueError(f"stages[{i}].calibration: global allocators read the recipe's calibration; use "
+                                 "allocator uniform or move this set to calibration")
+            if self.engine.objective == "dense":
+                raise ValueError(f"stages[{i}].calibration: engine.objective dense pairs the recipe's calibration "
+                                 "with the dense model's; a stage set needs objective layer")
+        return self
+
+    def stage_calibration(self, i: int) -> CalibrationConfig:
+        return self.stages[i].calibration or self.calibration
 
     def method_config(self, i: int):
         stage = self.stages[i]

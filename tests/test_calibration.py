@@ -40,7 +40,8 @@ def test_shipped_sets_are_well_formed():
     sets = calibration.named_sets()
     assert {"wikitext2", "c4", "ptb"} <= set(sets)
     for spec in sets.values():
-        assert {"path", "split", "text_field"} <= set(spec)
+        assert {"path", "split"} <= set(spec)
+        assert "text_field" in spec or spec["format"] in ("arc",)
 
 
 def test_unreachable_hub_set_is_one_line_error(monkeypatch, tokenizer, tmp_path):
@@ -64,3 +65,65 @@ def test_parquet_and_txt(tmp_path, tokenizer, corpus_file):
     (tmp_path / "c.txt").write_text("\n\n".join(r["text"] for r in rows))
     cfg = CalibrationConfig(dataset=str(tmp_path / "c.txt"), samples=4, seq_len=16)
     assert calibration_tokens(None, tokenizer, cfg, tmp_path / "cache").shape == (4, 16)
+
+
+def _arc_records(n=60):
+    """ARC's own layout (the ../shared files) with made-up questions from the tiny tokenizer's words."""
+    from conftest import make_corpus
+
+    words = make_corpus(4 * n, seed=3)
+    return [{"id": f"q{i}", "question": {"stem": words[4 * i], "choices": [
+        {"text": words[4 * i + k], "label": "ABCD"[k - 1]} for k in (1, 2, 3)]}, "answerKey": "ABC"[i % 3]}
+        for i in range(n)]
+
+
+def test_arc_format_renders_question_and_correct_answer_in_both_layouts():
+    rec = _arc_records(2)[1]
+    text = calibration.arc_text(rec)
+    assert text == f"Question: {rec['question']['stem']}\nAnswer: {rec['question']['choices'][1]['text']}"
+    hub = {"question": rec["question"]["stem"], "answerKey": "B",
+           "choices": {"text": [c["text"] for c in rec["question"]["choices"]], "label": ["A", "B", "C"]}}
+    assert calibration.arc_text(hub) == text
+
+
+def test_arc_file_is_detected_and_bad_fields_are_named(tmp_path, tokenizer, corpus_file):
+    arc = tmp_path / "arc.jsonl"
+    recs = _arc_records()
+    arc.write_text("\n".join(json.dumps(r) for r in recs))
+    rows = calibration.rows_from_file(arc, None)  # format auto: ARC-shaped records
+    assert rows[0].startswith("Question: ") and "\nAnswer: " in rows[0]
+    assert calibration.rows_from_file(arc, None, "arc") == rows
+    with pytest.raises(LrcError, match="no field 'text'.*format: arc"):
+        calibration.rows_from_file(arc, None, "text")
+    with pytest.raises(LrcError, match="format arc needs 'question' and 'answerKey'"):
+        calibration.rows_from_file(corpus_file, None, "arc")
+
+
+def test_mix_takes_each_sources_share_of_the_windows(tmp_path, tokenizer, corpus_file):
+    from compress.recipe import CalibrationSource
+
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("\n".join(json.dumps(r) for r in _arc_records(200)))
+    cfg = CalibrationConfig(samples=8, seq_len=16, mix=[CalibrationSource(dataset=str(corpus_file), weight=3),
+                                                        CalibrationSource(dataset=str(arc), weight=1)])
+    ids = calibration_tokens(None, tokenizer, cfg, tmp_path / "cache")
+    general = calibration_tokens(None, tokenizer, CalibrationConfig(dataset=str(corpus_file), samples=6, seq_len=16),
+                                 tmp_path / "cache")
+    task = calibration_tokens(None, tokenizer, CalibrationConfig(dataset=str(arc), samples=2, seq_len=16),
+                              tmp_path / "cache")
+    assert torch.equal(ids, torch.cat([general, task]))
+    assert calibration.shares([1, 1], 7) == [4, 3] and calibration.shares([1, 100], 3) == [1, 2]
+    assert sum(calibration.shares([0.2, 0.3, 0.5], 10)) == 10
+
+
+def test_mix_rules():
+    from compress.recipe import Recipe, parse_recipe
+
+    base = {"stages": [{"method": "svd", "param_ratio": 0.5}]}
+    with pytest.raises(LrcError, match="calibration: mix has 3 sources but only 2 samples"):
+        parse_recipe({**base, "calibration": {"samples": 2, "mix": [{"dataset": "a.txt"}] * 3}})
+    with pytest.raises(LrcError, match="selfgen cannot be part of a mix"):
+        parse_recipe({**base, "calibration": {"mix": [{"dataset": "selfgen"}, {"dataset": "a.txt"}]}})
+    with pytest.raises(LrcError, match="calibration.mix\\[0\\].weight"):
+        parse_recipe({**base, "calibration": {"mix": [{"dataset": "a.txt", "weight": 0}]}})
+    assert isinstance(parse_recipe({**base, "calibration": {"mix": [{"dataset": "a.txt", "format": "arc"}]}}), Recipe)

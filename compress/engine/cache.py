@@ -4,7 +4,8 @@ Layout of ``<cache>/runs/<fingerprint>/``: ``acts_<i>.bin`` (raw memmap, samples
 block i's inputs; ``kwargs.pt`` the non-hidden-state arguments the blocks need (masks, positions, rotary tables);
 ``block_<i>.safetensors`` + ``block_<i>.json`` the compressed block and its report rows. The JSON is written last
 (atomic rename), so its presence marks block i finished; ``dense_<i>.bin`` holds the dense model's
-activations when ``engine.objective`` is ``dense``; ``--resume`` restarts at the first unfinished block.
+activations when ``engine.objective`` is ``dense``, and ``stage<k>_<i>.bin`` + ``kwargs_stage<k>.pt`` the stream of a
+stage with its own calibration set (engine/streams.py); ``--resume`` restarts at the first unfinished block.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ class RunCache:
         return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
 
     def drop_acts(self, i: int) -> None:
-        for stream in ("acts", "dense", "spectra"):
-            self.acts_path(i, stream).unlink(missing_ok=True)
+        """Remove block ``i``'s inputs of every stream (calibration streams, ``dense``, ``spectra``)."""
+        for path in self.dir.glob(f"*_{i}.bin"):
+            path.unlink(missing_ok=True)
 
     # whole-run statistics (Fisher sums, allocation spectra) -------------------------------------------------------
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -80,12 +82,16 @@ class RunCache:
         return load_tensors(self.dir / f"{name}.safetensors")
 
     # block kwargs ---------------------------------------------------------------------------------------------
-    def save_kwargs(self, kwargs: dict) -> None:
-        torch.save(kwargs, self.dir / "kwargs.pt.tmp")
-        os.replace(self.dir / "kwargs.pt.tmp", self.dir / "kwargs.pt")
+    def _kwargs_path(self, stream: str) -> Path:
+        return self.dir / ("kwargs.pt" if stream == "acts" else f"kwargs_{stream}.pt")
 
-    def load_kwargs(self) -> dict | None:
-        path = self.dir / "kwargs.pt"
+    def save_kwargs(self, kwargs: dict, stream: str = "acts") -> None:
+        path = self._kwargs_path(stream)
+        torch.save(kwargs, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+
+    def load_kwargs(self, stream: str = "acts") -> dict | None:
+        path = self._kwargs_path(stream)
         return torch.load(path, weights_only=True) if path.is_file() else None
 
     # finished blocks ------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The block loop. Only this module moves tensors between devices, reads the activation cache and orders work.
 
 Per decoder block: load it on the device → discover its Linear groups → for each stage, for each group in call order
-(sequential mode) run the cached inputs through the block collecting the statistics the method needs (stopping the
-forward once the group has run), decompose, replace → recompute the block's outputs (from the compressed block, or the
-original one with ``propagate: original``) into the next block's input file → save the block and mark it finished.
+(sequential mode) run the stage's calibration stream through the block collecting the statistics the method needs
+(stopping the forward once the group has run), decompose, replace → recompute every stream's outputs (from the
+compressed block, or the original one with ``propagate: original``) into the next block's input files → save the
+block and mark it finished.
 """
 from __future__ import annotations
 
@@ -15,18 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration import calibration_tokens
 from ..checkpoint.modeling_lrc import apply_structure
 from ..methods import METHODS
 from ..plan import find_blocks, make_plan
 from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
-from .capture import StopForward, capture_block_inputs, map_tensors
+from .capture import StopForward, map_tensors
 from .decompose import compensate, decompose, effective_weight, lowrank_spec
 from .memory import release
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
+from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,10 +69,11 @@ def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense
         _forward(block, x_in[sl].to(device), kwargs, mods[stop] if stop else None, out, sl)
 
 
-def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, progress,
+def _compress_block(block, prefix, rows, recipe, streams, outs, device, progress,
                     dense_io=None, extra=None, reference=None) -> tuple[dict, list]:
     eng = recipe.engine
-    groups = discover_groups(block, x_in[:1].to(device), kwargs)
+    main = streams[0]
+    groups = discover_groups(block, main.x_in[:1].to(device), main.dev_kwargs)
     modules = dict(block.named_modules())
     source = dict(reference.named_modules()) if reference is not None else modules  # where W comes from
     originals = {r.name.removeprefix(prefix): effective_weight(source[r.name.removeprefix(prefix)]).to(device)
@@ -80,7 +82,12 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
     dense = (dense_block, *dense_io) if dense_io else None
     owner = {n: g[0] for g in groups for n in g}
     specs, report = {}, []
-    wrote_outputs = False
+    written: set[str] = set()
+    if eng.propagate == "original" and len(streams) > 1:  # every stream's outputs from the untouched block
+        for s in streams:
+            run_pass(block, s.x_in, s.dev_kwargs, eng.batch_size, device, out=outs[s.name],
+                     dense=dense if s is main else None)
+            written.add(s.name)
     for si, stage in enumerate(recipe.stages):
         rel = {r.name.removeprefix(prefix): r for r in rows if r.stage == si}
         modules = dict(block.named_modules())  # earlier stages replaced some
@@ -89,6 +96,7 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
         if not targeted:
             continue
         method = METHODS[stage.method](recipe.method_config(si))
+        stream = stream_of(streams, si)
         passes = targeted if eng.sequential else [[n for g in targeted for n in g]]
         for group in passes:
             progress.phase(f"statistics {','.join(n.rsplit('.', 1)[-1] for n in group)}")
@@ -98,14 +106,16 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
             if dense:
                 collectors.append(DenseInputs(dict(dense_block.named_modules()), own))
                 collectors.append(CrossGram(modules, own, collectors[-1]))
-            record = eng.propagate == "original" and not wrote_outputs
+            record = eng.propagate == "original" and stream.name not in written
             try:
-                run_pass(block, x_in, kwargs, eng.batch_size, device, out=x_out if record else None,
-                         stop=None if record else group[-1], dense=dense)
+                run_pass(block, stream.x_in, stream.dev_kwargs, eng.batch_size, device,
+                         out=outs[stream.name] if record else None, stop=None if record else group[-1],
+                         dense=dense)
             finally:
                 for c in collectors:
                     c.remove()
-            wrote_outputs |= record
+            if record:
+                written.add(stream.name)
             progress.phase(f"decompose {len(group)} module(s)")
             for n in group:
                 stats = {c.name: c.result(n) for c in collectors}
@@ -122,9 +132,11 @@ def _compress_block(block, prefix, rows, recipe, x_in, x_out, kwargs, device, pr
                         release([p.data for p in old.parameters()])
                     specs[rel[n].name] = lowrank_spec(new)
             del collectors
-    if not wrote_outputs:
-        progress.phase("propagate")
-        run_pass(block, x_in, kwargs, eng.batch_size, device, out=x_out, dense=dense)
+    for s in streams:
+        if s.name not in written:
+            progress.phase("propagate" if len(streams) == 1 else f"propagate {s.name}")
+            run_pass(block, s.x_in, s.dev_kwargs, eng.batch_size, device, out=outs[s.name],
+                     dense=dense if s is main else None)
     return specs, report
 
 
@@ -142,11 +154,15 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     plan = make_plan(model, recipe)
     prefix, blocks = find_blocks(model)
     dtype = next(model.parameters()).dtype
+    hidden = model.config.hidden_size
     progress.phase("calibration tokens")
-    ids = calibration_tokens(model, tokenizer, recipe.calibration, Path(cache_dir), recipe.engine.batch_size)
+    streams = make_streams(recipe)
+    load_tokens(streams, model, tokenizer, Path(cache_dir), recipe.engine.batch_size)
+    main = streams[0]
     phases = {"calibration_tokens": time.perf_counter() - t_start}
     fp = hashlib.sha256(model_fingerprint(model).encode())
-    fp.update(ids.numpy().tobytes())
+    for s in streams:
+        fp.update(s.ids.numpy().tobytes())
     fp.update(str(recipe.resolved()).encode())
     if reference is not None:
         fp.update(model_fingerprint(reference).encode())
@@ -155,24 +171,22 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     extra: dict = {}
     if needs_fisher(recipe):  # on the dense model, before any finished block is restored
         t_f = time.perf_counter()
-        sums = fisher_stats(model, ids, plan, recipe, cache, device, progress)
+        sums = fisher_stats(model, streams, plan, recipe, cache, device, progress)
         phases["fisher"] = time.perf_counter() - t_f
         for key, v in sums.items():
             name, kind = key.rsplit(".", 1)
             extra.setdefault(name, {})[kind] = v
-    shape = (ids.shape[0], ids.shape[1], model.config.hidden_size)
+    shape = main.shape(hidden)
     n = len(blocks)
     dense_stream = recipe.engine.objective == "dense"
-    start, kwargs, x_in, d_in = 0, None, None, None
+    start, d_in = 0, None
     done = cache.first_unfinished(n) if resume else 0
     if done == n:
         start = n
-    elif done > 0:
+    elif done > 0 and restore(streams, cache, done, hidden, dtype):
         try:  # everything the first unfinished block needs must be on disk, else start over
-            kwargs = cache.load_kwargs()
-            x_in = cache.acts(done, shape, dtype)
             d_in = cache.acts(done, shape, dtype, stream="dense") if dense_stream else None
-            start = done if kwargs is not None else 0
+            start = done
         except FileNotFoundError:
             start = 0
     specs: dict = {}
@@ -185,31 +199,30 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         report.extend(info["rows"])
     if start == 0:
         progress.phase("capture block-0 inputs")
-        x_in = cache.acts(0, shape, dtype, create=True)
-        kwargs = capture_block_inputs(model, blocks, ids, x_in, recipe.engine.batch_size, device)
+        capture(streams, model, blocks, cache, dtype, recipe.engine.batch_size, device)
         if dense_stream:
             d_in = cache.acts(0, shape, dtype, create=True, stream="dense")
-            d_in.copy_(x_in)
-        cache.save_kwargs(kwargs)
+            d_in.copy_(main.x_in)
     phases["capture"] = time.perf_counter() - t_start - sum(phases.values())
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
-        spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, x_in, shape, dtype,
-                                     map_tensors(kwargs, lambda t: t.to(device)), device, progress, extra, ids)
+        spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, main.x_in, shape, dtype,
+                                     map_tensors(main.kwargs, lambda t: t.to(device)), device, progress, extra,
+                                     main.ids)
         apply_global_allocation(plan, recipe, spectra)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:
         progress.done()
         return {"plan": plan, "cache": cache}
-    dev_kwargs = map_tensors(kwargs, lambda t: t.to(device)) if kwargs is not None else None
+    to_device(streams, device)
     progress.start_blocks(n, start)
     for i in range(start, n):
         progress.block(i)
         block = blocks[i].to(device)
-        x_out = cache.acts(i + 1, shape, dtype, create=True)
+        outs = {s.name: cache.acts(i + 1, s.shape(hidden), dtype, create=True, stream=s.name) for s in streams}
         d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
         rows = [r for r in plan if r.block == i]
-        bspecs, brows = _compress_block(block, f"{prefix}.{i}.", rows, recipe, x_in, x_out, dev_kwargs, device,
+        bspecs, brows = _compress_block(block, f"{prefix}.{i}.", rows, recipe, streams, outs, device,
                                         progress, (d_in, d_out) if dense_stream else None, extra,
                                         ref_blocks[i] if ref_blocks is not None else None)
         blocks[i] = block.to("cpu")
@@ -217,11 +230,14 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         cache.drop_acts(i)
         specs.update(bspecs)
         report.extend(brows)
-        x_in, d_in = x_out, d_out
+        for s in streams:
+            s.x_in = outs[s.name]
+        d_in = d_out
         after_block(i)
     progress.done()
     total = time.perf_counter() - t_start
     phases["blocks"] = total - sum(phases.values())
     return {"modules": specs, "rows": report, "cache": cache, "seconds": total,
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
-            "calibration_tokens": int(ids.numel()), "device": str(device), "resumed_from_block": start}
+            "calibration_tokens": int(main.ids.numel()), "calibration_streams": summary(streams),
+            "device": str(device), "resumed_from_block": start}

@@ -25,16 +25,23 @@ def needs_fisher(recipe) -> bool:
     return bool(fisher_stages(recipe))
 
 
-def fisher_stats(model, ids, plan, recipe, cache, device, progress) -> dict[str, torch.Tensor]:
-    cached = cache.load_tensors("fisher")
-    if cached is not None:
-        return cached
+def fisher_stats(model, streams, plan, recipe, cache, device, progress) -> dict[str, torch.Tensor]:
+    """Fisher row/column sums of the Fisher stages' modules, each from its stage's calibration stream."""
     stages = fisher_stages(recipe)
-    names = [r.name for r in plan if r.stage in stages]
-    progress.phase("fisher (backward passes)")
-    sums = fisher_sums(model, ids, names, device, batch_size=1, progress=progress)
-    cache.save_tensors("fisher", sums)
-    return sums
+    out: dict[str, torch.Tensor] = {}
+    for s in streams:
+        mine = stages & set(s.stages)
+        if not mine:
+            continue
+        key = "fisher" if s.name == "acts" else f"fisher_{s.name}"
+        sums = cache.load_tensors(key)
+        if sums is None:
+            names = [r.name for r in plan if r.stage in mine]
+            progress.phase("fisher (backward passes)")
+            sums = fisher_sums(model, s.ids, names, device, batch_size=1, progress=progress)
+            cache.save_tensors(key, sums)
+        out.update(sums)
+    return out
 
 
 @torch.no_grad()
