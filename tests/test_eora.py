@@ -1,12 +1,16 @@
 """EoRA's residual on random matrices: the optimum of ||(ΔW − BA)X|| among rank-r residuals, better than plain SVD
 of ΔW on that objective, exact when r >= rank(ΔW), finite on a singular Gram."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from compress.compensation import eora_residual
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from rtn import rtn_quantize  # noqa: E402  (the benchmark's RTN baseline maker, shared with the test)
 
 
 def _case(m=12, n=10, N=40, seed=0, gram_rank=None):
@@ -120,23 +124,6 @@ def _tiny_llama():
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def _rtn4(model, group: int = 32):
-    """Round-to-nearest 4-bit, asymmetric, per group of ``group`` inputs; de-quantised in place (a stand-in for a
-    model quantized by another tool and de-quantized by transformers on load)."""
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-                W = mod.weight
-                m, n = W.shape
-                k = group if n % group == 0 else n  # per output channel where the groups do not divide
-                g = W.reshape(m, n // k, k)
-                lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-                scale = (hi - lo).clamp_min(1e-8) / 15
-                q = ((g - lo) / scale).round().clamp(0, 15)
-                W.copy_((q * scale + lo).reshape(m, n))
-    return model
-
-
 @pytest.fixture(scope="module")
 def rtn_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +133,7 @@ def rtn_dir(tmp_path_factory):
     if not STORIES.is_dir():
         pytest.skip(f"needs {STORIES} (../shared)")
     out = tmp_path_factory.mktemp("rtn") / "stories260k-rtn4"
-    _rtn4(AutoModelForCausalLM.from_pretrained(STORIES)).save_pretrained(out)
+    rtn_quantize(AutoModelForCausalLM.from_pretrained(STORIES), bits=4, group=32).save_pretrained(out)
     AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
     return out
 
