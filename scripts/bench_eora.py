@@ -114,7 +114,7 @@ def main() -> None:
     from compress.models import load_model
     from rtn import rtn_quantize
 
-    rtn_dir = Path(a.work) / f"{a.model.replace('/', '_')}-rtn{a.bits}-g{a.group}"
+    rtn_dir = Path(a.work) / f"{Path(a.model).name}-rtn{a.bits}-g{a.group}"
     if not (rtn_dir / "config.json").is_file():
         model, tok, _ = load_model(a.model)
         rtn_quantize(model, a.bits, a.group).save_pretrained(rtn_dir)

@@ -127,3 +127,21 @@ def test_mix_rules():
     with pytest.raises(LrcError, match="calibration.mix\\[0\\].weight"):
         parse_recipe({**base, "calibration": {"mix": [{"dataset": "a.txt", "weight": 0}]}})
     assert isinstance(parse_recipe({**base, "calibration": {"mix": [{"dataset": "a.txt", "format": "arc"}]}}), Recipe)
+
+
+def test_named_arc_set_goes_through_datasets_in_hub_layout(monkeypatch, tmp_path, tokenizer):
+    """calib/arc_easy.yaml's route (datasets + format arc) on a local file in the hub's flat layout."""
+    hub = [{"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+            "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                        "label": [c["label"] for c in r["question"]["choices"]]}} for r in _arc_records(120)]
+    (tmp_path / "arc.json").write_text("\n".join(json.dumps(r) for r in hub))
+    (tmp_path / "arcset.yaml").write_text(f"path: json\ndata_files: {tmp_path / 'arc.json'}\nsplit: train\n"
+                                          "format: arc\n")
+    monkeypatch.setattr(calibration, "CALIB_DIR", tmp_path)
+    from compress.recipe import CalibrationSource
+
+    rows = calibration.load_rows(CalibrationSource(dataset="arcset"))
+    assert rows[:3] == [calibration.arc_text(r) for r in _arc_records(3)]
+    ids = calibration_tokens(None, tokenizer, CalibrationConfig(dataset="arcset", samples=4, seq_len=16),
+                             tmp_path / "cache")
+    assert ids.shape == (4, 16)
