@@ -84,3 +84,17 @@ def test_upload_to_a_local_hub(checkpoint, monkeypatch):
         assert res.exit_code == 0 and hub.files["me/tiny-lrc"]["README.md"] == b"# my own card\n"
     res = CliRunner().invoke(app, ["push", str(checkpoint), "me/tiny-lrc", "--token", TOKEN, "--endpoint", hub.url])
     assert res.exit_code == 2 and "push to me/tiny-lrc failed" in res.output and TOKEN not in res.output
+
+
+def test_card_names_every_calibration_set(tmp_path):
+    from compress.publish.card import model_card
+
+    recipe = {"calibration": {"dataset": "wikitext2", "samples": 32, "seq_len": 256, "seed": 0},
+              "stages": [{"method": "svd-llm", "param_ratio": 0.7},
+                         {"method": "eora", "rank": 8, "calibration": {
+                             "samples": 16, "seq_len": 128, "mix": [{"dataset": "wikitext2"}, {"dataset": "arc_easy"}]}}]}
+    (tmp_path / "lrc_report.json").write_text(json.dumps({"recipe": recipe, "model": "m"}))
+    (tmp_path / "config.json").write_text(json.dumps({"lrc": {"base_architecture": "LlamaForCausalLM"}}))
+    card = model_card(tmp_path, "me/x")
+    assert "Calibration: 32 × 256 tokens of `wikitext2` (seed 0); stage 1 (eora) on 16 × 128 tokens of " \
+           "`wikitext2` + `arc_easy`." in card

@@ -89,11 +89,18 @@ def model_card(checkpoint: Path, repo_id: str, base_model: str | None = None) ->
                   f"{report.get('model', 'MODEL')} --recipe lrc_recipe.yaml --out DIR`:", "",
                   "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
         cal = recipe.get("calibration", {})
-        lines += [f"Calibration: {cal.get('samples')} × {cal.get('seq_len')} tokens of `{cal.get('dataset')}` "
-                  f"(seed {cal.get('seed')}). Compression took {report.get('seconds', 0):.0f} s on "
+        own = [f"stage {i} ({st['method']}) on {_calib(st['calibration'])}"
+               for i, st in enumerate(recipe.get("stages", [])) if st.get("calibration")]
+        lines += [f"Calibration: {_calib(cal)} (seed {cal.get('seed')})"
+                  + (f"; {', '.join(own)}" if own else "") + ". Compression took {report.get('seconds', 0):.0f} s on "
                   f"{report.get('device', '?')}, peak RSS {report.get('peak_rss_gib', 0):.2f} GiB. Per-module ranks, "
                   "parameters and errors: `lrc_modules.csv`.", ""]
     return "\n".join(lines)
+
+
+def _calib(cal: dict) -> str:
+    sources = [m["dataset"] for m in cal.get("mix") or []] or [cal.get("dataset")]
+    return f"{cal.get('samples')} × {cal.get('seq_len')} tokens of " + " + ".join(f"`{s}`" for s in sources)
 
 
 def _budget(stage: dict) -> str:
