@@ -149,17 +149,19 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
 def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = None,
                param_ratio: float | None = None, calibration: dict | None = None, export: str = "lrc",
                overwrite: bool = False, cache_dir: str | Path | None = None, progress: bool = True,
-               dtype: str = "float32") -> tuple[object, dict]:
+               dtype: str = "float32", allocator: str = "uniform") -> tuple[object, dict]:
     """EoRA on a model compressed elsewhere: residual paths that repair COMPRESSED towards DENSE (modules matched
     by name, statistics from COMPRESSED's own activations). ``export``: ``lrc`` writes a checkpoint (the compressed
-    model plus the paths), ``peft`` a LoRA adapter for the compressed base."""
+    model plus the paths), ``peft`` a LoRA adapter for the compressed base. ``allocator="energy"`` spreads a
+    ``param_ratio`` of extra parameters over the modules by their whitened residual spectra (one global fraction of
+    each module's error energy repaired) instead of the same ratio everywhere."""
     import json
 
     from .checkpoint.peft_export import export_peft
 
     budget = {"rank": rank} if rank is not None else {"param_ratio": param_ratio}
     recipe = parse_recipe({"name": "eora", "calibration": calibration or {}, "model": {"dtype": dtype},
-                           "stages": [{"method": "eora", **budget}]}, "lrc compensate")
+                           "stages": [{"method": "eora", **budget, "allocator": allocator}]}, "lrc compensate")
     out = Path(out)
     _check_out(out, overwrite)
     reference, _, _ = load_model(dense, dtype)

@@ -125,6 +125,9 @@ def compensate(
     rank: Optional[int] = typer.Option(None, help="residual rank per module"),
     param_ratio: Optional[float] = typer.Option(None, help="extra parameters per module as a fraction of m·n "
                                                            "(instead of --rank)"),
+    allocator: str = typer.Option("uniform", help="with --param-ratio: uniform (the same ratio per module), loss "
+                                                  "(one global budget, greedy on the summed whitened error) or "
+                                                  "energy (the same fraction of every residual's energy)"),
     calib: list[str] = typer.Option(["wikitext2"], help="calibration set: calib/ name, local file (ARC-style "
                                                         "question files are detected), or selfgen; repeat to mix "
                                                         "sources in equal shares (e.g. general text + task)"),
@@ -146,7 +149,8 @@ def compensate(
             raise LrcError(f"--export: {export!r} is not one of lrc, peft")
         sources = {"dataset": calib[0]} if len(calib) == 1 else {"mix": [{"dataset": c} for c in calib]}
         _, report = api.compensate(dense, compressed, out_dir, rank, param_ratio,
-                                   {**sources, "samples": samples, "seq_len": seq_len}, export, overwrite, cache_dir)
+                                   {**sources, "samples": samples, "seq_len": seq_len}, export, overwrite, cache_dir,
+                                   allocator=allocator)
     except LrcError as e:
         _fail(e)
     out.print(summary_table(report))

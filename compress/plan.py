@@ -129,6 +129,11 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
         if not compensation and not isinstance(mod, nn.Linear):
             raise LrcError(f"stages[{si}]: {name} is already compressed ({type(mod).__name__}); only a "
                            "compensation stage (eora) can follow")
+        if compensation and stage.allocator != "uniform" and name in seen:
+            raise LrcError(f"stages[{si}]: allocator {stage.allocator} spreads residual ranks by the residual of "
+                           f"{name}, which stages[{min(r.stage for r in rows if r.name == name)}] only creates "
+                           "during compression; use the uniform allocator here, or compress first and run "
+                           "`lrc compensate --allocator energy` on the result")
         bias = getattr(mod, "bias", None) is not None if isinstance(mod, nn.Linear) else False
         rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
                             compensation=compensation, standalone=name not in seen,

@@ -131,9 +131,10 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _compensation_budget(self):
-        if METHODS[self.method].kind == "compensation" and (self.energy is not None or self.allocator != "uniform"):
+        if METHODS[self.method].kind == "compensation" and (
+                self.energy is not None or self.allocator not in ("uniform", "loss", "energy")):
             raise ValueError(f"{self.method} adds a residual: give its rank or param_ratio (extra parameters as a "
-                             "fraction of each matrix) with the uniform allocator")
+                             "fraction of each matrix) with the uniform, loss or energy allocator")
         return self
 
     @model_validator(mode="after")

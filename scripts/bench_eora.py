@@ -43,6 +43,17 @@ def score(model, tok, a) -> dict:
             "arc_easy_acc_norm": arc["acc_norm"], "arc_easy_n": arc["n"]}
 
 
+def ratio_of_rank(model: str, rank: int) -> float:
+    """The EXTRA-parameter ratio ``rank·Σ(m+n) / Σm·n`` of rank ``rank`` on every decoder-block Linear (rounded up
+    in the 6th digit; the allocator's budget is then at least uniform's, and it stays within one rank step)."""
+    from compress.api import plan
+    from compress.recipe import parse_recipe
+
+    rows = plan(model, parse_recipe({"stages": [{"method": "eora", "rank": rank}]}))
+    mn = sum(r.out_features * r.in_features for r in rows)
+    return round(rank * sum(r.out_features + r.in_features for r in rows) / mn + 5e-7, 6)
+
+
 def run_step(step: str, a, rtn_dir: Path) -> dict:
     import torch
 
@@ -54,14 +65,17 @@ def run_step(step: str, a, rtn_dir: Path) -> dict:
     if step in ("dense", "rtn"):
         model, tok, _ = load_model(a.model if step == "dense" else str(rtn_dir))
     else:
-        source = step.removeprefix("eora-")
-        out = Path(a.work) / f"{rtn_dir.name}-eora{a.rank}-{source}"
+        source, _, allocator = step.removeprefix("eora-").partition("-")
+        out = Path(a.work) / f"{rtn_dir.name}-eora{a.rank}-{step}"
+        budget = {"rank": a.rank}
+        if allocator:  # the same extra parameters as rank a.rank everywhere, spread by a global allocator
+            budget = {"param_ratio": ratio_of_rank(a.model, a.rank), "allocator": allocator}
         t = time.perf_counter()
-        model, report = api.compensate(a.model, str(rtn_dir), out, rank=a.rank,
+        model, report = api.compensate(a.model, str(rtn_dir), out, **budget,
                                        calibration={**CALIB[source], "samples": a.samples, "seq_len": a.seq_len},
                                        overwrite=True, progress=False)
         tok = load_model(str(out))[1]
-        row.update({"rank": a.rank, "calibration": f"{source} {a.samples}x{a.seq_len}",
+        row.update({"rank": a.rank, **budget, "calibration": f"{source} {a.samples}x{a.seq_len}",
                     "compensate_seconds": round(time.perf_counter() - t, 1),
                     "extra_params": report["targeted"]["params_after"] - report["targeted"]["params_before"],
                     "dropped_eigenvalues": sum(r.get("dropped_eigenvalues") or 0 for r in report["modules"])})
@@ -95,7 +109,8 @@ def gap_table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--steps", nargs="*", default=["dense", "rtn", "eora-general", "eora-arc", "eora-mix"])
+    ap.add_argument("--steps", nargs="*", default=["dense", "rtn", "eora-general", "eora-arc", "eora-general-loss",
+                                                  "eora-mix"])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--rank", type=int, default=32)

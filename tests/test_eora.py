@@ -171,3 +171,90 @@ def test_compensate_rtn_model_and_peft_export(rtn_dir, tmp_path, monkeypatch):
         assert torch.allclose(ours(x).logits, peft_model(x).logits, atol=1e-4)
     bad = CliRunner().invoke(app, ["compensate", str(STORIES), str(rtn_dir), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--rank" in bad.output
+
+    # the same extra parameters as rank 8 everywhere (8·Σ(m+n) = 0.2041·Σm·n), spread by the loss allocator: lower
+    # perplexity, non-uniform ranks, and a PEFT adapter (rank_pattern) that still reproduces lrc's logits
+    args = [a for a in args if a not in ("--rank", "8")] + ["--param-ratio", "0.2041", "--allocator", "loss"]
+    assert CliRunner().invoke(app, args + ["--out", str(tmp_path / "ck-loss")]).exit_code == 0
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ad-loss"), "--export", "peft"])
+    assert res.exit_code == 0, res.output
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ck-loss", trust_remote_code=True).eval()
+    assert perplexity(ours, tok, text, seq_len=128).perplexity < ppl["eora"]
+    report = json.loads((tmp_path / "ck-loss" / "lrc_report.json").read_text())
+    extra = report["targeted"]["params_after"] - report["targeted"]["params_before"]
+    assert extra <= 8 * sum(r["out_features"] + r["in_features"] for r in report["modules"])
+    cfg = json.loads((tmp_path / "ad-loss" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and len(set(cfg["rank_pattern"].values()) | {cfg["r"]}) > 2
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(rtn_dir), tmp_path / "ad-loss").eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, peft_model(x).logits, atol=1e-4)
+
+
+def test_residual_spectrum_gives_the_loss_at_every_rank():
+    from compress.compensation import residual_spectrum
+
+    delta, X = _case(12, 10)
+    sigma = residual_spectrum(delta, X @ X.T)
+    for r in (1, 4, 9):
+        res = eora_residual(delta, X @ X.T, r)
+        assert _obj(delta, res.B @ res.A, X) ** 2 == pytest.approx(float(sigma[r:].square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("allocator", ["loss", "energy"])
+def test_global_allocation_of_residual_ranks(allocator, tiny_model_dir, corpus_file, tmp_path):
+    """lrc compensate --param-ratio P --allocator loss|energy: ranks differ per module and the extra parameters meet
+    P·Σm·n to within one rank step. energy: block 0's q/k/v (the same inputs in the pre-pass and the loop) repair at
+    least the global energy fraction. A recipe that creates the residual in the same run is refused."""
+    from compress import api
+    from compress.errors import LrcError
+    from compress.plan import make_plan
+    from compress.recipe import parse_recipe
+    from conftest import tiny_recipe
+
+    dense = str(tiny_model_dir("qwen2"))
+    api.compress(dense, tiny_recipe(corpus_file, "svd", param_ratio=0.5), tmp_path / "svd", cache_dir=tmp_path / "c",
+                 progress=False)
+    calib = {"dataset": str(corpus_file), "samples": 8, "seq_len": 32}
+    _, report = api.compensate(dense, str(tmp_path / "svd"), tmp_path / "e", param_ratio=0.1, calibration=calib,
+                               cache_dir=tmp_path / "c", progress=False, allocator=allocator)
+    rows = report["modules"]
+    extra = sum(r["rank"] * (r["out_features"] + r["in_features"]) for r in rows)
+    budget = 0.1 * sum(r["out_features"] * r["in_features"] for r in rows)
+    assert budget - max(r["out_features"] + r["in_features"] for r in rows) < extra <= budget
+    assert len({r["rank"] for r in rows}) > 2
+    if allocator == "energy":
+        e = float(rows[0]["note"].split("energy ")[1].split()[0])
+        for r in rows:
+            if ".layers.0.self_attn." in r["name"] and "o_proj" not in r["name"]:  # inputs nothing changed yet
+                assert 1 - (r["rel_error"] / r["base_error"]) ** 2 >= e - 1e-4, r["name"]
+    data = tiny_recipe(corpus_file, "svd", param_ratio=0.5).model_dump(mode="json")
+    data["stages"].append({"method": "eora", "param_ratio": 0.1, "allocator": allocator})
+    with pytest.raises(LrcError, match=f"stages\\[1\\]: allocator {allocator} spreads residual ranks"):
+        make_plan(_tiny_llama(), parse_recipe(data))
+
+
+def test_residual_loss_allocation_is_the_greedy_optimum():
+    """On random decaying spectra, the loss allocator's summed tail energy is the smallest over every allocation
+    of the same budget (brute force over all rank vectors with at least rank 1 each)."""
+    import itertools
+    from types import SimpleNamespace
+
+    from compress.allocation.residual import residual_loss
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (5, 5), (8, 3)]
+    rows = [SimpleNamespace(name=f"m{i}", out_features=m, in_features=n) for i, (m, n) in enumerate(shapes)]
+    spectra = {r.name: torch.rand(min(r.out_features, r.in_features), generator=g, dtype=torch.float64)
+               .sort(descending=True).values * (3 - i) for i, r in enumerate(rows)}
+    stage = SimpleNamespace(param_ratio=0.8)
+    residual_loss(stage, rows, spectra)
+    budget = int(0.8 * sum(m * n for m, n in shapes))
+
+    def tail(ranks):
+        return sum(float(spectra[r.name][k:].square().sum()) for r, k in zip(rows, ranks))
+
+    chosen = [r.rank for r in rows]
+    assert sum(k * (m + n) for k, (m, n) in zip(chosen, shapes)) <= budget
+    best = min(tail(ks) for ks in itertools.product(*(range(1, min(m, n) + 1) for m, n in shapes))
+               if sum(k * (m + n) for k, (m, n) in zip(ks, shapes)) <= budget)
+    assert tail(chosen) <= best + 1e-12  # greedy by gain per parameter (exact here; in general up to one step)

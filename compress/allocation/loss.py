@@ -9,7 +9,7 @@ remaining ``σ_j²`` per parameter, so the result is within one rank step of ``p
 proportional to ``log(1/ℓ_i)`` with ``ℓ_i`` its relative whitened truncation loss at the uniform ratio (more loss →
 less removal), scaled to fit the group's budget exactly. ``mode: greedy`` is the exact minimiser of the group's summed
 loss instead (measured worse: it lets a few matrices lose much). ``normalize: true`` (default) uses relative loss,
-``false`` absolute loss.
+``false`` absolute loss. For a compensation stage (EoRA residual ranks) see ``residual.py``.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..linalg import rank_for_ratio
 from .budget import bisect, max_saving_rank, params_at, set_rank
+from .residual import residual_loss
 
 
 class LossOptions(BaseModel):
@@ -52,6 +53,8 @@ def _take(candidates, ranks, cost_of, used: int, budget: float) -> int:
 
 
 def loss(stage, rows, spectra, options) -> None:
+    if rows and rows[0].compensation:
+        return residual_loss(stage, rows, spectra)  # EoRA: ranks of residual paths
     opts = LossOptions.model_validate(options)
     groups: dict[str, list] = {}
     for r in rows:

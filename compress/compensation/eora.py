@@ -45,3 +45,10 @@ def eora_residual(delta: torch.Tensor, H: torch.Tensor, rank: int, rtol: float =
     B = U[:, :r] * half
     A = (half[:, None] * Vh[:r]) @ root.S_pinv
     return Residual(B=B, A=A, sigma=s, dropped=root.dropped)
+
+
+def residual_spectrum(delta: torch.Tensor, H: torch.Tensor, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """Singular values of ``ΔW Q Λ^{1/2}`` (descending): ``Σ_{i>r} σ_i²`` is the error left at rank r, what a global
+    allocator of residual ranks reads."""
+    root = gram_sqrt(H, damping=0.0, rtol=rtol)
+    return torch.linalg.svdvals(delta.double() @ root.S)

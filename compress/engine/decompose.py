@@ -43,8 +43,8 @@ def compensate(module: nn.Module, original: torch.Tensor, stats: dict, row, rtol
     H = stats["input_gram"]
     before_err = weighted_error(original.double(), effective_weight(module), H)
     after_err = weighted_error(original.double(), effective_weight(new), H)
-    note = f"error {before_err:.4f} -> {after_err:.4f}" + (f"; {res.dropped} Gram eigenvalues dropped"
-                                                           if res.dropped else "")
+    note = (f"{row.note}; " if row.note else "") + f"error {before_err:.4f} -> {after_err:.4f}" + \
+        (f"; {res.dropped} Gram eigenvalues dropped" if res.dropped else "")
     info = {"name": row.name, "stage": row.stage, "method": row.method, "type": "compensated",
             "out_features": row.out_features, "in_features": row.in_features, "rank": new.rank,
             "params_before": row.params_before, "params_after": row.params_after, "rel_error": after_err,

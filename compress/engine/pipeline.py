@@ -208,7 +208,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         t_alloc = time.perf_counter()
         spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, main.x_in, shape, dtype,
                                      map_tensors(main.kwargs, lambda t: t.to(device)), device, progress, extra,
-                                     main.ids)
+                                     main.ids, ref_blocks)
         apply_global_allocation(plan, recipe, spectra)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..allocation import SPECTRUM, allocate_global
+from ..compensation import residual_spectrum
 from ..methods import METHODS
 from .cache import load_tensors, save_tensors
+from .decompose import effective_weight
 from .fisher import fisher_sums
 from .stats import attach, discover_groups
 
@@ -45,7 +47,7 @@ def fisher_stats(model, streams, plan, recipe, cache, device, progress) -> dict[
 
 
 @torch.no_grad()
-def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None
+def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None, reference=None
                    ) -> dict[str, torch.Tensor]:
     """Spectra (or, for ``sensitivity`` stages, the perplexity sweep) of the block's rows on dense inputs."""
     from .pipeline import run_pass  # the one place that streams activations through a block
@@ -64,7 +66,14 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
         for c in collectors:
             c.remove()
     out = {}
+    source = dict(reference.named_modules()) if reference is not None else modules
     for n, r in rel.items():
+        if r.compensation:  # the whitened residual of the model as it is now against the reference weights
+            delta = effective_weight(source[n]).to(device) - effective_weight(modules[n])
+            gram = next(c for c in collectors if c.name == "input_gram")
+            out[r.name] = residual_spectrum(delta, gram.result(n),
+                                            methods[r.stage].config.rtol).cpu()
+            continue
         W = modules[n].weight.detach().double()
         kind = SPECTRUM[recipe.stages[r.stage].allocator]
         if kind == "weights":
@@ -102,7 +111,7 @@ def _sweeper(model, ids, recipe, progress):
 
 
 def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dtype, kwargs, device, progress,
-                       extra, ids) -> dict[str, torch.Tensor]:
+                       extra, ids, ref_blocks=None) -> dict[str, torch.Tensor]:
     """What the global allocators read, per matrix (cached as ``spectra.safetensors`` in the run): singular values,
     or for ``sensitivity`` the calibration perplexity at each candidate ratio (also kept under
     ``$LRC_CACHE/sensitivity``, keyed by model, calibration tokens and method, as it is the expensive one)."""
@@ -134,8 +143,11 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
                                                          .weight.detach().double()).cpu() for r in brows})
         else:
             x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
+            ref = ref_blocks[i].to(device) if ref_blocks is not None else None
             spectra.update(_block_spectra(block, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs, device,
-                                          extra, sweep))
+                                          extra, sweep, ref))
+            if ref is not None:
+                ref_blocks[i].to("cpu")
             if i > 0:
                 cache.acts_path(i, "spectra").unlink(missing_ok=True)
             x_in = x_out
