@@ -152,9 +152,9 @@ def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = 
                dtype: str = "float32", allocator: str = "uniform") -> tuple[object, dict]:
     """EoRA on a model compressed elsewhere: residual paths that repair COMPRESSED towards DENSE (modules matched
     by name, statistics from COMPRESSED's own activations). ``export``: ``lrc`` writes a checkpoint (the compressed
-    model plus the paths), ``peft`` a LoRA adapter for the compressed base. ``allocator="energy"`` spreads a
-    ``param_ratio`` of extra parameters over the modules by their whitened residual spectra (one global fraction of
-    each module's error energy repaired) instead of the same ratio everywhere."""
+    model plus the paths), ``peft`` a LoRA adapter for the compressed base. ``allocator`` ``loss`` or ``energy``
+    spreads a ``param_ratio`` of extra parameters over the modules by their whitened residual spectra
+    (``compress/allocation/residual.py``) instead of the same ratio everywhere."""
     import json
 
     from .checkpoint.peft_export import export_peft

@@ -22,7 +22,7 @@ from ..plan import find_blocks, make_plan
 from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
-from .capture import StopForward, map_tensors
+from .capture import StopForward
 from .decompose import compensate, decompose, effective_weight, lowrank_spec
 from .memory import release
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
@@ -204,17 +204,16 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             d_in = cache.acts(0, shape, dtype, create=True, stream="dense")
             d_in.copy_(main.x_in)
     phases["capture"] = time.perf_counter() - t_start - sum(phases.values())
+    to_device(streams, device)
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
         spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, main.x_in, shape, dtype,
-                                     map_tensors(main.kwargs, lambda t: t.to(device)), device, progress, extra,
-                                     main.ids, ref_blocks)
+                                     main.dev_kwargs, device, progress, extra, main.ids, ref_blocks)
         apply_global_allocation(plan, recipe, spectra)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:
         progress.done()
         return {"plan": plan, "cache": cache}
-    to_device(streams, device)
     progress.start_blocks(n, start)
     for i in range(start, n):
         progress.block(i)
