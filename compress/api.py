@@ -4,7 +4,6 @@ The CLI is a thin layer over these functions.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from .checkpoint import load, save_checkpoint
 from .checkpoint.modeling_lrc import LRC_FORMAT_VERSION
 from .engine.pipeline import compress_blocks
 from .errors import LrcError
+from .output import atomic_dir, check_out
 from .models import cache_root, load_model, resolve_model_path
 from .plan import PlanRow, make_plan
 from .progress import Progress
@@ -90,30 +90,16 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
 
 
 def save(model, tokenizer, out: str | Path, report: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a compressed model as a checkpoint directory, atomically (a temp dir renamed at the end)."""
+    """Write a compressed model as a checkpoint directory, atomically (``compress/output.py``: a temporary directory
+    beside ``out``, moved into place at the end; an existing ``out`` is replaced without a moment where neither the
+    old nor the new checkpoint is whole). Missing parent directories are created."""
     out = Path(out)
-    _check_out(out, overwrite)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         save_checkpoint(model, tokenizer, tmp)
         if report is not None:
             (tmp / "lrc_recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False))
             write_report(tmp, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LrcError(f"{out}: output directory exists (use --overwrite to replace it)")
-    if not out.parent.exists():
-        raise LrcError(f"{out.parent}: parent directory of --out does not exist")
 
 
 def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: bool = False,
@@ -124,7 +110,7 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
-    _check_out(out, overwrite or resume)
+    check_out(out, overwrite or resume)
     if recipe.eval is not None:
         from .eval.run import preflight
 
@@ -163,7 +149,7 @@ def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = 
     recipe = parse_recipe({"name": "eora", "calibration": calibration or {}, "model": {"dtype": dtype},
                            "stages": [{"method": "eora", **budget, "allocator": allocator}]}, "lrc compensate")
     out = Path(out)
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     reference, _, _ = load_model(dense, dtype)
     net, tokenizer, path = load_model(compressed, dtype)
     from .plan import find_blocks, linear_units
@@ -177,13 +163,9 @@ def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = 
     report = compress_model(net, recipe, tokenizer, cache_dir, progress=progress, reference=reference)
     report.update({"model": compressed, "reference": dense})
     if export == "peft":
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_peft(net, tmp, str(path))
-        (tmp / "lrc_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with atomic_dir(out, overwrite=True) as tmp:  # the temporary directory is removed on any failure
+            export_peft(net, tmp, str(path))
+            (tmp / "lrc_report.json").write_text(json.dumps(report, indent=2))
     else:
         save(net, tokenizer, out, report, overwrite=True)
     return net, report

@@ -19,12 +19,21 @@ def breakeven_rank(m: int, n: int) -> float:
 def rank_for_ratio(m: int, n: int, ratio: float, align: int = 1) -> int:
     """Rank that keeps a fraction ``ratio`` of an m x n matrix's parameters: ``floor(ratio * m n / (m + n))``.
 
-    The result is rounded down to a multiple of ``align`` (tensor-core friendly shapes) and is at least 1.
+    The result is rounded down to a multiple of ``align`` (tensor-core friendly shapes, ``align_rank``) and is at
+    least ``min(align, m, n)``.
     """
-    r = int(ratio * m * n // (m + n))
+    return align_rank(max(1, int(ratio * m * n // (m + n))), align, m, n)
+
+
+def align_rank(rank: int, align: int, m: int, n: int, up: bool = False) -> int:
+    """``rank`` capped at ``min(m, n)`` and rounded to a multiple of ``align`` (down, or ``up`` for a floor such as an
+    energy target), never below ``min(align, m, n)``: every allocator's ranks go through here."""
+    cap = min(m, n)
+    r = min(max(int(rank), 1), cap)
     if align > 1:
-        r = (r // align) * align
-    return max(1, r)
+        r = -(-r // align) * align if up else (r // align) * align
+        r = min(r, cap) if r > cap else r
+    return max(r, min(align, cap))
 
 
 def saves_parameters(m: int, n: int, rank: int) -> bool:
@@ -214,13 +223,19 @@ def dense_target(W: torch.Tensor, H_c: torch.Tensor, C: torch.Tensor, damping: f
     With dense inputs ``X``, compressed-path inputs ``X̃`` (same tokens), ``H_c = X̃ X̃ᵀ`` and ``C = X X̃ᵀ``, and
     ``μ = damping · mean(diag H_c)``: ``W_t = argmin ||W X − W' X̃||² + μ ||W' − W||² = (W C + μ W)(H_c + μ I)⁻¹``
     (float64, eigh). ``damping → 0`` is the plain least-squares fit, ``damping → ∞`` gives back ``W`` (the ``layer``
-    objective). For any rank-r ``W'``, ``||W X − W' X̃||² = const + ||(W_t − W') X̃||²`` when ``μ = 0``, so the rank-r
+    objective). ``damping = 0`` is the least-squares fit on the directions ``X̃`` spans and ``W`` on the others
+(no division by a zero eigenvalue). For any rank-r ``W'``, ``||W X − W' X̃||² = const + ||(W_t − W') X̃||²`` when ``μ = 0``, so the rank-r
     solution is the whitened one for ``W_t`` on ``H_c``.
     """
     H, W = H_c.double(), W.double()
-    mu = damping * H.diagonal().mean().clamp_min(1e-300)
+    mu = damping * H.diagonal().mean().clamp_min(0)
     lam, Q = torch.linalg.eigh(0.5 * (H + H.T))
-    return ((W @ C.double() + mu * W) @ Q) / (lam.clamp_min(0) + mu) @ Q.T
+    lam = lam.clamp_min(0)
+    # directions the compressed inputs never take (λ ≈ 0) cannot be fitted: keep W there, the μ → 0 limit of the
+    # damped solution (there W C q = 0), so ``damping: 0`` on a rank-deficient Gram is the minimum-change fit
+    null = lam <= lam.max().clamp_min(1e-300) * 1e-10 if mu == 0 else torch.zeros_like(lam, dtype=torch.bool)
+    fitted = (W @ C.double() + mu * W) @ Q / torch.where(null, torch.ones_like(lam), lam + mu)
+    return torch.where(null, W @ Q, fitted) @ Q.T
 
 
 def dense_objective_error(W, W_approx, H_d, C, H_c) -> float:

@@ -47,6 +47,7 @@ class PlanRow:
     compensation: bool = False  # a residual of ``rank`` added to the module (EoRA)
     standalone: bool = True  # False when an earlier stage already counts this module's parameters
     base_params: int | None = None  # parameters of an already-compressed module (None: a dense Linear)
+    align: int = 1  # the stage's ``align``: every allocator rounds this row's rank to a multiple of it
 
     @property
     def params_before(self) -> int:
@@ -138,7 +139,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
         rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
                             compensation=compensation, standalone=name not in seen,
                             base_params=None if isinstance(mod, nn.Linear) else
-                            sum(p.numel() for p in mod.parameters())))
+                            sum(p.numel() for p in mod.parameters()), align=stage.align))
         seen.add(name)
     for si, stage in enumerate(recipe.stages):
         allocate(stage, [r for r in rows if r.stage == si])

@@ -130,6 +130,12 @@ class StageConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _rank_aligned(self):
+        if self.rank is not None and self.rank % self.align:
+            raise ValueError(f"rank {self.rank} is not a multiple of align {self.align}")
+        return self
+
+    @model_validator(mode="after")
     def _compensation_budget(self):
         if METHODS[self.method].kind == "compensation" and (
                 self.energy is not None or self.allocator not in ("uniform", "loss", "energy")):

@@ -243,7 +243,7 @@ def test_residual_loss_allocation_is_the_greedy_optimum():
 
     g = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (5, 5), (8, 3)]
-    rows = [SimpleNamespace(name=f"m{i}", out_features=m, in_features=n) for i, (m, n) in enumerate(shapes)]
+    rows = [SimpleNamespace(name=f"m{i}", out_features=m, in_features=n, align=1) for i, (m, n) in enumerate(shapes)]
     spectra = {r.name: torch.rand(min(r.out_features, r.in_features), generator=g, dtype=torch.float64)
                .sort(descending=True).values * (3 - i) for i, r in enumerate(rows)}
     stage = SimpleNamespace(param_ratio=0.8)

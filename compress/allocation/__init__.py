@@ -18,6 +18,25 @@ ALLOCATORS = {"uniform": uniform, "energy": energy, "welore": welore, "loss": lo
 OPTIONS = {"welore": WeLoreOptions, "loss": LossOptions, "sensitivity": SensitivityOptions}
 # what a global allocator reads per matrix: the method's spectrum, the weight's, or ASVD's perplexity sweep
 SPECTRUM = {"energy": "method", "loss": "method", "welore": "weights", "sensitivity": "sweep"}
+# what reading it costs, in words (``lrc methods``), from SPECTRUM so the two cannot disagree
+NEEDS = {None: "shapes only", "method": "method spectra (statistics pass)", "weights": "weight spectra (data-free)",
+         "sweep": "perplexity sweep (per matrix and ratio)"}
+# one line per allocator for ``lrc methods``: several are methods of their own in the literature (WeLore)
+DESCRIPTIONS = {
+    "uniform": "the same kept ratio for every matrix (the SVD-LLM and ASVD default)",
+    "energy": "one global fraction of spectral energy kept in every matrix, solved for the budget",
+    "welore": "WeLore (Jaiswal et al., arXiv 2407.11239): one global threshold on normalised weight singular "
+              "values; matrices that would not save parameters stay dense",
+    "loss": "SVD-LLM V2 (Wang et al., arXiv 2503.12340): per module type, ranks redistributed by whitened "
+            "truncation loss",
+    "sensitivity": "ASVD's STRS (Yuan et al., arXiv 2312.05821): ratios chosen from each matrix's calibration "
+                   "perplexity at every candidate ratio",
+}
+
+
+def needs(name: str) -> str:
+    """What allocator ``name`` reads before it can decide a rank (``lrc methods``)."""
+    return NEEDS[SPECTRUM.get(name)]
 
 
 def allocate(stage, rows) -> None:

@@ -3,26 +3,28 @@ from __future__ import annotations
 
 import math
 
-from ..linalg import breakeven_rank, saves_parameters
+from ..linalg import align_rank, breakeven_rank, saves_parameters
 
 
 def params_at(row, rank: int) -> int:
     """Parameters of ``row`` at ``rank``, or dense when that rank would not save any (weights + bias)."""
     m, n = row.out_features, row.in_features
     b = m if row.bias else 0
+    rank = align_rank(rank, row.align, m, n)
     return rank * (m + n) + b if saves_parameters(m, n, rank) else m * n + b
 
 
 def max_saving_rank(row) -> int:
-    """Largest rank that still saves parameters (0 if none does)."""
+    """Largest rank (a multiple of the row's ``align``) that still saves parameters (0 if none does)."""
     r = math.ceil(breakeven_rank(row.out_features, row.in_features)) - 1
+    r -= r % row.align
     while r > 0 and not saves_parameters(row.out_features, row.in_features, r):
-        r -= 1
+        r -= row.align
     return max(r, 0)
 
 
 def set_rank(row, rank: int, note: str = "") -> None:
-    rank = max(1, min(rank, row.out_features, row.in_features))
+    rank = align_rank(rank, row.align, row.out_features, row.in_features)
     row.rank = rank
     row.factorize = saves_parameters(row.out_features, row.in_features, rank)
     row.note = note if row.factorize else (f"{note}; " if note else "") + \

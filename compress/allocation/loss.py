@@ -39,15 +39,16 @@ def _candidates(r, spectrum, normalize: bool) -> list[tuple[float, str]]:
     """Each extra direction of ``r`` after the first, valued by the loss it removes per parameter it costs."""
     s2 = spectrum.double() ** 2
     total = float(s2.sum()) if normalize else 1.0
-    cost = r.out_features + r.in_features
-    return [(float(s2[j]) / (total or 1.0) / cost, r.name) for j in range(1, max_saving_rank(r))]
+    k = r.align  # with ``align`` a candidate is the next k directions together
+    cost = (r.out_features + r.in_features) * k
+    return [(float(s2[j:j + k].sum()) / (total or 1.0) / cost, r.name) for j in range(k, max_saving_rank(r), k)]
 
 
-def _take(candidates, ranks, cost_of, used: int, budget: float) -> int:
+def _take(candidates, ranks, cost_of, step, used: int, budget: float) -> int:
     """Walk candidates by value; add a direction wherever it still fits (each matrix's are in order)."""
     for _, name in candidates:
         if used + cost_of[name] <= budget:
-            ranks[name] += 1
+            ranks[name] += step[name]
             used += cost_of[name]
     return used
 
@@ -59,8 +60,9 @@ def loss(stage, rows, spectra, options) -> None:
     groups: dict[str, list] = {}
     for r in rows:
         groups.setdefault(module_type(r.name), []).append(r)
-    cost_of = {r.name: r.out_features + r.in_features for r in rows}
-    ranks = {r.name: 1 for r in rows}  # every factorised matrix keeps at least one direction
+    step = {r.name: r.align for r in rows}
+    cost_of = {r.name: (r.out_features + r.in_features) * r.align for r in rows}
+    ranks = {r.name: r.align for r in rows}  # every factorised matrix keeps at least one (aligned) step
     if opts.mode == "ratio":
         for members in groups.values():
             ranks.update(_ratio_ranks(stage, members, spectra, opts.normalize))
@@ -72,21 +74,21 @@ def loss(stage, rows, spectra, options) -> None:
         if opts.mode == "ratio":  # the smooth allocation is the start; the greedy only fills what it leaves
             used += sum(params_at(r, ranks[r.name]) for r in members)
         else:
-            base = sum(params_at(r, 1) for r in members)
-            used += _take(cands, ranks, cost_of, base, budget)
+            base = sum(params_at(r, r.align) for r in members)
+            used += _take(cands, ranks, cost_of, step, base, budget)
         leftovers += _remaining(cands, ranks, members)
     # the groups' rounding leaves less than one direction each: spend it on the best remaining ones overall
-    _take(sorted(leftovers, key=lambda c: -c[0]), ranks, cost_of, used,
+    _take(sorted(leftovers, key=lambda c: -c[0]), ranks, cost_of, step, used,
           stage.param_ratio * sum(r.params_before for r in rows))
     for r in rows:
         set_rank(r, ranks[r.name], f"loss-allocated ({module_type(r.name)})")
 
 
 def _remaining(cands, ranks, members) -> list:
-    seen = {r.name: 1 for r in members}
+    seen = {r.name: r.align for r in members}
     out = []
     for c in cands:
-        seen[c[1]] += 1
+        seen[c[1]] += next(r.align for r in members if r.name == c[1])
         if seen[c[1]] > ranks[c[1]]:
             out.append(c)
     return out
@@ -110,8 +112,8 @@ def _ratio_ranks(stage, members, spectra, normalize: bool) -> dict[str, int]:
         out = {}
         for r in members:
             removal = min(0.95, c * (1 - stage.param_ratio) * weight[r.name] / mean_w)
-            out[r.name] = max(1, min(rank_for_ratio(r.out_features, r.in_features, 1 - removal, stage.align),
-                                     max_saving_rank(r)))
+            out[r.name] = max(r.align, min(rank_for_ratio(r.out_features, r.in_features, 1 - removal, stage.align),
+                                           max_saving_rank(r)))
         return out
 
     def total(c: float) -> float:

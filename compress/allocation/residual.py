@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 
-from ..linalg import rank_for_energy
+from ..linalg import align_rank, rank_for_energy
 from .budget import bisect
 
 
@@ -23,33 +23,39 @@ def _budget(stage, rows) -> int:
 
 
 def _set(r, rank: int, note: str) -> None:
-    r.rank, r.factorize = max(1, min(rank, r.out_features, r.in_features)), True
+    r.rank, r.factorize = align_rank(rank, r.align, r.out_features, r.in_features), True
     r.note = f"residual rank {r.rank} ({note})"
 
 
 def residual_loss(stage, rows, spectra) -> None:
     budget = _budget(stage, rows)
-    cost = [r.out_features + r.in_features for r in rows]
-    rank = [1] * len(rows)
-    used = sum(cost)
+    step = [r.align for r in rows]  # ranks move in multiples of the stage's align
+    cost = [(r.out_features + r.in_features) * k for r, k in zip(rows, step)]
+    rank = [align_rank(1, r.align, r.out_features, r.in_features) for r in rows]
+    used = sum(k * (r.out_features + r.in_features) for r, k in zip(rows, rank))
     s2 = [spectra[r.name].double().square() for r in rows]
-    heap = [(-float(s2[i][1]) / cost[i], i) for i in range(len(rows)) if s2[i].numel() > 1]
+
+    def value(i: int) -> float:  # error removed by the next ``step`` directions, per parameter
+        return float(s2[i][rank[i]:rank[i] + step[i]].sum()) / cost[i]
+
+    limit = [min(s2[i].numel(), rows[i].out_features, rows[i].in_features) for i in range(len(rows))]
+    heap = [(-value(i), i) for i in range(len(rows)) if rank[i] + step[i] <= limit[i]]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
         if used + cost[i] > budget:
-            continue  # this module's next direction does not fit; cheaper ones may
+            continue  # this module's next directions do not fit; cheaper ones may
         used += cost[i]
-        rank[i] += 1
-        if rank[i] < min(s2[i].numel(), rows[i].out_features, rows[i].in_features):
-            heapq.heappush(heap, (-float(s2[i][rank[i]]) / cost[i], i))
+        rank[i] += step[i]
+        if rank[i] + step[i] <= limit[i]:
+            heapq.heappush(heap, (-value(i), i))
     for r, k in zip(rows, rank):
         _set(r, k, "greedy on the summed whitened error")
 
 
 def residual_energy(stage, rows, spectra) -> None:
     def rank(r, e: float) -> int:
-        return max(1, min(rank_for_energy(spectra[r.name], e), r.out_features, r.in_features))
+        return align_rank(rank_for_energy(spectra[r.name], e), r.align, r.out_features, r.in_features)
 
     e = bisect(lambda e: sum(rank(r, e) * (r.out_features + r.in_features) for r in rows), 0.0, 1.0,
                _budget(stage, rows), increasing=True)

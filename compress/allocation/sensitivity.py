@@ -63,9 +63,9 @@ def sensitivity(stage, rows, table, options) -> None:
         for r in order:
             if ranks[r.name] is None:
                 continue
-            cost = params_at(r, ranks[r.name] + 1) - params_at(r, ranks[r.name])
-            if used + cost <= budget and cost > 0 and params_at(r, ranks[r.name] + 1) < r.params_before:
-                ranks[r.name] += 1
+            cost = params_at(r, ranks[r.name] + r.align) - params_at(r, ranks[r.name])
+            if used + cost <= budget and cost > 0 and params_at(r, ranks[r.name] + r.align) < r.params_before:
+                ranks[r.name] += r.align
                 used += cost
                 grew = True
     for r in rows:

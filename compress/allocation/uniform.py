@@ -1,13 +1,14 @@
 """Uniform allocation (SVD-LLM, ASVD default): the same kept fraction ρ for every matrix, per-matrix rank formula."""
 from __future__ import annotations
 
-from ..linalg import breakeven_rank, rank_for_ratio, saves_parameters
+from ..linalg import align_rank, breakeven_rank, rank_for_ratio, saves_parameters
 
 
-def decide(row, rank: int) -> None:
-    """Set ``row.rank``/``row.factorize``; a rank that saves nothing keeps the matrix dense (noted in the report)."""
+def decide(row, rank: int, up: bool = False) -> None:
+    """Set ``row.rank``/``row.factorize``; a rank that saves nothing keeps the matrix dense (noted in the report).
+    The rank is aligned to the row's ``align`` (rounded ``up`` for an energy target, so the energy stays a floor)."""
     m, n = row.out_features, row.in_features
-    rank = min(rank, m, n)
+    rank = align_rank(rank, row.align, m, n, up=up)
     row.rank = rank
     row.factorize = saves_parameters(m, n, rank)
     if not row.factorize:
@@ -18,7 +19,7 @@ def residual_rank(row, kind: str, value: float, align: int = 1) -> None:
     """A compensation row: ``rank`` as given, or ``param_ratio`` read as EXTRA parameters ``ρ·m·n`` (EoRA)."""
     m, n = row.out_features, row.in_features
     rank = int(value) if kind == "rank" else rank_for_ratio(m, n, value, align)
-    row.rank, row.factorize = max(1, min(rank, m, n)), True
+    row.rank, row.factorize = align_rank(rank, align, m, n), True
     row.note = f"residual rank {row.rank}"
 
 

@@ -1,9 +1,12 @@
 """On-disk run state: calibration activations between blocks, the captured block kwargs, finished-block marks.
 
 Layout of ``<cache>/runs/<fingerprint>/``: ``acts_<i>.bin`` (raw memmap, samples x seq_len x hidden, model dtype) holds
-block i's inputs; ``kwargs.pt`` the non-hidden-state arguments the blocks need (masks, positions, rotary tables);
+block i's inputs; ``kwargs.pt`` the non-hidden-state arguments of every block (masks, positions, rotary tables; one
+copy per distinct set, ``capture.BlockKwargs.state()``);
 ``block_<i>.safetensors`` + ``block_<i>.json`` the compressed block and its report rows. The JSON is written last
-(atomic rename), so its presence marks block i finished; ``dense_<i>.bin`` holds the dense model's
+(fsynced, atomic rename) after every file the next block needs is flushed to disk, so its presence marks block i
+finished; it records the size and SHA-256 of those files (the block's weights, the next block's inputs, the kwargs),
+and ``--resume`` checks them, so a truncated or corrupted file is reported, never used; ``dense_<i>.bin`` holds the dense model's
 activations when ``engine.objective`` is ``dense``, and ``stage<k>_<i>.bin`` + ``kwargs_stage<k>.pt`` the stream of a
 stage with its own calibration set (engine/streams.py); ``--resume`` restarts at the first unfinished block.
 """
@@ -18,6 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import LrcError
+from ..output import fsync_dir
+
 
 def model_fingerprint(model) -> str:
     """Cheap identity of a model: config plus a strided sample of every parameter's values."""
@@ -30,10 +36,22 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def digest(path: Path) -> dict:
+    """Size and SHA-256 of a file, as recorded in a finished block's JSON."""
+    with open(path, "rb") as f:
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` as safetensors atomically (temp file, then rename)."""
+    """Write ``tensors`` as safetensors atomically (temp file flushed to disk, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path) + ".tmp")
+    _fsync(Path(str(path) + ".tmp"))
     os.replace(str(path) + ".tmp", path)
 
 
@@ -88,6 +106,7 @@ class RunCache:
     def save_kwargs(self, kwargs: dict, stream: str = "acts") -> None:
         path = self._kwargs_path(stream)
         torch.save(kwargs, str(path) + ".tmp")
+        _fsync(Path(str(path) + ".tmp"))
         os.replace(str(path) + ".tmp", path)
 
     def load_kwargs(self, stream: str = "acts") -> dict | None:
@@ -105,15 +124,53 @@ class RunCache:
         return i
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        """Write block ``i``'s weights, flush them and the next block's input files, then mark it finished with
+        a JSON that records the size and checksum of every file a resume at block ``i + 1`` reads."""
         st = self.dir / f"block_{i}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(st) + ".tmp")
-        os.replace(str(st) + ".tmp", st)
+        save_tensors(st, tensors)
+        needed = [st, *sorted(self.dir.glob(f"*_{i + 1}.bin")), *sorted(self.dir.glob("kwargs*.pt"))]
+        for path in needed:
+            _fsync(path)
+        info = {**info, "files": {p.name: digest(p) for p in needed}}
         tmp = self.dir / f"block_{i}.json.tmp"
-        tmp.write_text(json.dumps(info))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(info))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.dir / f"block_{i}.json")
+        fsync_dir(self.dir)
+
+    def _info(self, i: int) -> dict:
+        path = self.dir / f"block_{i}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise self._corrupt(path, f"unreadable ({err})") from None
+
+    def _corrupt(self, path: Path, what: str) -> LrcError:
+        return LrcError(f"{path}: {what}; the run cache cannot be resumed (rerun without --resume to start over)")
+
+    def verify(self, done: int) -> None:
+        """Before resuming at block ``done``: every finished block's weights, and the inputs and kwargs of block
+        ``done``, must be the files their block JSON recorded (size, then SHA-256); else one-line ``LrcError``."""
+        for i in range(done):
+            files = self._info(i).get("files")
+            if files is None:
+                raise self._corrupt(self.dir / f"block_{i}.json", "records no file checksums")
+            for name, rec in files.items():
+                if i < done - 1 and not name.startswith("block_"):
+                    continue  # inputs of blocks already finished are gone by design
+                path = self.dir / name
+                if not path.is_file():
+                    raise self._corrupt(path, "missing")
+                if path.stat().st_size != rec["bytes"]:
+                    raise self._corrupt(path, f"truncated or overwritten ({path.stat().st_size} bytes, "
+                                              f"recorded {rec['bytes']})")
+                if digest(path)["sha256"] != rec["sha256"]:
+                    raise self._corrupt(path, "corrupted (SHA-256 differs from the one recorded when it was written)")
 
     def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        info = json.loads((self.dir / f"block_{i}.json").read_text())
+        info = self._info(i)
         return load_file(str(self.dir / f"block_{i}.safetensors")), info
 
     def clear(self) -> None:

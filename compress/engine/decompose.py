@@ -52,6 +52,16 @@ def compensate(module: nn.Module, original: torch.Tensor, stats: dict, row, rtol
     return new, info
 
 
+def untouched(row, why: str) -> dict:
+    """The report row of a module left as it is (no statistics to decompose it from): its parameters unchanged,
+    ``why`` in the note, so the run's accounting and the reader both see it."""
+    return {"name": row.name, "stage": row.stage, "method": row.method,
+            "type": "compensated" if row.compensation and not row.standalone else "dense",
+            "out_features": row.out_features, "in_features": row.in_features, "rank": None,
+            "params_before": row.params_before, "params_after": row.params_before, "rel_error": 0.0,
+            "seconds": 0.0, "note": (f"{row.note}; " if row.note else "") + why}
+
+
 @torch.no_grad()
 def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping: float = 0.1
               ) -> tuple[nn.Module | None, dict]:
@@ -69,14 +79,17 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
         target = dense_target(W, stats["input_gram"], stats["cross_gram"], dense_damping)
     spectrum = method.spectrum(target, stats)
     if row.rank is None and row.factorize is None:  # energy budget: rank from this matrix's own spectrum
-        decide(row, rank_for_energy(spectrum.sigma, stage.energy))
+        decide(row, rank_for_energy(spectrum.sigma, stage.energy), up=True)
     H = stats.get("input_gram")
     new = None
     error = 0.0
     if row.factorize:
         A, B = spectrum.factors(row.rank)
         # exact ||(W - AB)X|| / ||WX||: free from the spectrum when it is the input-Gram-weighted one
-        error = spectrum.relative_error(row.rank) if spectrum.input_weighted else weighted_error(W, A @ B, H)
+        if dense:  # the documented error: ||W X − W' X̃|| / ||W X||, against the dense model's outputs
+            error = dense_objective_error(W, A @ B, stats["dense_gram"], stats["cross_gram"], H)
+        else:
+            error = spectrum.relative_error(row.rank) if spectrum.input_weighted else weighted_error(W, A @ B, H)
         new = LowRankLinear(row.in_features, row.out_features, row.rank, bias=module.bias is not None,
                             device=module.weight.device, dtype=module.weight.dtype)
         new.first.weight.copy_(B)
