@@ -84,7 +84,11 @@ def publish(tmp: Path, out: Path) -> None:
             return
         aside = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, aside)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(aside, out)  # put the old one back
+            raise
         fsync_dir(out.parent)
         shutil.rmtree(aside, ignore_errors=True)
     else:
