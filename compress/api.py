@@ -123,7 +123,7 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
 
         reference = load_model(model, recipe.model.dtype)[0] if recipe.eval.kl else None
         t1 = time.perf_counter()
-        report["eval"] = evaluate_model(net, tokenizer, recipe.eval, reference)
+        report["eval"] = evaluate_model(net, tokenizer, recipe.eval, reference, progress=progress)
         report["eval_seconds"] = round(time.perf_counter() - t1, 3)
         del reference
     save(net, tokenizer, out, report, overwrite=True)

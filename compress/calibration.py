@@ -19,6 +19,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .errors import LrcError
+from .models import model_context
+from .progress import active
 from .recipe import CalibrationConfig, CalibrationSource
 
 CALIB_DIR = Path(os.environ.get("LRC_CALIB_DIR", Path(__file__).resolve().parent.parent / "calib"))
@@ -130,6 +132,20 @@ def shares(weights: list[float], samples: int) -> list[int]:
     return out
 
 
+def check_context(model, recipe) -> None:
+    """Refuse calibration windows longer than the model's context, before any work: past it positions are out of
+    distribution, and the block forwards' attention memory grows with the square of the length (a run at 100000
+    tokens grinds for minutes, then is killed for memory). Names the recipe field, or the stage's own set."""
+    ctx = model_context(model.config)
+    if ctx is None:
+        return
+    sets = [("calibration", recipe.calibration)] + [(f"stages[{i}].calibration", st.calibration)
+                                                    for i, st in enumerate(recipe.stages) if st.calibration]
+    for where, cfg in sets:
+        if cfg.seq_len > ctx[1]:
+            raise LrcError(f"{where}.seq_len: {cfg.seq_len} exceeds the model's context ({ctx[0]} {ctx[1]})")
+
+
 def windows_from_ids(ids: torch.Tensor, samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
     """``samples`` distinct non-overlapping windows of ``seq_len`` tokens, chosen at random slots with ``seed``."""
     slots = ids.numel() // seq_len
@@ -147,6 +163,7 @@ def selfgen(model, tokenizer, cfg: CalibrationConfig, batch_size: int) -> torch.
     torch.manual_seed(cfg.seed)
     out = []
     for i in range(0, cfg.samples, batch_size):
+        active().phase(f"selfgen {i}/{cfg.samples} samples")  # minutes on a large model: keep the log alive
         n = min(batch_size, cfg.samples - i)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=model.device)
         gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,

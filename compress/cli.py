@@ -23,14 +23,35 @@ MODEL_ARG = typer.Argument(..., help="hub id, local HF directory, .gguf file, or
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML (see recipes/)")
 
 
+def _error_line(e: LrcError) -> None:
+    """The one line every bad input ends in: ``soft_wrap`` keeps a long message unbroken at a log's width, and the
+    message is escaped so a ``[name]`` in a path or list is printed, not read as rich markup."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
 def _fail(e: LrcError) -> None:
-    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    _error_line(e)
     raise typer.Exit(e.exit_code)
+
+
+def _int_list(value: str, option: str) -> tuple[int, ...]:
+    """``"128,512"`` → ``(128, 512)``; anything else (a word, an empty item, zero or less) is a one-line error naming
+    ``option``, not a ``ValueError`` traceback."""
+    try:
+        items = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        items = ()
+    if not items or min(items) < 1:
+        raise LrcError(f"{option}: {value!r} is not a comma-separated list of positive integers (e.g. 128,512)")
+    return items
 
 
 @app.command()
 def methods() -> None:
-    """List the registered decomposition methods."""
+    """List the registered decomposition methods and rank allocators (a stage's ``allocator``)."""
+    from .allocation import ALLOCATORS, DESCRIPTIONS, needs
     from .methods import METHODS
 
     table = Table(title="lrc methods")
@@ -39,6 +60,12 @@ def methods() -> None:
     table.add_column("description")
     for name, cls in sorted(METHODS.items()):
         table.add_row(name, ",".join(cls.needs) or "weights only", cls.description)
+    out.print(table)
+    table = Table(title="rank allocators (stage field allocator)")
+    for col in ("allocator", "needs", "description"):
+        table.add_column(col)
+    for name in ALLOCATORS:
+        table.add_row(name, needs(name), DESCRIPTIONS[name])
     out.print(table)
 
 
@@ -219,8 +246,11 @@ def bench(
     from .eval.bench import bench_table, run_bench
 
     try:
-        results = run_bench(model, reference, tuple(int(x) for x in seq_lens.split(",")),
-                            tuple(int(x) for x in decode_batches.split(",")), decode_tokens, repeats, device)
+        for name, value in (("--decode-tokens", decode_tokens), ("--repeats", repeats)):
+            if value < 1:
+                raise LrcError(f"{name}: must be at least 1; got {value}")
+        results = run_bench(model, reference, _int_list(seq_lens, "--seq-lens"),
+                            _int_list(decode_batches, "--decode-batches"), decode_tokens, repeats, device)
     except LrcError as e:
         _fail(e)
     out.print(bench_table(results))
@@ -263,14 +293,15 @@ def push(
 @app.command()
 def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory")) -> None:
     """What a checkpoint contains: base architecture, module types and ranks, parameter accounting."""
-    cfg_path = checkpoint / "config.json"
-    if not cfg_path.is_file():
-        _fail(LrcError(f"{checkpoint}: not a checkpoint directory (no config.json)"))
-    cfg = json.loads(cfg_path.read_text())
-    if "lrc" not in cfg:
-        _fail(LrcError(f"{checkpoint}: config.json has no 'lrc' section (not compressed by lrc)"))
-    lrc = cfg["lrc"]
-    table = Table(title=f"{checkpoint} ({lrc['base_architecture']}, lrc format {lrc['format_version']})")
+    from .checkpoint import read_config
+
+    try:
+        lrc = read_config(checkpoint)["lrc"]  # an older format is read as migrated, a newer one refused
+    except LrcError as e:
+        _fail(e)
+    stored = json.loads((checkpoint / "config.json").read_text())["lrc"].get("format_version", 1)
+    fmt = f"lrc format {stored}" + (f", read as {lrc['format_version']}" if stored != lrc["format_version"] else "")
+    table = Table(title=f"{checkpoint} ({lrc['base_architecture']}, {fmt})")
     for col in ("module", "type", "shape (out x in)", "rank"):
         table.add_column(col)
     for name, spec in lrc["modules"].items():
@@ -291,7 +322,7 @@ def main() -> None:
     try:
         app()
     except LrcError as e:  # errors raised outside a command body
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        _error_line(e)
         sys.exit(e.exit_code)
 
 

@@ -21,6 +21,7 @@ SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct", "smollm2-135m"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF was converted from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def cache_root() -> Path:
@@ -39,8 +40,25 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def model_context(config) -> tuple[str, int] | None:
+    """``(field, tokens)``: the longest sequence the model was built for, from ``max_position_embeddings`` (or an
+    older config's name for it); None when the config does not say. One helper for calibration (which refuses
+    longer windows: past it positions are out of distribution and memory blows up) and eval (which caps them)."""
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return name, value
+    return None
+
+
 def _converted_gguf(gguf: Path) -> Path:
-    """Convert a GGUF file to a float safetensors directory once; later calls reuse it."""
+    """Convert a GGUF file to a float safetensors directory once; later calls reuse it.
+
+    A file that does not start with the magic bytes ``GGUF`` is refused before transformers parses it (its reader
+    fails deep inside with a long traceback); any failure of the conversion itself is one ``LrcError`` line."""
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LrcError(f"{gguf}: not a GGUF file (it does not start with the magic bytes 'GGUF')")
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
@@ -48,8 +66,12 @@ def _converted_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # noqa: BLE001 - the gguf reader and transformers raise many types for a bad file
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise LrcError(f"{gguf}: cannot read GGUF ({type(err).__name__}: {first})") from None
     model.hf_quantizer = None  # de-quantised weights: save them as plain floats
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -16,17 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import __version__
+from ..calibration import check_context
 from ..checkpoint.modeling_lrc import apply_structure
+from ..errors import LrcError
 from ..methods import METHODS
 from ..plan import find_blocks, make_plan
 from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
 from .capture import StopForward
-from .decompose import compensate, decompose, effective_weight, lowrank_spec
+from .decompose import compensate, decompose, effective_weight, lowrank_spec, untouched
 from .memory import release
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
-from .stats import CrossGram, DenseInputs, attach, discover_groups, stop_after
+from .stats import CrossGram, DenseInputs, attach, block_groups, stop_after
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
 
 
@@ -50,7 +53,8 @@ def _forward(block, x, kwargs, stop_module, out, sl) -> None:
         if handle is not None:
             handle.remove()
     y = y[0] if isinstance(y, (tuple, list)) else y
-    out[sl] = y.to("cpu", out.dtype)
+    if out is not None:  # a statistics pass whose stop module was not called (an expert no token reached)
+        out[sl] = y.to("cpu", out.dtype)
 
 
 @torch.no_grad()
@@ -69,11 +73,12 @@ def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense
         _forward(block, x_in[sl].to(device), kwargs, mods[stop] if stop else None, out, sl)
 
 
-def _compress_block(block, prefix, rows, recipe, streams, outs, device, progress,
+def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, progress,
                     dense_io=None, extra=None, reference=None) -> tuple[dict, list]:
     eng = recipe.engine
     main = streams[0]
-    groups = discover_groups(block, main.x_in[:1].to(device), main.dev_kwargs)
+    groups = block_groups(block, main.x_in, main.dev_kwargs[index], device,
+                          {r.name.removeprefix(prefix) for r in rows})
     modules = dict(block.named_modules())
     source = dict(reference.named_modules()) if reference is not None else modules  # where W comes from
     originals = {r.name.removeprefix(prefix): effective_weight(source[r.name.removeprefix(prefix)]).to(device)
@@ -85,7 +90,7 @@ def _compress_block(block, prefix, rows, recipe, streams, outs, device, progress
     written: set[str] = set()
     if eng.propagate == "original" and len(streams) > 1:  # every stream's outputs from the untouched block
         for s in streams:
-            run_pass(block, s.x_in, s.dev_kwargs, eng.batch_size, device, out=outs[s.name],
+            run_pass(block, s.x_in, s.dev_kwargs[index], eng.batch_size, device, out=outs[s.name],
                      dense=dense if s is main else None)
             written.add(s.name)
     for si, stage in enumerate(recipe.stages):
@@ -108,7 +113,7 @@ def _compress_block(block, prefix, rows, recipe, streams, outs, device, progress
                 collectors.append(CrossGram(modules, own, collectors[-1]))
             record = eng.propagate == "original" and stream.name not in written
             try:
-                run_pass(block, stream.x_in, stream.dev_kwargs, eng.batch_size, device,
+                run_pass(block, stream.x_in, stream.dev_kwargs[index], eng.batch_size, device,
                          out=outs[stream.name] if record else None, stop=None if record else group[-1],
                          dense=dense)
             finally:
@@ -117,11 +122,16 @@ def _compress_block(block, prefix, rows, recipe, streams, outs, device, progress
             if record:
                 written.add(stream.name)
             progress.phase(f"decompose {len(group)} module(s)")
+            gram = next(c for c in collectors if c.name == "input_gram")
             for n in group:
+                if not gram.tokens(n):  # e.g. an expert the router never chose: nothing to decompose it from
+                    report.append(untouched(rel[n], "received no calibration token (an expert never routed "
+                                                    "to?); left as is"))
+                    continue
                 stats = {c.name: c.result(n) for c in collectors}
                 stats.update((extra or {}).get(rel[n].name, {}))
                 if rel[n].compensation:
-                    new, info = compensate(modules[n], originals.pop(n), stats, rel[n], method.config.rtol)
+                    new, info = compensate(modules[n], originals[n], stats, rel[n], method.config.rtol)
                 else:
                     new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
                 report.append(info)
@@ -135,7 +145,7 @@ def _compress_block(block, prefix, rows, recipe, streams, outs, device, progress
     for s in streams:
         if s.name not in written:
             progress.phase("propagate" if len(streams) == 1 else f"propagate {s.name}")
-            run_pass(block, s.x_in, s.dev_kwargs, eng.batch_size, device, out=outs[s.name],
+            run_pass(block, s.x_in, s.dev_kwargs[index], eng.batch_size, device, out=outs[s.name],
                      dense=dense if s is main else None)
     return specs, report
 
@@ -148,6 +158,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     ``reference`` (a dense model with the same module names) supplies the original weights compensation stages
     repair towards, for a ``model`` compressed elsewhere; by default they are ``model``'s own weights.
     """
+    check_context(model, recipe)  # windows longer than the model's context: one line now, not an OOM later
     progress = progress or Progress(enabled=False)
     t_start = time.perf_counter()
     device = resolve_device(recipe.engine.device)
@@ -164,10 +175,17 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     for s in streams:
         fp.update(s.ids.numpy().tobytes())
     fp.update(str(recipe.resolved()).encode())
+    # a cache written by another lrc or torch, or on another device type, may not give the same bytes
+    fp.update(f"lrc {__version__} torch {torch.__version__} {device.type}".encode())
     if reference is not None:
         fp.update(model_fingerprint(reference).encode())
     ref_blocks = find_blocks(reference)[1] if reference is not None else None
     cache = RunCache(cache_dir, fp.hexdigest(), resume or plan_only)
+    if resume and not cache.existed:
+        cache.clear()
+        raise LrcError(f"--resume: no interrupted run matches this model, calibration, recipe, lrc {__version__}, "
+                       f"torch {torch.__version__} and device {device.type} under {Path(cache_dir) / 'runs'}; "
+                       "run without --resume to start fresh")
     extra: dict = {}
     if needs_fisher(recipe):  # on the dense model, before any finished block is restored
         t_f = time.perf_counter()
@@ -181,6 +199,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     dense_stream = recipe.engine.objective == "dense"
     start, d_in = 0, None
     done = cache.first_unfinished(n) if resume else 0
+    cache.verify(done)  # a truncated or corrupted file is reported, never used
     if done == n:
         start = n
     elif done > 0 and restore(streams, cache, done, hidden, dtype):
@@ -221,7 +240,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         outs = {s.name: cache.acts(i + 1, s.shape(hidden), dtype, create=True, stream=s.name) for s in streams}
         d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
         rows = [r for r in plan if r.block == i]
-        bspecs, brows = _compress_block(block, f"{prefix}.{i}.", rows, recipe, streams, outs, device,
+        bspecs, brows = _compress_block(block, i, f"{prefix}.{i}.", rows, recipe, streams, outs, device,
                                         progress, (d_in, d_out) if dense_stream else None, extra,
                                         ref_blocks[i] if ref_blocks is not None else None)
         blocks[i] = block.to("cpu")
@@ -229,6 +248,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         cache.drop_acts(i)
         specs.update(bspecs)
         report.extend(brows)
+        progress.block_done(i, brows)  # a log line per block when stderr is not a terminal
         for s in streams:
             s.x_in = outs[s.name]
         d_in = d_out

@@ -5,7 +5,8 @@ import json
 import time
 from pathlib import Path
 
-from ..models import is_lrc_checkpoint, load_model
+from ..models import is_lrc_checkpoint, load_model, model_context
+from ..progress import Progress
 from ..recipe import EvalConfig
 from .data import load_eval_text
 from .kl import kl_to_reference
@@ -14,9 +15,9 @@ from .zeroshot import mean_of
 
 
 def effective_seq_len(model, seq_len: int) -> int:
-    """``seq_len`` capped by the model's context (``max_position_embeddings``)."""
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    return min(seq_len, ctx) if ctx else seq_len
+    """``seq_len`` capped by the model's context (``models.model_context``, which calibration refuses to exceed)."""
+    ctx = model_context(model.config)
+    return min(seq_len, ctx[1]) if ctx else seq_len
 
 
 def protocol(seq_len: int, stride: int | None, bos: bool, res) -> str:
@@ -26,13 +27,25 @@ def protocol(seq_len: int, stride: int | None, bos: bool, res) -> str:
             f"{res.windows} windows; exp")
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, reference=None) -> dict:
+def evaluate_model(model, tokenizer, cfg: EvalConfig, reference=None, progress: bool = True) -> dict:
     """Run ``cfg`` on a loaded model: perplexity per set, KL to ``reference`` (a loaded dense model) on the same
-    windows, and the zero-shot tasks. Returns ``{"perplexity", "kl", "zero_shot"}``."""
+    windows, and the zero-shot tasks. Returns ``{"perplexity", "kl", "zero_shot"}``. ``progress``: a bar on a
+    terminal, a log line per set and task elsewhere (``compress/progress.py``)."""
+    bar = Progress(enabled=progress)
+    try:
+        out = _evaluate(model, tokenizer, cfg, reference, bar)
+        bar.done()
+    finally:
+        bar.close()
+    return out
+
+
+def _evaluate(model, tokenizer, cfg: EvalConfig, reference, bar: Progress) -> dict:
     L = effective_seq_len(model, cfg.seq_len)
     bos_id = tokenizer.bos_token_id if cfg.bos else None
     out: dict = {"perplexity": {}, "kl": {}}
     for source in cfg.ppl:
+        bar.phase(f"perplexity {source}")
         t0 = time.perf_counter()
         ids = tokenize(tokenizer, load_eval_text(source))
         try:
@@ -45,6 +58,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference=None) -> dict:
             **res.to_dict(), "dataset": source, "seconds": round(time.perf_counter() - t0, 2),
             "protocol": protocol(L, cfg.stride, cfg.bos, res)}
         if reference is not None:
+            bar.phase(f"KL to the reference on {source}")
             out["kl"][source] = kl_to_reference(model, reference, ids, L, cfg.stride, cfg.max_windows,
                                                 cfg.batch_size, bos_id).to_dict()
     if cfg.tasks:
@@ -52,7 +66,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, reference=None) -> dict:
 
         t0 = time.perf_counter()
         out["zero_shot"] = zero_shot(model, tokenizer, cfg.tasks, cfg.data_dir, cfg.limit, cfg.batch_size,
-                                     cache=cfg.request_cache)
+                                     cache=cfg.request_cache, progress=bar)
         out["zero_shot"]["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

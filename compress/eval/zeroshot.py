@@ -107,11 +107,12 @@ def request_cache_path(model) -> Path:
 
 
 def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | Path | None = None, limit: int | None = None,
-              batch_size: int = 8, cache: bool = True) -> dict:
+              batch_size: int = 8, cache: bool = True, progress=None) -> dict:
     """Run lrc's tasks on ``model`` (already loaded) with ``lm_eval.simple_evaluate``; 0-shot, lm-eval defaults.
 
     The lm-eval request cache (``cache=True``) lives under ``$LRC_CACHE/lm_eval/<model fingerprint>`` so two
-    different models never share answers.
+    different models never share answers. Tasks run one ``simple_evaluate`` each (0-shot: the same numbers) so that
+    ``progress`` (``compress.progress.Progress``) can show which task runs, and log a line per task.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -126,9 +127,15 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | Path | None = 
     lm_logger.setLevel(logging.ERROR)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        raw = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, use_cache=use_cache, log_samples=False,
-                              task_manager=TaskManager(include_path=str(include), include_defaults=False),
-                              bootstrap_iters=1000, verbosity="ERROR")
+        manager = TaskManager(include_path=str(include), include_defaults=False)
+        raw: dict = {"results": {}, "n-samples": {}}
+        for task in tasks:
+            if progress is not None:
+                progress.phase(f"zero-shot {task}")
+            one = simple_evaluate(model=lm, tasks=[task], limit=limit, use_cache=use_cache, log_samples=False,
+                                  task_manager=manager, bootstrap_iters=1000, verbosity="ERROR")
+            raw["results"].update(one["results"])
+            raw["n-samples"].update(one.get("n-samples", {}))
     finally:
         lm_logger.setLevel(level)
     out = summarize(raw, list(tasks))
