@@ -1,8 +1,11 @@
 """Which modules each stage compresses and at which rank, before any data is seen (``lrc plan``).
 
-Targets default to every ``nn.Linear`` inside the decoder blocks (embeddings and lm_head are never targeted).
-Ranks come from the stage's allocator; ``uniform`` applies ``r = floor(ρ·m·n/(m+n))`` per matrix (GQA-correct:
-k/v projections get their own, smaller rank). A matrix whose rank would not save parameters stays dense.
+Targets default to every ``nn.Linear`` inside the decoder blocks (embeddings and lm_head are never targeted, nor
+are mixture-of-experts routers: ``is_router``). Experts stored as fused 3-D parameters (transformers 5's Mixtral,
+Qwen2/3-MoE, GPT-OSS) are no Linears: a stage whose targets cover them is refused here, before any work, rather than
+leaving them dense without a word (``fused_experts``). Ranks come from the stage's allocator; ``uniform`` applies
+``r = floor(ρ·m·n/(m+n))`` per matrix (GQA-correct: k/v projections get their own, smaller rank). A matrix whose
+rank would not save parameters stays dense.
 """
 from __future__ import annotations
 
@@ -88,11 +91,46 @@ def linear_units(block: nn.Module):
             yield sub, mod
 
 
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_counts(config) -> set[int]:
+    """The number(s) of experts a config declares (the attribute's name varies by architecture); empty if dense."""
+    return {v for k in EXPERT_COUNTS if isinstance(v := getattr(config, k, None), int) and v > 1}
+
+
+def is_router(mod: nn.Module, experts: set[int]) -> bool:
+    """A Linear that scores experts rather than transforms features, hence never compressed: one output per expert
+    (Mixtral's ``gate`` before transformers 5, remote-code routers: out_features = the config's expert count), or a
+    single output (Qwen2-MoE's ``shared_expert_gate``). Its outputs go through a top-k or a sigmoid that a low-rank
+    error would reshuffle, and it is tiny; a one-output Linear never saves parameters when factorised anyway.
+    Judged by shape, as routers have no common class or name."""
+    return isinstance(mod, nn.Linear) and (mod.out_features == 1 or mod.out_features in experts)
+
+
+def fused_experts(block: nn.Module, experts: set[int]):
+    """``(sub, module, parameter names)`` of modules holding experts as 3-D parameters (experts x out x in): one
+    whose 3-D weight's leading size is the config's expert count, or whose class name says experts (convolution
+    kernels, also 3-D, are not)."""
+    for sub, mod in block.named_modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        names = [k for k, p in mod.named_parameters(recurse=False) if p.dim() == 3 and
+                 (p.shape[0] in experts or "expert" in type(mod).__name__.lower())]
+        if names:
+            yield sub, mod, names
+
+
+def _wanted(name: str, targets: list[re.Pattern] | None, ignore: list[re.Pattern]) -> bool:
+    return (targets is None or any(t.search(name) for t in targets)) and not any(t.search(name) for t in ignore)
+
+
 def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int, nn.Linear]]:
     """``(stage, name, block, module)`` for every targeted Linear; a module may belong to one stage only."""
     from .methods import METHODS
 
     prefix, blocks = find_blocks(model)
+    experts = expert_counts(model.config)
     owner: dict[str, int] = {}
     out = []
     for si, stage in enumerate(recipe.stages):
@@ -104,11 +142,17 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
             raise LrcError(f"stages[{si}].targets/ignore: bad regex ({err})") from None
         hits = 0
         for bi, block in enumerate(blocks):
-            for sub, mod in linear_units(block):
+            for sub, mod, params in fused_experts(block, experts):
                 name = f"{prefix}.{bi}.{sub}"
-                if targets is not None and not any(t.search(name) for t in targets):
+                if any(_wanted(n, targets, ignore) for n in (name, *(f"{name}.{p}" for p in params))):
+                    raise LrcError(f"{name}: fused 3-D expert weights ({type(mod).__name__}) are not supported; lrc "
+                                   "compresses Linear layers (to keep the experts dense and compress the rest, add "
+                                   f"'{re.escape(sub)}' to stages[{si}].ignore)")
+            for sub, mod in linear_units(block):
+                if is_router(mod, experts):
                     continue
-                if any(t.search(name) for t in ignore):
+                name = f"{prefix}.{bi}.{sub}"
+                if not _wanted(name, targets, ignore):
                     continue
                 if name in owner and not compensation:
                     raise LrcError(f"stages[{si}]: {name} is already compressed by stages[{owner[name]}]")

@@ -56,7 +56,7 @@ def untouched(row, why: str) -> dict:
     """The report row of a module left as it is (no statistics to decompose it from): its parameters unchanged,
     ``why`` in the note, so the run's accounting and the reader both see it."""
     return {"name": row.name, "stage": row.stage, "method": row.method,
-            "type": "compensated" if row.compensation and not row.standalone else "dense",
+            "type": "unchanged" if row.compensation else "dense",
             "out_features": row.out_features, "in_features": row.in_features, "rank": None,
             "params_before": row.params_before, "params_after": row.params_before, "rel_error": 0.0,
             "seconds": 0.0, "note": (f"{row.note}; " if row.note else "") + why}

@@ -15,7 +15,7 @@ from ..methods import METHODS
 from .cache import load_tensors, save_tensors
 from .decompose import effective_weight
 from .fisher import fisher_sums
-from .stats import attach, discover_groups
+from .stats import attach, block_groups
 
 
 def fisher_stages(recipe) -> set[int]:
@@ -54,7 +54,7 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
 
     rel = {r.name.removeprefix(prefix): r for r in rows}
     modules = dict(block.named_modules())
-    groups = discover_groups(block, x_in[:1].to(device), kwargs)
+    groups = block_groups(block, x_in, kwargs, device, set(rel))
     owner = {n: g[0] for g in groups for n in g if n in rel}
     methods = {si: METHODS[s.method](recipe.method_config(si)) for si, s in enumerate(recipe.stages)}
     needs = set().union(*(set(methods[r.stage].needs) for r in rows
@@ -68,15 +68,18 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
     out = {}
     source = dict(reference.named_modules()) if reference is not None else modules
     for n, r in rel.items():
+        # no token reached it (an expert never routed to): the plain spectrum of its weights (or residual) stands
+        # in; the block loop reports it and leaves it as is
+        starved = bool(collectors) and not collectors[0].tokens(n)
         if r.compensation:  # the whitened residual of the model as it is now against the reference weights
             delta = effective_weight(source[n]).to(device) - effective_weight(modules[n])
             gram = next(c for c in collectors if c.name == "input_gram")
-            out[r.name] = residual_spectrum(delta, gram.result(n),
-                                            methods[r.stage].config.rtol).cpu()
+            out[r.name] = torch.linalg.svdvals(delta).cpu() if starved else \
+                residual_spectrum(delta, gram.result(n), methods[r.stage].config.rtol).cpu()
             continue
         W = modules[n].weight.detach().double()
         kind = SPECTRUM[recipe.stages[r.stage].allocator]
-        if kind == "weights":
+        if kind == "weights" or starved:
             out[r.name] = torch.linalg.svdvals(W).cpu()
             continue
         stats = {c.name: c.result(n) for c in collectors}
@@ -144,7 +147,7 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
         else:
             x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
             ref = ref_blocks[i].to(device) if ref_blocks is not None else None
-            spectra.update(_block_spectra(block, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs, device,
+            spectra.update(_block_spectra(block, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs[i], device,
                                           extra, sweep, ref))
             if ref is not None:
                 ref_blocks[i].to("cpu")

@@ -37,6 +37,37 @@ def discover_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> lis
     return [members for _, members in groups]
 
 
+def _merge(groups: list[list[str]], more: list[list[str]]) -> None:
+    """Add ``more`` (another sample's groups) to ``groups``: members join the group of a member already known, new
+    groups go last, still in their call order (an expert's gate/up before its down)."""
+    for g in more:
+        home = next((h for h in groups if any(n in h for n in g)), None)
+        if home is None:
+            groups.append(list(g))
+        else:
+            home.extend(n for n in g if n not in home)
+
+
+@torch.no_grad()
+def block_groups(block: nn.Module, x_in: torch.Tensor, kwargs: dict, device, wanted: set[str]) -> list[list[str]]:
+    """``discover_groups`` that reaches every module in ``wanted`` (names relative to the block).
+
+    One sample shows a dense block's whole structure. A mixture-of-experts block calls only the experts its tokens
+    are routed to, so while some wanted module is unseen the next samples are run too, one at a time (memory as for
+    one), until all are seen or the samples run out. What is never reached gets a group of its own, last: its
+    statistics then see no token, and the block loop reports it instead of leaving it out silently.
+    """
+    from ..plan import linear_units
+
+    groups = discover_groups(block, x_in[:1].to(device), kwargs)
+    for s in range(1, x_in.shape[0]):
+        if wanted <= {n for g in groups for n in g}:
+            break
+        _merge(groups, discover_groups(block, x_in[s : s + 1].to(device), kwargs))
+    unreached = wanted - {n for g in groups for n in g}
+    return groups + [[n] for n, _ in linear_units(block) if n in unreached]
+
+
 class GroupCollector:
     """Base of the collectors: one pre-hook per group owner; ``add(key, x)`` sees the input as (tokens, features)."""
 
@@ -45,12 +76,20 @@ class GroupCollector:
     def __init__(self, modules: dict[str, nn.Module], owner: dict[str, str]):
         self.owner = owner
         self.acc: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, int] = {}  # tokens per group: 0 for an expert no calibration token is routed to
         self.handles = [modules[o].register_forward_pre_hook(self._hook(o)) for o in sorted(set(owner.values()))]
 
     def _hook(self, key: str):
         def hook(module, args):
-            self.add(key, args[0].reshape(-1, args[0].shape[-1]).float())
+            x = args[0].reshape(-1, args[0].shape[-1])
+            self.seen[key] = self.seen.get(key, 0) + x.shape[0]
+            if x.shape[0]:
+                self.add(key, x.float())
         return hook
+
+    def tokens(self, name: str) -> int:
+        """How many tokens ``name``'s statistics saw (no ``result`` exists for 0)."""
+        return self.seen.get(self.owner[name], 0)
 
     def accumulate(self, key: str, value: torch.Tensor) -> None:
         self.acc[key] = self.acc[key] + value if key in self.acc else value

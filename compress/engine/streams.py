@@ -4,7 +4,8 @@ The recipe's ``calibration`` is the main stream (``acts``); a stage that names i
 "customised compensation": task questions instead of general text) gets a stream of its own (``stage<i>``), shared by
 later stages that name the same set. Every stream is captured at block 0 and propagated through each block once all
 of that block's stages are done, so a stage's statistics always come from its own text flowing through the model as
-compressed so far. The streams live in the run cache (``<name>_<i>.bin``, ``kwargs[_<name>].pt``) and resume
+compressed so far. Each stream has its own sequence length, hence its own per-block arguments (masks, rotary tables:
+``capture.BlockKwargs``). The streams live in the run cache (``<name>_<i>.bin``, ``kwargs[_<name>].pt``) and resume
 together.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from ..calibration import calibration_tokens
 from ..recipe import CalibrationConfig, Recipe
-from .capture import capture_block_inputs, map_tensors
+from .capture import BlockKwargs, capture_block_inputs
 
 MAIN = "acts"
 
@@ -27,8 +28,8 @@ class Stream:
     cfg: CalibrationConfig
     stages: list[int] = field(default_factory=list)
     ids: torch.Tensor | None = None
-    kwargs: dict | None = None  # the block kwargs for this stream's sequence length, on CPU
-    dev_kwargs: dict | None = None
+    kwargs: BlockKwargs | None = None  # every block's kwargs for this stream's sequence length, on CPU
+    dev_kwargs: BlockKwargs | None = None  # the same on the device: ``dev_kwargs[i]`` is what block i is called with
     x_in: torch.Tensor | None = None  # this block's inputs (memory-mapped)
 
     def shape(self, hidden: int) -> tuple[int, int, int]:
@@ -58,19 +59,19 @@ def stream_of(streams: list[Stream], stage: int) -> Stream:
 
 
 def capture(streams, model, blocks, cache, dtype, batch_size, device) -> None:
-    """Block 0's inputs and kwargs for every stream, written to the run cache."""
+    """Block 0's inputs and every block's kwargs for every stream, written to the run cache."""
     hidden = model.config.hidden_size
     for s in streams:
         s.x_in = cache.acts(0, s.shape(hidden), dtype, create=True, stream=s.name)
         s.kwargs = capture_block_inputs(model, blocks, s.ids, s.x_in, batch_size, device)
-        cache.save_kwargs(s.kwargs, s.name)
+        cache.save_kwargs(s.kwargs.state(), s.name)
 
 
 def restore(streams, cache, block: int, hidden: int, dtype) -> bool:
     """Reopen every stream at ``block`` from the cache; False when something is missing (start over)."""
     try:
         for s in streams:
-            s.kwargs = cache.load_kwargs(s.name)
+            s.kwargs = BlockKwargs.from_state(cache.load_kwargs(s.name))
             s.x_in = cache.acts(block, s.shape(hidden), dtype, stream=s.name)
             if s.kwargs is None:
                 return False
@@ -81,7 +82,7 @@ def restore(streams, cache, block: int, hidden: int, dtype) -> bool:
 
 def to_device(streams, device) -> None:
     for s in streams:
-        s.dev_kwargs = map_tensors(s.kwargs, lambda t: t.to(device)) if s.kwargs is not None else None
+        s.dev_kwargs = s.kwargs.to(device) if s.kwargs is not None else None
 
 
 def summary(streams) -> dict:
