@@ -318,12 +318,26 @@ def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint director
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
+    # typer >= 0.22 vendors click; older typer uses click itself: take the exceptions from whichever it parses with
+    click = typer.BadParameter.__module__.rpartition(".")[0]
+    click = sys.modules.get(click + ".exceptions", sys.modules.get(click))
     hf_logging.disable_progress_bar()  # lrc reports its own phases; keep errors on one line
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back here instead of typer's multi-line box
+    except getattr(click, "NoArgsIsHelpError", ()) as e:  # a bare `lrc` or `lrc CMD`: the help, as usual
+        e.show()
+        sys.exit(e.exit_code)
+    except click.UsageError as e:  # a bad option value, a missing argument, an unknown command
+        where = e.ctx.command_path if e.ctx is not None else "lrc"
+        _error_line(LrcError(f"{where}: {e.format_message()} (see {where} --help)"))
+        sys.exit(2)
+    except typer.Abort:
+        err.print("interrupted")
+        sys.exit(130)
     except LrcError as e:  # errors raised outside a command body
         _error_line(e)
         sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

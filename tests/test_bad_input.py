@@ -1,5 +1,6 @@
 """Bad input that used to escape the one-line error path (a traceback, or minutes of work before a crash): each gives
 exactly one line ``error: …`` naming the field or file, exit status 2, and nothing at --out."""
+import os
 import sys
 
 import pytest
@@ -112,3 +113,21 @@ def test_main_prints_an_escaped_error_on_one_line(monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"error: {msg}"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["bench", "x", "--repeats", "abc"], "lrc bench: Invalid value for '--repeats'"),
+    (["compress"], "lrc compress: Missing argument"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_are_one_line_through_main(args, expect):
+    """Errors the argument parser finds (a non-integer, a missing argument, an unknown command) go through the same
+    one-line path as lrc's own, not typer's multi-line box."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "80"})
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stdout + res.stderr
+    assert expect in lines[0]
