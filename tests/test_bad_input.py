@@ -1,6 +1,7 @@
 """Bad input that used to escape the one-line error path (a traceback, or minutes of work before a crash): each gives
 exactly one line ``error: …`` naming the field or file, exit status 2, and nothing at --out."""
 import os
+from pathlib import Path
 import sys
 
 import pytest
@@ -126,7 +127,10 @@ def test_usage_errors_are_one_line_through_main(args, expect):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True,
+    lrc = Path(sys.executable).with_name("lrc")  # the console script installed beside this interpreter
+    if not lrc.is_file():
+        pytest.skip(f"{lrc}: lrc is not installed in this environment")
+    res = subprocess.run([str(lrc), *args], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "80"})
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stdout + res.stderr
