@@ -8,7 +8,14 @@ Each configuration runs in its own process so that peak RSS is that run's own. A
 as each compression: one plain forward pass of the dense model over the same calibration tokens (batch 8), the
 natural unit for "how expensive is compression".
 
-    python scripts/bench_compress.py --model smollm2 --runs svd-llm:0.8 svd-llm:0.6 svd:0.8 --json out.json
+Every result is appended to --jsonl as soon as it is measured (the raw file docs/benchmarks.md's compress-time table
+is rendered from, with ``--markdown``), together with the engine options, the protocol, the lrc revision and the
+1-minute load average before and after the run: a timing taken while other jobs shared the CPU (load average >= 1.5
+on this 2-core machine) is marked as such in the rendered table instead of being passed off as the tool's speed.
+
+    python scripts/bench_compress.py --model smollm2 --runs svd-llm:0.8 svd-llm:0.6 svd:0.8 \
+        --jsonl docs/results/compress-smollm2.jsonl
+    python scripts/bench_compress.py --jsonl docs/results/compress-smollm2.jsonl --markdown
 """
 from __future__ import annotations
 
@@ -26,6 +33,53 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LRC_SHARED", ROOT.parent / "shared"))
 CALIB = SHARED / "data" / "calib" / "wiki_passages.jsonl"
 WIKI = SHARED / "data" / "wikitext2" / "wikitext2_raw_test.jsonl"
+CONTENDED = 1.5  # 1-minute load average above which a timing on this 2-core machine is not the tool's own
+
+
+def revision() -> str:
+    """``git rev-parse --short HEAD``, with ``+dirty`` when tracked files differ from it."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def engine_mode(engine: dict) -> str:
+    if not engine:
+        return "default"
+    if engine == {"propagate": "original", "sequential": False}:
+        return "paper protocol"
+    if engine == {"objective": "dense"}:
+        return "dense objective"
+    return ", ".join(f"{k}={v}" for k, v in engine.items())
+
+
+def markdown(rows: list[dict]) -> str:
+    """The compress-time table of docs/benchmarks.md, one row per raw result, in the order measured."""
+    lines = ["| model | method | engine mode | kept | WikiText-2 ppl | compress s | forward s | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    contended = False
+    for r in rows:
+        load = max(r.get("load_average_before", 0.0), r.get("load_average_after", 0.0))
+        mark = ""
+        if load >= CONTENDED:
+            mark, contended = f" (load {load:.1f})", True
+        secs = r.get("compress_seconds")
+        fwd = r.get("forward_seconds")
+        kept = "1" if r["method"] == "dense" else f"{r['kept']:g} ({r['kept_fraction_of_targeted']:.4f})"
+        lines.append(f"| {Path(r['model']).name} | {r['method']} | "
+                     f"{'–' if r['method'] == 'dense' else engine_mode(r.get('engine', {}))} | {kept} | "
+                     f"{r['wikitext2_ppl']:,.2f} | {'–' if secs is None else f'{secs:.1f}{mark}'} | "
+                     f"{'–' if fwd is None else f'{fwd:.1f}{mark}'} | {r['peak_rss_gib']:.2f} GiB |")
+    if contended:
+        lines += ["", f"Timings marked (load X) were measured while the 1-minute load average was {CONTENDED} or "
+                  "more (other jobs on the same cores): they show that run, not lrc's speed. Perplexity and peak "
+                  "RSS do not depend on it."]
+    return "\n".join(lines)
 
 
 def one(model_spec: str, method: str, kept: float, samples: int, seq_len: int, windows: int, cache: str,
@@ -78,12 +132,19 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc-bench"))
     ap.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE",
                     help="engine options, e.g. objective=dense propagate=original sequential=false")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also write this invocation's results as one JSON list")
+    ap.add_argument("--jsonl", type=Path, help="append every result to this raw file as it is measured")
+    ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "KEPT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.markdown:
+        if not a.jsonl:
+            sys.exit("--markdown needs --jsonl")
+        print(markdown([json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]))
+        return
+    engine = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.engine)}
     if a.one:
-        print(json.dumps(one(a.model, a.one[0], float(a.one[1]), a.samples, a.seq_len, a.windows, a.cache,
-                             {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.engine)})))
+        print(json.dumps(one(a.model, a.one[0], float(a.one[1]), a.samples, a.seq_len, a.windows, a.cache, engine)))
         return
     results = []
     for run in a.runs:
@@ -91,11 +152,19 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--model", a.model, "--samples", str(a.samples), "--seq-len",
                str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--engine", *a.engine,
                "--one", method, kept or "1"]
+        load_before = os.getloadavg()[0]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
+        r.update(engine=engine, samples=a.samples, seq_len=a.seq_len, windows=a.windows,
+                 threads=int(os.environ.get("LRC_THREADS", "2")), revision=revision(),
+                 load_average_before=load_before, load_average_after=os.getloadavg()[0],
+                 measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if a.jsonl:
+            with a.jsonl.open("a") as f:
+                f.write(json.dumps(r) + "\n")
         print(f"{a.model:10s} {method:8s} kept={kept or 1:4} ppl={r['wikitext2_ppl']:10.2f} "
               f"compress_s={r.get('compress_seconds', float('nan')):7.1f} "
               f"forward_s={r.get('forward_seconds', float('nan')):6.1f} peak_rss={r['peak_rss_gib']:.2f} GiB",

@@ -115,10 +115,12 @@ def markdown(rows: list[dict]) -> str:
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
     lines = ["| configuration | kept (measured) | perplexity | × dense | compress s | peak RSS GiB |",
              "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in rows:  # a value the run did not measure (the dense row's time and RSS) shows as –, not as 0
         ratio = f"{r['perplexity'] / dense:.2f}" if dense else "–"
+        secs = f"{r['compress_seconds']:.1f}" if "compress_seconds" in r else "–"
+        rss = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "–"
         lines.append(f"| {r['config']} | {r.get('kept_measured', 1.0):.4f} | {r['perplexity']:,.2f} | {ratio} | "
-                     f"{r.get('compress_seconds', 0):.1f} | {r.get('peak_rss_gib', 0):.2f} |")
+                     f"{secs} | {rss} |")
     return "\n".join(lines)
 
 

@@ -1,18 +1,44 @@
 """Shared fixtures: a tiny trained tokenizer, a synthetic corpus, tiny random Llama/Qwen2/Mistral models with GQA,
-and the real ``../shared/models/stories260k`` (tests that need ``../shared`` skip when it is absent)."""
+and the real ``../shared/models/stories260k`` (tests that need ``../shared`` skip when it is absent).
+
+Isolation comes first, before anything below imports huggingface_hub, datasets, transformers or compress: those
+read ``HF_HOME``, their cache paths and the stored token ONCE, at import time, so an environment variable set later
+(or by monkeypatch in a test) does not hide the machine's login or its cached datasets from the rest of the session.
+pytest imports this file before any test module, so every test runs with a throw-away ``LRC_CACHE`` (lrc's
+converted models, calibration tokens, sweeps, lm-eval answers) and ``HF_HOME`` (hub cache, datasets cache, token)
+under one session temp directory, and no token from the environment.
+"""
 from __future__ import annotations
 
-import json
+import atexit
 import os
-import random
-from pathlib import Path
+import shutil
+import sys
+import tempfile
 
-import pytest
-import torch
-
+_HEAVY = ("huggingface_hub", "datasets", "transformers", "compress")
+if any(name in sys.modules for name in _HEAVY):  # too late to isolate: fail loudly instead of leaking ~/.cache
+    raise RuntimeError("tests/conftest.py must run before " + ", ".join(n for n in _HEAVY if n in sys.modules)
+                       + " is imported (a pytest plugin or -p option imported it first)")
+SESSION_TMP = tempfile.mkdtemp(prefix="lrc-tests-")
+atexit.register(shutil.rmtree, SESSION_TMP, ignore_errors=True)
+for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE", "HF_HUB_CACHE",
+             "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE",
+             "HF_MODULES_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_var, None)
+os.environ["LRC_CACHE"] = os.path.join(SESSION_TMP, "lrc")
+os.environ["HF_HOME"] = os.path.join(SESSION_TMP, "hf")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(SESSION_TMP, "hf", "datasets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from compress.recipe import parse_recipe  # noqa: E402
 

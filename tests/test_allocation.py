@@ -101,8 +101,8 @@ def test_global_allocator_needs_param_ratio(corpus_file):
 
 
 def test_sensitivity_search_protects_the_sensitive_matrix():
-    """STRS on a hand-made table: the matrix whose perplexity explodes when compressed keeps the most, the result
-    fits the budget within one rank step, and the sweep is not repeated once cached (see the run above)."""
+    """STRS on a hand-made table: the matrix whose perplexity explodes when compressed keeps the most, and the
+    result fits the budget within one rank step (the sweep's cache: the test below)."""
     from types import SimpleNamespace
 
     from compress.allocation.sensitivity import sensitivity
@@ -117,3 +117,26 @@ def test_sensitivity_search_protects_the_sensitive_matrix():
     assert rows[0].params_after > max(r.params_after for r in rows[1:])  # here it even stays dense
     after, before = sum(r.params_after for r in rows), sum(r.params_before for r in rows)
     assert after <= 0.5 * before and 0.5 * before - after <= 128
+
+
+def test_sensitivity_sweep_is_cached_across_runs(tiny_model_dir, tokenizer, corpus_file, tmp_path, monkeypatch):
+    """The STRS sweep (one whole-model forward per matrix and candidate ratio) is stored under
+    ``$LRC_CACHE/sensitivity``: a second run of the same model, calibration and options, in a fresh run directory
+    (so the run's own spectra cache cannot answer), makes no whole-model forward at all and allocates the same
+    ranks. Whole-model forwards are counted by a hook on the model itself: the second run makes exactly the sweep's
+    matrices x ratios fewer of them (the rest, the same in both runs, capture the first block's inputs)."""
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    ratios = [0.2, 0.5, 0.8]
+    recipe = _recipe(corpus_file, "asvd", "sensitivity", 0.6, ratios=ratios, samples=2)
+    ranks, forwards = [], []
+    for run in ("first", "second"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+        calls = []
+        model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+        report = compress_model(model, recipe, tokenizer, cache_dir=tmp_path / run)
+        ranks.append({r["name"]: r["rank"] for r in report["modules"]})
+        forwards.append(len(calls))
+        assert list((tmp_path / "lrc" / "sensitivity").glob("*.safetensors"))
+    assert forwards[0] - forwards[1] == 21 * len(ratios)  # 21 matrices x 3 ratios swept once, then not again
+    assert forwards[1] < 21
+    assert ranks[0] == ranks[1] and len(set(ranks[0].values())) > 1

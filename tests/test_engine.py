@@ -87,6 +87,60 @@ def test_propagation_modes_differ_but_first_block_agrees(tiny_model_dir, tokeniz
     assert rows["compressed"][last] != pytest.approx(rows["original"][last], rel=1e-6)
 
 
+def _dense_inputs(model, ids) -> dict[str, torch.Tensor]:
+    """Every block Linear's inputs (tokens x in_features, float64) in one plain forward of the DENSE model: an
+    independent reference for the statistics the engine should see when nothing upstream is compressed."""
+    xs, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, n=name: xs.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]).double())))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return xs
+
+
+def _whitened_sigma(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``W Xᵀ`` (the svd-llm spectrum: ``||(W − W')X||`` keeps their top r, drops the rest)."""
+    return torch.linalg.svdvals(W.detach().double() @ X.T)
+
+
+def _rel_error(sigma: torch.Tensor, r: int) -> float:
+    return float((sigma[r:] ** 2).sum() / (sigma ** 2).sum()) ** 0.5
+
+
+def test_sequential_false_uses_dense_statistics_and_true_does_not(tiny_model_dir, tokenizer, corpus_file, tmp_path):
+    """With ``propagate: original`` every block sees the dense model's inputs, so the only thing ``sequential``
+    decides is what the later groups of a block (o, gate/up, down) see. By construction:
+
+    - ``sequential: false``: statistics of EVERY group come from one pass through the untouched block, so every
+      module's reported error equals the optimum computed here from the dense model's own activations;
+    - ``sequential: true``: the first group (q, k, v) still matches that, but o_proj, gate/up and down_proj see
+      the outputs of the groups already compressed, so their errors differ from the dense-statistics optimum.
+
+    Ignoring the flag either way breaks one of the two halves."""
+    from compress.calibration import calibration_tokens
+
+    dense = _load(tiny_model_dir("llama"))
+    ids = calibration_tokens(dense, tokenizer, tiny_recipe(corpus_file).calibration, tmp_path / "tok")
+    xs = _dense_inputs(dense, ids)
+    weights = {n: m.weight.detach().clone() for n, m in dense.named_modules() if n in xs}
+    first_group = ("q_proj", "k_proj", "v_proj")
+    for sequential in (False, True):
+        model = _load(tiny_model_dir("llama"))
+        recipe = tiny_recipe(corpus_file, param_ratio=0.4, propagate="original", sequential=sequential)
+        report = compress_model(model, recipe, tokenizer, cache_dir=tmp_path / str(sequential))
+        assert len(report["modules"]) == 21
+        for row in report["modules"]:
+            expected = _rel_error(_whitened_sigma(weights[row["name"]], xs[row["name"]]), row["rank"])
+            if not sequential or row["name"].endswith(first_group):  # equal to ~1e-7 (float32 activations)
+                assert row["rel_error"] == pytest.approx(expected, rel=1e-6), (sequential, row["name"])
+            else:  # measured: 1e-3 (up_proj) to 1 (o_proj) relative
+                assert abs(row["rel_error"] - expected) > 1e-5 * expected, row["name"]
+
+
 def test_targets_ignore_and_dense_fallback(tiny_model_dir, tokenizer, corpus_file, tmp_path):
     model = _load(tiny_model_dir("mistral"))
     recipe = tiny_recipe(corpus_file, param_ratio=1.0, targets=[r"self_attn\.(q|k)_proj"], ignore=[r"layers\.1\."])
@@ -112,6 +166,48 @@ def test_rank_and_energy_budgets(tiny_model_dir, tokenizer, corpus_file, tmp_pat
                             cache_dir=tmp_path)
     ranks = {r["rank"] for r in report["modules"] if r["type"] == "lowrank"}
     assert len(ranks) > 1  # energy gives each matrix its own rank
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm"])
+def test_energy_budget_keeps_the_target_energy_with_the_smallest_rank(method, tiny_model_dir, tokenizer,
+                                                                       corpus_file, tmp_path):
+    """``energy: e`` gives each matrix the smallest rank whose method-weighted spectrum keeps a fraction e of its
+    energy. Checked against spectra computed here without lrc: plain singular values of W for svd, and for svd-llm
+    those of ``W X`` with X the dense model's own activations (``propagate: original, sequential: false``, so the
+    engine's statistics are the dense ones). For every matrix: kept(rank) ≥ e > kept(rank − 1); a matrix whose
+    smallest such rank saves no parameters stays dense; a factorised one's reported error is sqrt(1 − kept)."""
+    from compress.calibration import calibration_tokens
+
+    e = 0.9
+    dense = _load(tiny_model_dir("qwen2"))
+    ids = calibration_tokens(dense, tokenizer, tiny_recipe(corpus_file).calibration, tmp_path / "tok")
+    xs = _dense_inputs(dense, ids)
+    weights = {n: m.weight.detach().clone() for n, m in dense.named_modules() if n in xs}
+    model = _load(tiny_model_dir("qwen2"))
+    recipe = tiny_recipe(corpus_file, method=method, energy=e, propagate="original", sequential=False)
+    report = compress_model(model, recipe, tokenizer, cache_dir=tmp_path / "run")
+    assert len(report["modules"]) == 21
+    for row in report["modules"]:
+        W = weights[row["name"]]
+        sigma = torch.linalg.svdvals(W.double()) if method == "svd" else _whitened_sigma(W, xs[row["name"]])
+        kept = torch.cumsum(sigma ** 2, 0) / (sigma ** 2).sum()  # kept[r - 1] = energy of the top r values
+        smallest = int((kept < e - 1e-9).sum()) + 1
+        m, n = row["out_features"], row["in_features"]
+        if row["type"] == "lowrank":
+            r = row["rank"]
+            assert float(kept[r - 1]) >= e - 1e-6, row["name"]  # the target is kept ...
+            assert r == 1 or float(kept[r - 2]) < e + 1e-6, row["name"]  # ... and rank − 1 would fall short
+            mod = model.get_submodule(row["name"])
+            if method == "svd-llm":  # the reported ||(W − W')X|| / ||W X|| is the energy left out
+                assert row["rel_error"] == pytest.approx((1 - float(kept[r - 1])) ** 0.5, rel=1e-3, abs=1e-6)
+            else:  # the module actually applied keeps that energy of W
+                approx = mod.weight_approx.detach().double()
+                kept_here = 1 - float((W.double() - approx).norm() ** 2 / W.double().norm() ** 2)
+                assert kept_here >= e - 1e-5, row["name"]
+        else:
+            assert smallest * (m + n) >= m * n, row["name"]  # dense only when that rank would not save anything
+            assert f"rank {smallest} " in row["note"], row["note"]
+    assert any(r["type"] == "lowrank" for r in report["modules"])
 
 
 def test_dense_objective_tracks_dense_outputs_better(tiny_model_dir, tokenizer, corpus_file, tmp_path):

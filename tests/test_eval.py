@@ -71,6 +71,43 @@ def test_kl_of_a_model_to_itself_is_zero(tiny_model_dir, tokenizer):
     assert abs(res.kl) < 1e-6 and res.top1_agreement == 1.0 and res.tokens == 4 * 63
 
 
+def test_kl_and_agreement_match_an_independent_computation(tiny_model_dir, tokenizer):
+    """Two different models: lrc's mean token KL equals torch's ``kl_div`` over the vocabulary at every scored
+    position (one window at a time, no lrc code), in the direction KL(dense ‖ model), i.e. the expectation under
+    the reference; the reverse direction is a different number, so a swapped argument order fails here. Top-1
+    agreement is the fraction of positions whose argmax tokens agree."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_config
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer))).eval()
+    with torch.no_grad():  # make the pair close enough that the argmax often agrees, far enough that KL is not 0
+        for p, q in zip(dense.parameters(), other.parameters()):
+            q.copy_(p + 0.15 * (q - p))
+        dense.lm_head.weight.mul_(8)  # a sharp reference and a flatter model (argmax unchanged by the scale):
+        other.lm_head.weight.mul_(2)  # KL's two directions then differ clearly
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (300,), generator=g)
+    L = 64
+    kl_sum, kl_rev, agree, n = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for s in range(0, ids.numel() - L + 1, L):
+            x = ids[s : s + L][None]
+            p_log = F.log_softmax(dense(x).logits[0, :-1].double(), -1)  # position t predicts token t+1
+            q_log = F.log_softmax(other(x).logits[0, :-1].double(), -1)
+            kl_sum += float(F.kl_div(q_log, p_log, log_target=True, reduction="sum"))  # Σ p (log p − log q)
+            kl_rev += float(F.kl_div(p_log, q_log, log_target=True, reduction="sum"))
+            agree += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
+            n += L - 1
+    res = kl_to_reference(other, dense, ids, seq_len=L, batch_size=3)
+    assert res.tokens == n == 4 * 63
+    assert res.kl == pytest.approx(kl_sum / n, rel=1e-4)
+    assert abs(kl_rev - kl_sum) > 0.02 * kl_sum  # the two directions differ by far more than the tolerance
+    assert 0 < agree < n and res.top1_agreement == pytest.approx(agree / n, abs=0.5 / n)
+
+
 @needs_shared()
 def test_lrc_eval_on_a_checkpoint_merges_into_its_report(tmp_path, corpus_file):
     from compress import api

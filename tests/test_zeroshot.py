@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -111,8 +112,23 @@ def test_python_api_equals_lm_eval_cli_on_every_task(tmp_path):
     assert ours["mean"]["acc"] == pytest.approx(sum(ours["tasks"][t]["acc"] for t in tasks) / len(tasks))
 
 
-def test_request_cache_is_per_model(tiny_model_dir):
-    a = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
-    b = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"))
+def test_request_cache_is_per_weights_not_per_path(tiny_model_dir, tokenizer, tmp_path):
+    """lm-eval's cached answers belong to the weights: the same directory whose weights were replaced (same config,
+    e.g. a checkpoint overwritten by a new compression) must not reuse them, and the same weights loaded again must.
+    Separately loaded models from one path, so neither object identity nor the path can make the keys (un)equal.
+    (The fingerprint also hashes the config's ``_name_or_path``: a copy of the weights elsewhere gets its own key.)"""
+    import shutil
+
+    from conftest import tiny_config
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), path)  # the session's fixture directory stays untouched
+    a = AutoModelForCausalLM.from_pretrained(path)
+    a_again = AutoModelForCausalLM.from_pretrained(path)
+    assert zeroshot.request_cache_path(a) == zeroshot.request_cache_path(a_again)
+    torch.manual_seed(1)  # same config, other weights, written over the same files
+    AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer))).save_pretrained(path)
+    b = AutoModelForCausalLM.from_pretrained(path)
+    assert b.config.to_json_string(use_diff=False) == a.config.to_json_string(use_diff=False)
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
     assert zeroshot.request_cache_path(a) != zeroshot.request_cache_path(b)
-    assert zeroshot.request_cache_path(a) == zeroshot.request_cache_path(a)
