@@ -245,3 +245,22 @@ def test_bf16_model_through_compress_resume_and_reload(tiny_model_dir, corpus_fi
     with torch.no_grad():
         assert torch.equal(net(ids).logits, reloaded(ids).logits)
         assert torch.isfinite(reloaded(ids).logits.float()).all()
+
+
+def test_fingerprint_sees_every_weight_and_not_the_path(tiny_model_dir, tmp_path):
+    """A resume (or a cached zero-shot answer) never belongs to other weights: changing one value anywhere changes
+    the fingerprint; the same weights loaded from another directory keep it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from compress.engine.cache import model_fingerprint
+
+    src = tiny_model_dir("llama")
+    shutil.copytree(src, tmp_path / "copy")
+    a = AutoModelForCausalLM.from_pretrained(src)
+    assert model_fingerprint(a) == model_fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path / "copy"))
+    before = model_fingerprint(a)
+    with torch.no_grad():
+        a.model.layers[1].mlp.up_proj.weight[17, 5] += 1e-3  # one value, off any 4096-stride sample
+    assert model_fingerprint(a) != before

@@ -26,13 +26,14 @@ from ..output import fsync_dir
 
 
 def model_fingerprint(model) -> str:
-    """Cheap identity of a model: config plus a strided sample of every parameter's values."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """Identity of a model: its config (without the path it was loaded from) and every byte of every parameter
+    and buffer, so a resume or a cached answer never belongs to other weights (hashing is ~1 GB/s)."""
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.state_dict().items():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
