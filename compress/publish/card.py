@@ -23,7 +23,9 @@ def base_model_id(spec: str | None) -> str | None:
 
 def _front_matter(report: dict, base_model: str | None) -> str:
     methods = sorted({s["method"] for s in report.get("recipe", {}).get("stages", [])})
-    meta = {"library_name": "transformers", "tags": ["lrc", "low-rank", "compressed", *methods]}
+    # config.json says model_type "lrc", from which the hub cannot infer the task: name it
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["lrc", "low-rank", "compressed", *methods]}
     if base_model:
         meta = {"base_model": base_model, **meta}
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
@@ -83,7 +85,9 @@ def model_card(checkpoint: Path, repo_id: str, base_model: str | None = None) ->
     lines += ["## Use", "", "The compressed modules are defined in `modeling_lrc.py`, shipped in this repository:", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", ""]
+              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)', "```", "",
+              "`AutoModel` gives the bare decoder with the same modules (for serving stacks that use transformers' "
+              "remote-code path). Without `trust_remote_code=True` transformers refuses to load the model.", ""]
     if recipe:
         lines += ["## Recipe", "", "Reproduce with `lrc compress "
                   f"{report.get('model', 'MODEL')} --recipe lrc_recipe.yaml --out DIR`:", "",
