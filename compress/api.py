@@ -14,10 +14,11 @@ import yaml
 from . import __version__
 from .checkpoint import load, save_checkpoint
 from .checkpoint.modeling_lrc import LRC_FORMAT_VERSION
+from .checkpoint.save import base_of
 from .engine.pipeline import compress_blocks
 from .errors import LrcError
+from .models import cache_root, is_lrc_checkpoint, load_model, resolve_model_path
 from .output import atomic_dir, check_out
-from .models import cache_root, load_model, resolve_model_path
 from .plan import PlanRow, make_plan
 from .progress import Progress
 from .recipe import Recipe, load_recipe, parse_recipe
@@ -75,8 +76,9 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
     finally:
         bar.close()
     previous = getattr(model.config, "lrc", None) or {}
-    model.config.lrc = {"format_version": LRC_FORMAT_VERSION, "base_architecture": type(model).__name__,
-                        "modules": {**previous.get("modules", {}), **result["modules"]}}
+    base_type, base_arch = base_of(model)  # a loaded lrc checkpoint is a subclass of its base: record the base
+    model.config.lrc = {"format_version": LRC_FORMAT_VERSION, "base_model_type": base_type,
+                        "base_architecture": base_arch, "modules": {**previous.get("modules", {}), **result["modules"]}}
     if not keep_cache:
         result["cache"].clear()
     return build_report(result["rows"], before, count_params(model), {
@@ -191,6 +193,13 @@ def plan(model: str, recipe: Recipe | str | Path, cache_dir: str | Path | None =
             result["cache"].clear()
         return result["plan"]
     path = resolve_model_path(model)
+    if is_lrc_checkpoint(path):  # its own model type: the structure comes from lrc's loader, not AutoModel
+        from .checkpoint import load_config
+        from .checkpoint.modeling_lrc import LrcForCausalLM
+
+        with torch.device("meta"):
+            net = LrcForCausalLM._from_config(load_config(path))
+        return make_plan(net, recipe)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:

@@ -81,6 +81,9 @@ def _converted_gguf(gguf: Path) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "lrc_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    from .checkpoint.save import normalize_modes
+
+    normalize_modes(tmp)  # safetensors leaves its temporary file's mode 0600
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
     return target

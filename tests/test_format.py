@@ -254,3 +254,17 @@ def test_normalize_modes_fixes_temp_file_modes(tmp_path):
     finally:
         os.umask(mask)
     assert _modes(tmp_path) == {".": 0o775, "sub": 0o775, "a.safetensors": 0o664, "sub/b.json": 0o664}
+
+
+def test_plan_on_an_lrc_checkpoint_reads_its_structure(tiny_model_dir, corpus_file, tmp_path):
+    """``lrc plan CKPT`` with a compensation recipe: the checkpoint's own modules (low-rank) are planned, from the
+    config alone, without remote code."""
+    from compress import api
+    from compress.recipe import parse_recipe
+
+    api.compress(str(tiny_model_dir("llama")), tiny_recipe(corpus_file, param_ratio=0.5), tmp_path / "ck",
+                 cache_dir=tmp_path / "c", progress=False)
+    rows = api.plan(str(tmp_path / "ck"), parse_recipe({"stages": [{"method": "eora", "rank": 4}]}))
+    lowrank = [r for r in rows if r.base_params is not None]
+    assert rows and all(r.compensation for r in rows) and lowrank
+    assert all(r.params_after == r.params_before + 4 * (r.out_features + r.in_features) for r in rows)

@@ -69,7 +69,12 @@ def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
     base_type, base_arch = base_of(model)
     model.config.lrc = {**lrc, "format_version": LRC_FORMAT_VERSION, "base_model_type": base_type,
                         "base_architecture": base_arch}
-    model.save_pretrained(directory)
+    # the weights as they are in memory: transformers would otherwise convert some (fused MoE experts) back to the
+    # base model type's legacy layout, which only its own loader converts again, and lrc's model type is not that
+    import inspect
+
+    as_in_memory = "save_original_format" in inspect.signature(model.save_pretrained).parameters
+    model.save_pretrained(directory, **({"save_original_format": False} if as_in_memory else {}))
     path = directory / "config.json"
     path.write_text(json.dumps(lrc_config_dict(json.loads(path.read_text()), base_type, base_arch), indent=2,
                                sort_keys=True) + "\n")
