@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compress import revision  # noqa: E402
 from bench_quality import parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,17 +51,6 @@ EORA_STEPS = ["dense", "rtn", "eora-uniform", "eora-loss", "eora-energy"]
 EORA_RANK = 8
 
 
-def _revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(configs: list[str], jsonl: Path, cache: Path) -> None:
     import torch
     import transformers
@@ -75,7 +64,7 @@ def run(configs: list[str], jsonl: Path, cache: Path) -> None:
     tok = AutoTokenizer.from_pretrained(STORIES)
     text = TEXT.read_text()
     common = {"model": str(STORIES.name), "calibration": "selfgen 32x128 (seed 0)",
-              "eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": _revision(),
+              "eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": revision(),
               "torch": torch.__version__, "transformers": transformers.__version__}
     done = {json.loads(line)["config"] for line in jsonl.read_text().splitlines()} if jsonl.is_file() else set()
     for config in configs:
@@ -123,7 +112,7 @@ def run_eora(steps: list[str], jsonl: Path, cache: Path) -> None:
                   sum(r.out_features * r.in_features for r in rows) + 5e-7, 6)  # rank 8's extra parameters
     common = {"model": STORIES.name, "rtn": "4 bits, groups of 32 (scripts/rtn.py)",
               "calibration": "selfgen 16x128 (seed 0)",
-              "eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": _revision(),
+              "eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": revision(),
               "torch": torch.__version__, "transformers": transformers.__version__}
     done = {json.loads(line)["step"] for line in jsonl.read_text().splitlines()} if jsonl.is_file() else set()
     for step in steps:
