@@ -1,4 +1,4 @@
-"""Robustness figures: generated malformed recipes, failures injected at random points of a compression, and
+"""Robustness figures: generated malformed recipes, failures injected at every point of a compression, and
 rank-deficient calibration for every method and allocator."""
 import json
 import random
@@ -17,8 +17,7 @@ from compress.progress import Progress
 from conftest import tiny_recipe
 
 runner = CliRunner()
-N_RECIPES = 300
-N_KILLS = 12
+N_RECIPES = 1000
 
 # malformed recipes --------------------------------------------------------------------------------------------------
 
@@ -141,7 +140,7 @@ def test_generated_malformed_recipes_fail_in_one_line(bad_env):
     print(f"\nmalformed recipes tried: {len(tried)}, kinds: {sorted(set(tried))}")
 
 
-# failures injected at random points -----------------------------------------------------------------------------------
+# failures injected at every point -----------------------------------------------------------------------------------
 
 class Kill(BaseException):
     """Like a SIGKILL or Ctrl-C: not an Exception, so nothing on the way may swallow it."""
@@ -166,8 +165,9 @@ def _points(monkeypatch, model, recipe, tmp_path) -> list[str]:
 @pytest.mark.parametrize("objective", ["layer", "dense"])
 def test_kill_at_random_points_then_resume_is_byte_identical(objective, tiny_model_dir, corpus_file, tmp_path,
                                                              monkeypatch):
-    """Every phase of every block (statistics, decompose, propagate; block ends) is a point; a failure is injected
-    at randomly drawn points and ``--resume`` must write the reference checkpoint's bytes each time."""
+    """Every phase of every block (capture, statistics, decompose, propagate; block ends) is a point; a failure is
+    injected at each point, in a shuffled order, and ``--resume`` must write the reference checkpoint's bytes each
+    time."""
     model = str(tiny_model_dir("qwen2"))
     recipe = tiny_recipe(corpus_file, param_ratio=0.5, objective=objective)
     points = _points(monkeypatch, model, recipe, tmp_path)
@@ -175,7 +175,7 @@ def test_kill_at_random_points_then_resume_is_byte_identical(objective, tiny_mod
     ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir() if p.suffix in (".safetensors", ".json")
            and p.name != "lrc_report.json"}
     rng = random.Random(f"kill-{objective}")
-    chosen = sorted(rng.sample(range(len(points)), min(N_KILLS // 2, len(points))))
+    chosen = rng.sample(range(len(points)), len(points))
     real = Progress.phase
     for k, at in enumerate(chosen):
         count = {"n": 0}
@@ -195,7 +195,7 @@ def test_kill_at_random_points_then_resume_is_byte_identical(objective, tiny_mod
         assert not out.exists()
         monkeypatch.setattr(Progress, "phase", real)
         monkeypatch.setattr(pipeline, "after_block", lambda i: None)
-        resume = any((cache / "runs").glob("*/block_*.json")) if (cache / "runs").exists() else False
+        resume = (cache / "runs").is_dir() and any((cache / "runs").iterdir())  # a user resumes if anything is there
         api.compress(model, recipe, out, resume=resume, cache_dir=cache, progress=False)
         for name, data in ref.items():
             assert (out / name).read_bytes() == data, (points[at], name)
