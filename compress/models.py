@@ -6,6 +6,8 @@ model is cached once as a safetensors directory under ``<cache>/models/``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -51,6 +53,24 @@ def model_context(config) -> tuple[str, int] | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_tqdm():
+    """transformers' GGUF reader draws its own tqdm bar, which is a wall of carriage returns in a log; silence it
+    when stderr is not a terminal (lrc's progress prints its own plain lines there)."""
+    import sys
+
+    mod = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(mod, "tqdm", None)
+    if sys.stderr.isatty() or bar is None:
+        yield
+        return
+    mod.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        mod.tqdm = bar
+
+
 def _converted_gguf(gguf: Path) -> Path:
     """Convert a GGUF file to a float safetensors directory once; later calls reuse it.
 
@@ -67,8 +87,9 @@ def _converted_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _quiet_tqdm():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as err:  # noqa: BLE001 - the gguf reader and transformers raise many types for a bad file
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise LrcError(f"{gguf}: cannot read GGUF ({type(err).__name__}: {first})") from None
