@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -33,7 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LRC_SHARED", ROOT.parent / "shared"))
 CALIB = SHARED / "data" / "calib" / "wiki_passages.jsonl"
 WIKI = SHARED / "data" / "wikitext2" / "wikitext2_raw_test.jsonl"
-CONTENDED = 1.5  # 1-minute load average above which a timing on this 2-core machine is not the tool's own
+CONTENDED = 0.1  # share of the machine's CPU time used by OTHER processes during a run: above it, not lrc's timing
+
+
+def busy_jiffies() -> int:
+    """CPU time (clock ticks) all processes have spent on this machine so far (user, nice, system, irq, steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+
+
+def other_cpu_share(busy: int, children_cpu: float, wall: float) -> float:
+    """Share of the whole machine's CPU time that processes other than the measured run used during it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    return max(0.0, (busy / ticks - children_cpu) / (wall * (os.cpu_count() or 1)))
+
+
+def contention(r: dict) -> float | None:
+    """The measured other-process CPU share of a raw row (older rows only have load averages: None)."""
+    return r.get("other_cpu_share")
 
 
 def revision() -> str:
@@ -64,10 +82,10 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     contended = False
     for r in rows:
-        load = max(r.get("load_average_before", 0.0), r.get("load_average_after", 0.0))
+        share = contention(r)
         mark = ""
-        if load >= CONTENDED:
-            mark, contended = f" (load {load:.1f})", True
+        if share is None or share >= CONTENDED:
+            mark, contended = (" (contended?)" if share is None else f" (others {share:.0%})"), True
         secs = r.get("compress_seconds")
         fwd = r.get("forward_seconds")
         kept = "1" if r["method"] == "dense" else f"{r['kept']:g} ({r['kept_fraction_of_targeted']:.4f})"
@@ -76,9 +94,10 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['wikitext2_ppl']:,.2f} | {'–' if secs is None else f'{secs:.1f}{mark}'} | "
                      f"{'–' if fwd is None else f'{fwd:.1f}{mark}'} | {r['peak_rss_gib']:.2f} GiB |")
     if contended:
-        lines += ["", f"Timings marked (load X) were measured while the 1-minute load average was {CONTENDED} or "
-                  "more (other jobs on the same cores): they show that run, not lrc's speed. Perplexity and peak "
-                  "RSS do not depend on it."]
+        lines += ["", f"Timings marked (others X%) were measured while other processes used {CONTENDED:.0%} or more "
+                  "of the machine's CPU time (measured from /proc/stat minus the run's own CPU time); (contended?) "
+                  "marks rows recorded before that was measured. They show that run, not lrc's speed. Perplexity "
+                  "and peak RSS do not depend on it."]
     return "\n".join(lines)
 
 
@@ -153,7 +172,11 @@ def main() -> None:
                str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--engine", *a.engine,
                "--one", method, kept or "1"]
         load_before = os.getloadavg()[0]
+        busy0, kids0, t0 = busy_jiffies(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        share = other_cpu_share(busy_jiffies() - busy0, (kids1.ru_utime + kids1.ru_stime) -
+                                (kids0.ru_utime + kids0.ru_stime), time.monotonic() - t0)
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -161,6 +184,7 @@ def main() -> None:
         r.update(engine=engine, samples=a.samples, seq_len=a.seq_len, windows=a.windows,
                  threads=int(os.environ.get("LRC_THREADS", "2")), revision=revision(),
                  load_average_before=load_before, load_average_after=os.getloadavg()[0],
+                 other_cpu_share=round(share, 4),
                  measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if a.jsonl:
             with a.jsonl.open("a") as f:

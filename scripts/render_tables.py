@@ -69,8 +69,9 @@ def peers() -> str:
     for r in compress_rows():
         if r["method"] != "svd-llm":
             continue
-        load = max(r.get("load_average_before", 0.0), r.get("load_average_after", 0.0))
-        secs = f"{r['compress_seconds']:.1f} s" + (f" (load {load:.1f})" if load >= bench_compress.CONTENDED else "")
+        share = bench_compress.contention(r)
+        secs = f"{r['compress_seconds']:.1f} s" + ("" if share is not None and share < bench_compress.CONTENDED else
+                                                  " (contended?)" if share is None else f" (others {share:.0%})")
         key = (Path(r["model"]).name, r["kept"], bench_compress.engine_mode(r.get("engine", {})))
         found[key] = f"{r['wikitext2_ppl']:,.2f} / {secs} / {r['peak_rss_gib']:.2f} GiB"
     quality = {r["config"]: r for r in rows("quality-smollm2-32x256.jsonl")}  # same protocol, default engine
