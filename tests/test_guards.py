@@ -120,8 +120,8 @@ def test_dense_objective_reports_the_error_against_dense_outputs(tiny_model_dir,
         return seen[0].reshape(-1, seen[0].shape[-1]).double()
 
     X, Xc = inputs(dense), inputs(net)
-    W = dense.get_submodule(name).weight.double()
-    Wp = net.get_submodule(name).weight_approx.double()
+    W = dense.get_submodule(name).weight.detach().double()
+    Wp = net.get_submodule(name).weight_approx.detach().double()
     expected = float(torch.linalg.norm(X @ W.T - Xc @ Wp.T) / torch.linalg.norm(X @ W.T))
     row = next(r for r in report["modules"] if r["name"] == name)
     assert row["rel_error"] == pytest.approx(expected, rel=1e-3)
