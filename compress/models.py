@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -97,16 +96,12 @@ def _converted_gguf(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = str(gguf)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "lrc_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    from .checkpoint.save import normalize_modes
+    from .output import atomic_dir
 
-    normalize_modes(tmp)  # safetensors leaves its temporary file's mode 0600
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    with atomic_dir(target, overwrite=True) as tmp:  # a concurrent conversion may have finished first: same bytes
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "lrc_source.json").write_text(json.dumps({"gguf": str(gguf)}))
     return target
 
 

@@ -38,6 +38,29 @@ def check_out(out: Path, overwrite: bool) -> None:
             break
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` sets it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(directory: str | Path) -> None:
+    """Give ``directory`` and everything under it the mode a plain write gives under the umask. safetensors writes
+    through a temporary file that keeps mode 0600, which would make a shared checkpoint unreadable to others."""
+    mask = umask()
+    directory = Path(directory)
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def fsync_tree(directory: Path) -> None:
     """Flush every file under ``directory`` and the directories themselves to disk."""
     for root, _, files in os.walk(directory):
@@ -74,8 +97,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished directory ``tmp`` to ``out``, replacing an existing ``out`` without a window in which
-    neither is whole."""
+    """Move the finished directory ``tmp`` to ``out`` with the modes a plain write gives (``normalize_modes``),
+    replacing an existing ``out`` without a window in which neither is whole."""
+    normalize_modes(tmp)
     fsync_tree(tmp)
     if out.exists():
         if _exchange(tmp, out):  # now ``out`` is the new checkpoint and ``tmp`` the old one

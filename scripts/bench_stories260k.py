@@ -51,9 +51,22 @@ EORA_STEPS = ["dense", "rtn", "eora-uniform", "eora-loss", "eora-energy"]
 EORA_RANK = 8
 
 
-def run(configs: list[str], jsonl: Path, cache: Path) -> None:
+def provenance() -> dict:
+    """What every raw row records about how it was measured: the eval text, the code and library versions."""
     import torch
     import transformers
+
+    return {"eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": revision(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def finished(jsonl: Path, key: str) -> set:
+    """The ``key`` of every row already in ``jsonl`` (a rerun measures only what is missing)."""
+    return {json.loads(line)[key] for line in jsonl.read_text().splitlines()} if jsonl.is_file() else set()
+
+
+def run(configs: list[str], jsonl: Path, cache: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compress import compress_model
@@ -64,9 +77,8 @@ def run(configs: list[str], jsonl: Path, cache: Path) -> None:
     tok = AutoTokenizer.from_pretrained(STORIES)
     text = TEXT.read_text()
     common = {"model": str(STORIES.name), "calibration": "selfgen 32x128 (seed 0)",
-              "eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": revision(),
-              "torch": torch.__version__, "transformers": transformers.__version__}
-    done = {json.loads(line)["config"] for line in jsonl.read_text().splitlines()} if jsonl.is_file() else set()
+              **provenance()}
+    done = finished(jsonl, "config")
     for config in configs:
         if config in done:
             continue
@@ -93,7 +105,6 @@ def run(configs: list[str], jsonl: Path, cache: Path) -> None:
 
 def run_eora(steps: list[str], jsonl: Path, cache: Path) -> None:
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compress import api
@@ -112,9 +123,8 @@ def run_eora(steps: list[str], jsonl: Path, cache: Path) -> None:
                   sum(r.out_features * r.in_features for r in rows) + 5e-7, 6)  # rank 8's extra parameters
     common = {"model": STORIES.name, "rtn": "4 bits, groups of 32 (scripts/rtn.py)",
               "calibration": "selfgen 16x128 (seed 0)",
-              "eval": f"{TEXT.relative_to(ROOT)}, non-overlapping 128-token windows", "revision": revision(),
-              "torch": torch.__version__, "transformers": transformers.__version__}
-    done = {json.loads(line)["step"] for line in jsonl.read_text().splitlines()} if jsonl.is_file() else set()
+              **provenance()}
+    done = finished(jsonl, "step")
     for step in steps:
         if step in done:
             continue

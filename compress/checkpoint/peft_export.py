@@ -18,7 +18,6 @@ from torch import nn
 
 from ..errors import LrcError
 from .modeling_lrc import CompensatedLinear
-from .save import normalize_modes
 
 
 def export_peft(model, directory: Path, base_model_name_or_path: str) -> list[str]:
@@ -46,5 +45,4 @@ def export_peft(model, directory: Path, base_model_name_or_path: str) -> list[st
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(directory / "adapter_model.safetensors"))
-    normalize_modes(directory)  # safetensors leaves its temporary file's mode 0600
     return sorted(mods)

@@ -7,10 +7,10 @@ modules}`` and ``auto_map`` to the classes of ``modeling_lrc.py``, which is copi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from ..output import normalize_modes
 from .modeling_lrc import AUTO_MAP, LRC_FORMAT_VERSION
 
 MODELING_FILE = Path(__file__).with_name("modeling_lrc.py")
@@ -35,29 +35,6 @@ def lrc_config_dict(config: dict, base_model_type: str, base_architecture: str) 
                "base_architecture": base_architecture}
     return {**config, "model_type": "lrc", "architectures": ["LrcForCausalLM"], "auto_map": dict(AUTO_MAP),
             "lrc": section}
-
-
-def umask() -> int:
-    """The process umask, read without changing it where Linux shows it (``os.umask`` sets it for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def normalize_modes(directory: str | Path) -> None:
-    """Give ``directory`` and everything under it the mode a plain write gives under the umask. safetensors writes
-    through a temporary file that keeps mode 0600, which would make a shared checkpoint unreadable to others."""
-    mask = umask()
-    directory = Path(directory)
-    for path in [directory, *directory.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_checkpoint(model, tokenizer, directory: str | Path) -> None:

@@ -43,6 +43,18 @@ def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None
                 mod._buffers[k] = b.to(device)
 
 
+def map_shared(obj, fn):
+    """``map_tensors`` that applies ``fn`` once per distinct tensor: a tensor several blocks share (the rotary
+    table) stays one tensor after the move."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def once(t):
+        if id(t) not in memo:
+            memo[id(t)] = fn(t)
+        return memo[id(t)]
+    return map_tensors(obj, once)
+
+
 def _same(a, b) -> bool:
     """Equal values, tensors compared exactly (dtype, shape and elements)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -82,13 +94,7 @@ class BlockKwargs:
 
     def to(self, device) -> BlockKwargs:
         """A copy on ``device``; a tensor the sets share (one rotary table for all) is moved once."""
-        memo: dict[int, torch.Tensor] = {}
-
-        def move(t):
-            if id(t) not in memo:
-                memo[id(t)] = t.to(device)
-            return memo[id(t)]
-        return BlockKwargs([map_tensors(s, move) for s in self.sets], list(self.index))
+        return BlockKwargs(map_shared(self.sets, lambda t: t.to(device)), list(self.index))
 
     def state(self) -> dict:
         """What the run cache saves (``torch.save``-able, loads with ``weights_only``)."""
@@ -139,14 +145,7 @@ def capture_kwargs(model, blocks: nn.ModuleList, ids: torch.Tensor, device) -> B
     missing = [i for i, kw in enumerate(per_block) if kw is None]
     if missing:
         raise RuntimeError(f"{type(model).__name__}: decoder blocks {missing} were not called in a forward pass")
-    memo: dict[int, torch.Tensor] = {}  # one CPU copy of a tensor shared by several blocks
-
-    def to_cpu(t):
-        if id(t) not in memo:
-            memo[id(t)] = t.detach().cpu()
-        return memo[id(t)]
-
-    return BlockKwargs.collect([map_tensors(kw, to_cpu) for kw in per_block])
+    return BlockKwargs.collect(map_shared(per_block, lambda t: t.detach().cpu()))
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import __version__
 from ..calibration import check_context
