@@ -61,12 +61,17 @@ def normalize_modes(directory: str | Path) -> None:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to disk (also what other processes wrote to it through a shared memory map)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_tree(directory: Path) -> None:
     """Flush every file under ``directory`` and the directories themselves to disk."""
     for root, _, files in os.walk(directory):
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(os.path.join(root, name))
         fsync_dir(Path(root))
 
 

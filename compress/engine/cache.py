@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LrcError
-from ..output import fsync_dir
+from ..output import fsync_dir, fsync_file
 
 
 def model_fingerprint(model) -> str:
@@ -37,11 +37,6 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def digest(path: Path) -> dict:
     """Size and SHA-256 of a file, as recorded in a finished block's JSON."""
     with open(path, "rb") as f:
@@ -52,7 +47,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` as safetensors atomically (temp file flushed to disk, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path) + ".tmp")
-    _fsync(Path(str(path) + ".tmp"))
+    fsync_file(Path(str(path) + ".tmp"))
     os.replace(str(path) + ".tmp", path)
 
 
@@ -107,7 +102,7 @@ class RunCache:
     def save_kwargs(self, kwargs: dict, stream: str = "acts") -> None:
         path = self._kwargs_path(stream)
         torch.save(kwargs, str(path) + ".tmp")
-        _fsync(Path(str(path) + ".tmp"))
+        fsync_file(Path(str(path) + ".tmp"))
         os.replace(str(path) + ".tmp", path)
 
     def load_kwargs(self, stream: str = "acts") -> dict | None:
@@ -131,7 +126,7 @@ class RunCache:
         save_tensors(st, tensors)
         needed = [st, *sorted(self.dir.glob(f"*_{i + 1}.bin")), *sorted(self.dir.glob("kwargs*.pt"))]
         for path in needed:
-            _fsync(path)
+            fsync_file(path)
         info = {**info, "files": {p.name: digest(p) for p in needed}}
         tmp = self.dir / f"block_{i}.json.tmp"
         with open(tmp, "w") as f:
