@@ -51,7 +51,7 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
 @app.command()
 def methods() -> None:
     """List the registered decomposition methods and rank allocators (a stage's ``allocator``)."""
-    from .allocation import ALLOCATORS, DESCRIPTIONS, needs
+    from .allocation import ALLOCATORS
     from .methods import METHODS
 
     table = Table(title="lrc methods")
@@ -64,8 +64,8 @@ def methods() -> None:
     table = Table(title="rank allocators (stage field allocator)")
     for col in ("allocator", "needs", "description"):
         table.add_column(col)
-    for name in ALLOCATORS:
-        table.add_row(name, needs(name), DESCRIPTIONS[name])
+    for entry in ALLOCATORS.values():
+        table.add_row(entry.name, entry.needs, entry.description)
     out.print(table)
 
 
@@ -83,11 +83,14 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
         _fail(e)
     last = max(r.block for r in rows)
     table = Table(title=f"plan: {recipe.name} on {model}")
-    for col in ("module", "method", "shape (out x in)", "rank", "params before", "params after", "note"):
+    for col in ("module", "method", "shape (out x in)", "rank / kept dims", "params before", "params after",
+                "note"):
         table.add_column(col)
     for r in rows:
         if all_rows or r.block in (0, last):
-            table.add_row(r.name, r.method, f"{r.out_features} x {r.in_features}", str(r.rank or "data"),
+            unit = hasattr(r, "members")  # a group of modules (MoDeGPT): its knob is a number of kept dims
+            table.add_row(r.name, r.method, r.describe() if unit else f"{r.out_features} x {r.in_features}",
+                          str(r.knob if unit else r.rank or "data"),
                           f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
                           r.note)
     out.print(table)
@@ -302,9 +305,13 @@ def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint director
     stored = json.loads((checkpoint / "config.json").read_text())["lrc"].get("format_version", 1)
     fmt = f"lrc format {stored}" + (f", read as {lrc['format_version']}" if stored != lrc["format_version"] else "")
     table = Table(title=f"{checkpoint} ({lrc['base_architecture']}, {fmt})")
-    for col in ("module", "type", "shape (out x in)", "rank"):
+    for col in ("module", "type", "shape (out x in)", "rank / head dims"):
         table.add_column(col)
     for name, spec in lrc["modules"].items():
+        if spec["type"] == "attention":  # per-layer head dims (MoDeGPT): q/k and v/o of the original head dim
+            table.add_row(name, "attention", f"{spec['num_heads']} heads, {spec['num_kv_heads']} KV heads",
+                          f"q/k {spec['qk_dim']}/{spec['head_dim']}, v/o {spec['vo_dim']}/{spec['head_dim']}")
+            continue
         table.add_row(name, spec["type"], f"{spec['out_features']} x {spec['in_features']}",
                       str(spec.get("rank", "-")))
     out.print(table)

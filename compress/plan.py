@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .allocation import allocate
+from .allocation import allocate, cost_of
 from .errors import LrcError
 from .recipe import Recipe
 
@@ -35,7 +35,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 @dataclass
 class PlanRow:
-    """One targeted matrix: its shape, the chosen rank (None = decided from data) and the resulting parameters."""
+    """One targeted matrix: its shape, the chosen rank (None = decided from data) and the resulting parameters, which
+    its cost model (``allocation/cost.py``; a compensation row's is ``residual``) computes."""
 
     name: str
     stage: int
@@ -51,6 +52,11 @@ class PlanRow:
     standalone: bool = True  # False when an earlier stage already counts this module's parameters
     base_params: int | None = None  # parameters of an already-compressed module (None: a dense Linear)
     align: int = 1  # the stage's ``align``: every allocator rounds this row's rank to a multiple of it
+    cost_model: str = "lowrank"  # name in allocation.COST_MODELS: parameters at a rank
+
+    def __post_init__(self):
+        if self.compensation and self.cost_model == "lowrank":
+            self.cost_model = "residual"
 
     @property
     def params_before(self) -> int:
@@ -64,12 +70,13 @@ class PlanRow:
     def params_after(self) -> int | None:
         if self.factorize is None:
             return None
-        b = self.out_features if self.bias else 0
-        if self.compensation:
-            return self.params_before + self.rank * (self.out_features + self.in_features)
-        if not self.factorize:
+        if not self.factorize and not self.compensation:
             return self.params_before
-        return self.rank * (self.out_features + self.in_features) + b
+        return cost_of(self).params(self, self.rank)
+
+    def describe(self) -> str:
+        """The knob in words (``rank 123``), from the cost model."""
+        return cost_of(self).describe(self)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
@@ -77,14 +84,14 @@ class PlanRow:
 
 def linear_units(block: nn.Module):
     """``(name, module)`` of every Linear-like unit: ``nn.Linear``, or an lrc replacement module as a whole (its
-    inner Linears are not units of their own)."""
-    from .checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
+    inner Linears are not units of their own; ``checkpoint/units.py``)."""
+    from .checkpoint.units import is_unit
 
     skip: list[str] = []
     for sub, mod in block.named_modules():
         if any(sub.startswith(p + ".") for p in skip):
             continue
-        if isinstance(mod, (LowRankLinear, CompensatedLinear)):
+        if is_unit(mod):
             skip.append(sub)
             yield sub, mod
         elif isinstance(mod, nn.Linear):
@@ -134,6 +141,8 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
     owner: dict[str, int] = {}
     out = []
     for si, stage in enumerate(recipe.stages):
+        if METHODS[stage.method].unit == "block":  # groups of modules by role: plan_units.unit_rows
+            continue
         compensation = METHODS[stage.method].kind == "compensation"
         try:
             targets = [re.compile(t) for t in stage.targets] if stage.targets else None
@@ -185,7 +194,21 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
                             base_params=None if isinstance(mod, nn.Linear) else
                             sum(p.numel() for p in mod.parameters()), align=stage.align))
         seen.add(name)
+    owner = {r.name: r.stage for r in rows if not r.compensation}
     for si, stage in enumerate(recipe.stages):
+        if METHODS[stage.method].unit == "block":
+            from .plan_units import allocate_units, check_stage, unit_rows
+
+            check_stage(stage, si, recipe)
+            units, _notes = unit_rows(model, recipe, si, owner)
+            if stage.allocator == "uniform":
+                allocate_units(stage, units)
+            else:
+                for u in units:
+                    u.note = f"{stage.allocator} allocator (needs the dense pre-pass)" + \
+                        (f"; {u.remark}" if u.remark else "")
+            rows.extend(units)
+            continue
         allocate(stage, [r for r in rows if r.stage == si])
     return rows
 

@@ -95,10 +95,12 @@ class StageConfig(_Strict):
     param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
     rank: int | None = Field(None, ge=1)
     energy: float | None = None
-    allocator: Literal["uniform", "energy", "welore", "loss", "sensitivity"] = Field(
-        "uniform", description="uniform: same ratio per matrix; energy / welore / loss: one global budget over the "
-                               "stage's matrices from their spectra (see compress/allocation)")
-    allocator_options: dict[str, Any] = Field(default_factory=dict, description="welore: target; loss: normalize; sensitivity: ratios, samples")
+    allocator: str = Field(
+        "uniform", description="a registered allocator (lrc methods): uniform: same ratio per matrix; energy / welore "
+                               "/ loss / sensitivity: one global budget over the stage's matrices from their spectra "
+                               "(see compress/allocation)")
+    allocator_options: dict[str, Any] = Field(default_factory=dict, description="the allocator's options (welore: "
+                                              "target; loss: mode, normalize; sensitivity: ratios, samples)")
     targets: list[str] | None = Field(DEFAULT_TARGETS, description="regexes on module names (re.search)")
     ignore: list[str] = Field(default_factory=list)
     align: int = Field(1, ge=1, description="round ranks down to a multiple of this")
@@ -112,6 +114,24 @@ class StageConfig(_Strict):
     def _known_method(cls, v: str) -> str:
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; registered: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("allocator")
+    @classmethod
+    def _known_allocator(cls, v: str) -> str:
+        from .allocation import ALLOCATORS
+
+        if v not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {v!r}; registered: {', '.join(sorted(ALLOCATORS))}")
+        return v
+
+    @field_validator("allocator_options")
+    @classmethod
+    def _allocator_options(cls, v: dict, info):
+        from .allocation import ALLOCATORS
+
+        if info.data.get("allocator") in ALLOCATORS:  # an unknown allocator is reported on its own field
+            ALLOCATORS[info.data["allocator"]].check_options(v)
         return v
 
     @field_validator("param_ratio", "energy")
@@ -137,22 +157,34 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _compensation_budget(self):
+        from .allocation import ALLOCATORS
+
         if METHODS[self.method].kind == "compensation" and (
-                self.energy is not None or self.allocator not in ("uniform", "loss", "energy")):
+                self.energy is not None or "residual" not in ALLOCATORS[self.allocator].unit_kinds):
+            able = [n for n, a in ALLOCATORS.items() if "residual" in a.unit_kinds]
+            able = " or ".join(filter(None, (", ".join(able[:-1]), able[-1])))
             raise ValueError(f"{self.method} adds a residual: give its rank or param_ratio (extra parameters as a "
-                             "fraction of each matrix) with the uniform, loss or energy allocator")
+                             f"fraction of each matrix) with the {able} allocator")
+        return self
+
+    @model_validator(mode="after")
+    def _allocator_fits_method(self):
+        from .allocation import ALLOCATORS
+
+        method = METHODS[self.method]
+        if method.kind != "compensation" and not set(ALLOCATORS[self.allocator].unit_kinds) & set(
+                method.unit_kinds_all):
+            able = [n for n, a in ALLOCATORS.items() if set(a.unit_kinds) & set(method.unit_kinds_all)]
+            raise ValueError(f"allocator {self.allocator} cannot allocate {self.method}'s units; use "
+                             + " or ".join(able))
         return self
 
     @model_validator(mode="after")
     def _global_needs_ratio(self):
-        if self.allocator != "uniform" and self.param_ratio is None:
-            raise ValueError(f"allocator {self.allocator} distributes a param_ratio budget; give param_ratio")
-        from .allocation import OPTIONS
+        from .allocation import ALLOCATORS
 
-        if self.allocator in OPTIONS:
-            OPTIONS[self.allocator].model_validate(self.allocator_options)
-        elif self.allocator_options:
-            raise ValueError(f"allocator {self.allocator} takes no allocator_options")
+        if ALLOCATORS[self.allocator].is_global and self.param_ratio is None:
+            raise ValueError(f"allocator {self.allocator} distributes a param_ratio budget; give param_ratio")
         return self
 
     @property
@@ -200,10 +232,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _stage_calibration(self):
+        from .allocation import ALLOCATORS
+
         for i, st in enumerate(self.stages):
             if st.calibration is None:
                 continue
-            if st.allocator != "uniform":
+            if ALLOCATORS[st.allocator].is_global:
                 raise ValueError(f"stages[{i}].calibration: global allocators read the recipe's calibration; use "
                                  "allocator uniform or move this set to calibration")
             if self.engine.objective == "dense":

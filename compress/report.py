@@ -36,19 +36,39 @@ def peak_rss_gib() -> float:
 def build_report(rows: list[dict], before: dict, after: dict, extra: dict) -> dict:
     pb = sum(r["params_before"] for r in rows)
     pa = sum(r["params_after"] for r in rows)
-    return {
+    targeted = {"modules": len({r["name"] for r in rows}),
+                "factorized": sum(r["type"] == "lowrank" for r in rows),
+                "kept_dense": sum(r["type"] == "dense" for r in rows),
+                "compensated": sum(r["type"] == "compensated" for r in rows), "params_before": pb,
+                "params_after": pa, "kept_fraction_of_targeted": pa / pb if pb else None}
+    structured = [r for r in rows if r["type"] == "structured"]
+    if structured:  # units of modules (MoDeGPT): how many, and the kept share of each block
+        targeted["structured_units"] = len(structured)
+    report = {
         **extra,
         "ratio_definition": RATIO_DEFINITION,
-        "targeted": {"modules": len({r["name"] for r in rows}),
-                     "factorized": sum(r["type"] == "lowrank" for r in rows),
-                     "kept_dense": sum(r["type"] == "dense" for r in rows),
-                     "compensated": sum(r["type"] == "compensated" for r in rows), "params_before": pb,
-                     "params_after": pa, "kept_fraction_of_targeted": pa / pb if pb else None},
+        "targeted": targeted,
         "model_params": {"before": before, "after": after,
                          "kept_fraction_of_model": after["total"] / before["total"]},
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "modules": rows,
     }
+    if structured:
+        report["blocks"] = block_fractions(structured)
+    return report
+
+
+def block_fractions(rows: list[dict]) -> list[dict]:
+    """Per block: the structured units' parameters before/after, the kept fraction, and the allocator's target."""
+    out: dict[int, dict] = {}
+    for r in rows:
+        b = out.setdefault(r["block"], {"block": r["block"], "params_before": 0, "params_after": 0,
+                                        "kept_fraction_target": r.get("kept_fraction_target")})
+        b["params_before"] += r["params_before"]
+        b["params_after"] += r["params_after"]
+    for b in out.values():
+        b["kept_fraction"] = b["params_after"] / b["params_before"] if b["params_before"] else None
+    return [out[k] for k in sorted(out)]
 
 
 def write_report(directory: Path, report: dict) -> None:
@@ -64,13 +84,21 @@ def summary_table(report: dict) -> Table:
     mp = report["model_params"]
     table = Table(title="lrc compression summary", show_header=False)
     comp = f", {t['compensated']} compensated" if t.get("compensated") else ""
-    table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept dense"
-                                      f"{comp})")
+    if t.get("structured_units"):
+        table.add_row("targeted units", f"{t['structured_units']} structured (groups of Linears rebuilt smaller)")
+    else:
+        table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept "
+                                          f"dense{comp})")
     table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
                                      f"(kept {t['kept_fraction_of_targeted']:.4f})")
     table.add_row("model params (all)", f"{mp['before']['total']:,} → {mp['after']['total']:,} "
                                         f"(kept {mp['kept_fraction_of_model']:.4f}, embeddings+head included)")
     errs = [r["rel_error"] for r in report["modules"] if r["type"] == "lowrank"]
+    blocks = report.get("blocks")
+    if blocks:
+        fr = [b["kept_fraction"] for b in blocks]
+        table.add_row("kept per block", f"min {min(fr):.3f}, max {max(fr):.3f} (" +
+                      " ".join(f"{f:.2f}" for f in fr) + ")")
     if errs:
         table.add_row("weighted rel. error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
     ph = report.get("phase_seconds", {})

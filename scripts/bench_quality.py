@@ -6,7 +6,9 @@ fraction of decoder-block Linear parameters kept (embeddings and lm_head exclude
 Each configuration runs in its own process (its own peak RSS); results are appended to --jsonl as they finish, so an
 interrupted run keeps what it measured. A configuration is METHOD[+OPTION=VALUE...]@ALLOCATOR:KEPT[#ENGINE=VALUE,...],
 e.g. ``fwsvd+axis=output@uniform:0.8``, ``svd-llm@energy:0.6`` or ``asvd@uniform:0.8#propagate=original``; append
-``>eora=R`` for an EoRA stage of rank R after it (``svd-llm@uniform:0.6>eora=16``); ``dense`` needs no suffix.
+``>eora=R`` for an EoRA stage of rank R after it (``svd-llm@uniform:0.6>eora=16``); ``dense`` needs no suffix. A
+list-valued option takes ``/``-separated values (``modegpt+modules=qk/vo@uniform:0.8``; ``modules=mlp`` is a one-element
+list). ``--save DIR`` also writes each compressed model as an lrc checkpoint DIR/<safe config name> (``safe_name``).
 
     python scripts/bench_quality.py --model smollm2 --jsonl docs/results/quality.jsonl --plot docs/quality.png
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,12 +32,37 @@ DEFAULT = ["dense"] + [f"{m}@uniform:{k}" for k in (0.8, 0.6) for m in METHODS] 
           [f"svd-llm@{a}:{k}" for k in (0.8, 0.6) for a in ("energy", "welore", "loss")]
 
 
+def _value(v: str):
+    return float(v) if v.replace(".", "", 1).isdigit() else {"true": True, "false": False}.get(v, v)
+
+
 def _values(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` items; ``A/B/C`` is a list (``modules=qk/vo``), and ``parse`` makes a single value of a
+    list-typed method option a one-element list (``modules=mlp``)."""
     out = {}
     for o in pairs:
         k, v = o.split("=")
-        out[k] = float(v) if v.replace(".", "", 1).isdigit() else {"true": True, "false": False}.get(v, v)
+        out[k] = [_value(x) for x in v.split("/")] if "/" in v else _value(v)
     return out
+
+
+def _listify(method: str, options: dict) -> dict:
+    """Wrap scalar values of list-typed options of METHOD (from its config class) in a list."""
+    import typing
+
+    from compress.methods import get_method
+
+    try:
+        fields = get_method(method).config_cls.model_fields
+    except KeyError:
+        return options
+    return {k: [v] if k in fields and typing.get_origin(fields[k].annotation) is list and not isinstance(v, list)
+            else v for k, v in options.items()}
+
+
+def safe_name(config: str) -> str:
+    """A directory name for CONFIG (``modegpt+modules=qk/vo@uniform:0.8`` -> ``modegpt+modules=qk_vo_uniform_0.8``)."""
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", config)
 
 
 def parse(config: str) -> dict:
@@ -50,10 +78,12 @@ def parse(config: str) -> dict:
             "eora_rank": int(eora.split("=")[1]) if eora else None}
 
 
-def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, cache: str) -> dict:
+def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, cache: str,
+        save: Path | None = None) -> dict:
     import torch
 
     from compress import compress_model
+    from compress.api import save as save_checkpoint
     from compress.eval.perplexity import perplexity
     from compress.models import load_model
     from compress.recipe import parse_recipe
@@ -61,6 +91,7 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
 
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
     c = parse(config)
+    c["options"] = _listify(c["method"], c["options"])
     model, tok, _ = load_model(model_spec)
     out = {"config": config, "model": model_spec, **c, "calibration": f"{samples}x{seq_len}"}
     if c["method"] != "dense":
@@ -78,6 +109,9 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
     text = "\n\n".join(json.loads(line)["text"] for line in WIKI.read_text().splitlines())
     res = perplexity(model, tok, text, seq_len=512, max_windows=windows, batch_size=4)
     out.update({"perplexity": res.perplexity, "eval_tokens": res.tokens})
+    if save is not None and c["method"] != "dense":  # an lrc checkpoint, as `lrc compress` writes it
+        report["model"] = model_spec
+        out["checkpoint"] = str(save_checkpoint(model, tok, save / safe_name(config), report, overwrite=True))
     return out
 
 
@@ -134,6 +168,8 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc"))
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--save", type=Path, metavar="DIR",
+                    help="save each compressed model as an lrc checkpoint DIR/<config, made a safe name>")
     ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -141,7 +177,7 @@ def main() -> None:
         print(markdown([json.loads(line) for line in a.jsonl.read_text().splitlines()]))
         return
     if a.one:
-        print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.cache)))
+        print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.cache, a.save)))
         return
     done = {json.loads(line)["config"] for line in a.jsonl.read_text().splitlines()} if a.jsonl.is_file() else set()
     for config in a.configs:
@@ -149,7 +185,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--model", a.model, "--samples", str(a.samples), "--seq-len",
                str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--jsonl", str(a.jsonl),
-               "--one", config]
+               "--one", config] + (["--save", str(a.save)] if a.save else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

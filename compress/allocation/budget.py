@@ -1,34 +1,35 @@
-"""Shared arithmetic of the global allocators: parameters of a row at a rank, and setting the chosen rank."""
+"""Shared arithmetic of the allocators: parameters of a row at a knob, and setting the chosen knob, all through the
+row's cost model (``cost.py``)."""
 from __future__ import annotations
 
-import math
-
-from ..linalg import align_rank, breakeven_rank, saves_parameters
+from .cost import cost_of
 
 
 def params_at(row, rank: int) -> int:
-    """Parameters of ``row`` at ``rank``, or dense when that rank would not save any (weights + bias)."""
-    m, n = row.out_features, row.in_features
-    b = m if row.bias else 0
-    rank = align_rank(rank, row.align, m, n)
-    return rank * (m + n) + b if saves_parameters(m, n, rank) else m * n + b
+    """Parameters of ``row`` at ``rank`` (aligned first), or dense when that rank would not save any (weights +
+    bias)."""
+    cost = cost_of(row)
+    return cost.params(row, cost.align(row, rank))
 
 
 def max_saving_rank(row) -> int:
     """Largest rank (a multiple of the row's ``align``) that still saves parameters (0 if none does)."""
-    r = math.ceil(breakeven_rank(row.out_features, row.in_features)) - 1
-    r -= r % row.align
-    while r > 0 and not saves_parameters(row.out_features, row.in_features, r):
-        r -= row.align
-    return max(r, 0)
+    return cost_of(row).max_saving(row)
+
+
+def settle(row, rank: int, up: bool = False) -> bool:
+    """Set ``row.rank`` (aligned, ``up`` or down) and ``row.factorize`` (whether it saves parameters); the latter."""
+    cost = cost_of(row)
+    row.rank = cost.align(row, rank, up=up)
+    row.factorize = cost.saves(row, row.rank)
+    return row.factorize
 
 
 def set_rank(row, rank: int, note: str = "") -> None:
-    rank = align_rank(rank, row.align, row.out_features, row.in_features)
-    row.rank = rank
-    row.factorize = saves_parameters(row.out_features, row.in_features, rank)
-    row.note = note if row.factorize else (f"{note}; " if note else "") + \
-        f"kept dense: rank {rank} >= break-even {breakeven_rank(row.out_features, row.in_features):.1f}"
+    if settle(row, rank):
+        row.note = note
+    else:
+        row.note = (f"{note}; " if note else "") + cost_of(row).dense_note(row, row.rank)
 
 
 def budget_params(rows, ratio: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..linalg import rank_for_energy
 from .budget import bisect, budget_params, params_at, set_rank
+from .registry import register_allocator
 from .residual import residual_energy
 
 
@@ -24,3 +25,6 @@ def energy(stage, rows, spectra, options) -> None:
     for r in rows:
         set_rank(r, rank_for_energy(spectra[r.name], e), f"energy {e:.4f}")
 
+
+register_allocator("energy", energy, reads="method", unit_kinds=("linear", "residual"),
+                   description="one global fraction of spectral energy kept in every matrix, solved for the budget")

@@ -19,8 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..linalg import rank_for_ratio
 from .budget import bisect, max_saving_rank, params_at, set_rank
+from .cost import cost_of
+from .registry import register_allocator
 from .residual import residual_loss
 
 
@@ -35,21 +36,26 @@ def module_type(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name, count=1)
 
 
-def _candidates(r, spectrum, normalize: bool) -> list[tuple[float, str]]:
-    """Each extra direction of ``r`` after the first, valued by the loss it removes per parameter it costs."""
+def _candidates(r, spectrum, normalize: bool) -> list[tuple[float, str, int]]:
+    """Each extra direction of ``r`` after the first, valued by the loss it removes per parameter it costs:
+    ``(value, name, cost)``, the cost from the row's cost model."""
     s2 = spectrum.double() ** 2
     total = float(s2.sum()) if normalize else 1.0
     k = r.align  # with ``align`` a candidate is the next k directions together
-    cost = (r.out_features + r.in_features) * k
-    return [(float(s2[j:j + k].sum()) / (total or 1.0) / cost, r.name) for j in range(k, max_saving_rank(r), k)]
+    params = cost_of(r).params
+    out = []
+    for j in range(k, max_saving_rank(r), k):
+        cost = params(r, j + k) - params(r, j)
+        out.append((float(s2[j:j + k].sum()) / (total or 1.0) / cost, r.name, cost))
+    return out
 
 
-def _take(candidates, ranks, cost_of, step, used: int, budget: float) -> int:
+def _take(candidates, ranks, step, used: int, budget: float) -> int:
     """Walk candidates by value; add a direction wherever it still fits (each matrix's are in order)."""
-    for _, name in candidates:
-        if used + cost_of[name] <= budget:
+    for _, name, cost in candidates:
+        if used + cost <= budget:
             ranks[name] += step[name]
-            used += cost_of[name]
+            used += cost
     return used
 
 
@@ -61,7 +67,6 @@ def loss(stage, rows, spectra, options) -> None:
     for r in rows:
         groups.setdefault(module_type(r.name), []).append(r)
     step = {r.name: r.align for r in rows}
-    cost_of = {r.name: (r.out_features + r.in_features) * r.align for r in rows}
     ranks = {r.name: r.align for r in rows}  # every factorised matrix keeps at least one (aligned) step
     if opts.mode == "ratio":
         for members in groups.values():
@@ -75,10 +80,10 @@ def loss(stage, rows, spectra, options) -> None:
             used += sum(params_at(r, ranks[r.name]) for r in members)
         else:
             base = sum(params_at(r, r.align) for r in members)
-            used += _take(cands, ranks, cost_of, step, base, budget)
+            used += _take(cands, ranks, step, base, budget)
         leftovers += _remaining(cands, ranks, members)
     # the groups' rounding leaves less than one direction each: spend it on the best remaining ones overall
-    _take(sorted(leftovers, key=lambda c: -c[0]), ranks, cost_of, step, used,
+    _take(sorted(leftovers, key=lambda c: -c[0]), ranks, step, used,
           stage.param_ratio * sum(r.params_before for r in rows))
     for r in rows:
         set_rank(r, ranks[r.name], f"loss-allocated ({module_type(r.name)})")
@@ -102,7 +107,7 @@ def _ratio_ranks(stage, members, spectra, normalize: bool) -> dict[str, int]:
     weight = {}
     for r in members:
         s2 = spectra[r.name].double() ** 2
-        k = rank_for_ratio(r.out_features, r.in_features, stage.param_ratio, stage.align)
+        k = cost_of(r).knob_for(r, stage.param_ratio)
         loss = float(s2[k:].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
         weight[r.name] = -math.log(min(max(loss, 1e-12), 1 - 1e-12)) if normalize else 1 / math.log(2 + float(s2[k:].sum()))
 
@@ -112,8 +117,7 @@ def _ratio_ranks(stage, members, spectra, normalize: bool) -> dict[str, int]:
         out = {}
         for r in members:
             removal = min(0.95, c * (1 - stage.param_ratio) * weight[r.name] / mean_w)
-            out[r.name] = max(r.align, min(rank_for_ratio(r.out_features, r.in_features, 1 - removal, stage.align),
-                                           max_saving_rank(r)))
+            out[r.name] = max(r.align, min(cost_of(r).knob_for(r, 1 - removal), max_saving_rank(r)))
         return out
 
     def total(c: float) -> float:
@@ -121,3 +125,8 @@ def _ratio_ranks(stage, members, spectra, normalize: bool) -> dict[str, int]:
 
     c = bisect(total, 0.0, 20.0, budget, increasing=False)
     return ranks_for(c)
+
+
+register_allocator("loss", loss, reads="method", options=LossOptions, unit_kinds=("linear", "residual"),
+                   description="SVD-LLM V2 (Wang et al., arXiv 2503.12340): per module type, ranks redistributed by "
+                               "whitened truncation loss")

@@ -14,38 +14,47 @@ from __future__ import annotations
 
 import heapq
 
-from ..linalg import align_rank, rank_for_energy
+from ..linalg import rank_for_energy
 from .budget import bisect
+from .cost import cost_of
 
 
 def _budget(stage, rows) -> int:
     return int(stage.param_ratio * sum(r.out_features * r.in_features for r in rows))
 
 
+def _cost(r):
+    return cost_of(r, "residual")
+
+
 def _set(r, rank: int, note: str) -> None:
-    r.rank, r.factorize = align_rank(rank, r.align, r.out_features, r.in_features), True
+    r.rank, r.factorize = _cost(r).align(r, rank), True
     r.note = f"residual rank {r.rank} ({note})"
 
 
 def residual_loss(stage, rows, spectra) -> None:
     budget = _budget(stage, rows)
     step = [r.align for r in rows]  # ranks move in multiples of the stage's align
-    cost = [(r.out_features + r.in_features) * k for r, k in zip(rows, step)]
-    rank = [align_rank(1, r.align, r.out_features, r.in_features) for r in rows]
-    used = sum(k * (r.out_features + r.in_features) for r, k in zip(rows, rank))
+    models = [_cost(r) for r in rows]
+    rank = [c.align(r, 1) for r, c in zip(rows, models)]
+    used = sum(c.extra(r, k) for r, c, k in zip(rows, models, rank))
     s2 = [spectra[r.name].double().square() for r in rows]
 
+    def cost(i: int) -> int:  # extra parameters of the next ``step`` directions
+        return models[i].extra(rows[i], rank[i] + step[i]) - models[i].extra(rows[i], rank[i])
+
     def value(i: int) -> float:  # error removed by the next ``step`` directions, per parameter
-        return float(s2[i][rank[i]:rank[i] + step[i]].sum()) / cost[i]
+        return float(s2[i][rank[i]:rank[i] + step[i]].sum()) / cost(i)
 
     limit = [min(s2[i].numel(), rows[i].out_features, rows[i].in_features) for i in range(len(rows))]
     heap = [(-value(i), i) for i in range(len(rows)) if rank[i] + step[i] <= limit[i]]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
-        if used + cost[i] > budget:
+        c = cost(i)
+        if used + c > budget:
             continue  # this module's next directions do not fit; cheaper ones may
-        used += cost[i]
+        used += c
         rank[i] += step[i]
         if rank[i] + step[i] <= limit[i]:
             heapq.heappush(heap, (-value(i), i))
@@ -55,9 +64,9 @@ def residual_loss(stage, rows, spectra) -> None:
 
 def residual_energy(stage, rows, spectra) -> None:
     def rank(r, e: float) -> int:
-        return align_rank(rank_for_energy(spectra[r.name], e), r.align, r.out_features, r.in_features)
+        return _cost(r).align(r, rank_for_energy(spectra[r.name], e))
 
-    e = bisect(lambda e: sum(rank(r, e) * (r.out_features + r.in_features) for r in rows), 0.0, 1.0,
+    e = bisect(lambda e: sum(_cost(r).extra(r, rank(r, e)) for r in rows), 0.0, 1.0,
                _budget(stage, rows), increasing=True)
     for r in rows:
         _set(r, rank(r, e), f"energy {e:.4f} of the residual repaired")

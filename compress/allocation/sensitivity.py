@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..linalg import rank_for_ratio
 from .budget import budget_params, params_at, set_rank
+from .registry import register_allocator
 
 
 class SensitivityOptions(BaseModel):
@@ -73,3 +74,8 @@ def sensitivity(stage, rows, table, options) -> None:
             r.rank, r.factorize, r.note = None, False, "sensitivity: kept dense"
         else:
             set_rank(r, ranks[r.name], f"sensitivity ratio {chosen[r.name]}")
+
+
+register_allocator("sensitivity", sensitivity, reads="sweep", options=SensitivityOptions,
+                   description="ASVD's STRS (Yuan et al., arXiv 2312.05821): ratios chosen from each matrix's "
+                               "calibration perplexity at every candidate ratio")

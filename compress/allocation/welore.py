@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .budget import bisect, budget_params, params_at, set_rank
+from .registry import register_allocator
 
 
 class WeLoreOptions(BaseModel):
@@ -47,3 +48,8 @@ def welore(stage, rows, spectra, options) -> None:
         k = kept_rank(norm[r.name], tau)
         set_rank(r, k, f"welore τ={tau:.4f}")
         r.note = ("LRC; " if r.factorize else "N-LRC; ") + r.note
+
+
+register_allocator("welore", welore, reads="weights", options=WeLoreOptions,
+                   description="WeLore (Jaiswal et al., arXiv 2407.11239): one global threshold on normalised weight "
+                               "singular values; matrices that would not save parameters stay dense")

@@ -6,21 +6,12 @@ import time
 import torch
 from torch import nn
 
-from ..allocation.uniform import decide
+from ..allocation import decide_from_spectrum
 from ..checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
-from ..linalg import dense_objective_error, dense_target, rank_for_energy, weighted_error
+from ..checkpoint.units import module_spec
+from ..linalg import dense_objective_error, dense_target, weighted_error
 
-
-def lowrank_spec(m: nn.Module) -> dict:
-    """The config entry describing a replacement module (see ``checkpoint/modeling_lrc.py``)."""
-    if isinstance(m, CompensatedLinear):
-        return {"type": "compensated", "in_features": m.in_features, "out_features": m.out_features,
-                "rank": m.rank, "base": lowrank_spec(m.base)}
-    if isinstance(m, LowRankLinear):
-        return {"type": "lowrank", "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-                "bias": m.second.bias is not None}
-    return {"type": "dense", "in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None}
+lowrank_spec = module_spec  # the config entry describing a replacement module (``checkpoint/units.py``)
 
 
 def effective_weight(m: nn.Module) -> torch.Tensor:
@@ -78,8 +69,7 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
     if dense and "input_gram" in method.needs:
         target = dense_target(W, stats["input_gram"], stats["cross_gram"], dense_damping)
     spectrum = method.spectrum(target, stats)
-    if row.rank is None and row.factorize is None:  # energy budget: rank from this matrix's own spectrum
-        decide(row, rank_for_energy(spectrum.sigma, stage.energy), up=True)
+    decide_from_spectrum(stage, row, spectrum.sigma)  # an energy budget: rank from this matrix's own spectrum
     H = stats.get("input_gram")
     new = None
     error = 0.0

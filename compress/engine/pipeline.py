@@ -24,12 +24,13 @@ from ..plan import find_blocks, make_plan
 from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
-from .capture import StopForward
 from .decompose import compensate, decompose, effective_weight, lowrank_spec, untouched
 from .memory import release
+from .passes import run_pass
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
-from .stats import CrossGram, DenseInputs, attach, block_groups, stop_after
+from .stats import CrossGram, DenseInputs, attach, block_groups
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
+from .units import compress_units
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,42 +43,16 @@ def after_block(i: int) -> None:
     """Called once block ``i`` is finished and saved (a seam for tests that simulate a crash)."""
 
 
-def _forward(block, x, kwargs, stop_module, out, sl) -> None:
-    handle = stop_after(stop_module) if stop_module is not None else None
-    try:
-        y = block(x, **kwargs)
-    except StopForward:
-        return
-    finally:
-        if handle is not None:
-            handle.remove()
-    y = y[0] if isinstance(y, (tuple, list)) else y
-    if out is not None:  # a statistics pass whose stop module was not called (an expert no token reached)
-        out[sl] = y.to("cpu", out.dtype)
-
-
-@torch.no_grad()
-def run_pass(block, x_in, kwargs, batch_size, device, out=None, stop=None, dense=None) -> None:
-    """Stream the cached inputs through ``block``; write outputs to ``out`` or stop after the module named ``stop``.
-
-    ``dense = (dense_block, dense_in, dense_out)`` runs the untouched copy of the block on the dense model's own
-    activations first, batch by batch, so hooks can pair dense and compressed inputs of the same tokens.
-    """
-    mods = dict(block.named_modules())
-    dmods = dict(dense[0].named_modules()) if dense else {}
-    for s in range(0, x_in.shape[0], batch_size):
-        sl = slice(s, s + batch_size)
-        if dense:
-            _forward(dense[0], dense[1][sl].to(device), kwargs, dmods[stop] if stop else None, dense[2], sl)
-        _forward(block, x_in[sl].to(device), kwargs, mods[stop] if stop else None, out, sl)
+def _wanted(rows, prefix) -> set[str]:
+    """Module names (relative to the block) the rows act on: a Linear row's own, a unit row's members."""
+    return {n.removeprefix(prefix) for r in rows for n in (r.members.values() if hasattr(r, "members") else [r.name])}
 
 
 def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, progress,
-                    dense_io=None, extra=None, reference=None) -> tuple[dict, list]:
+                    dense_io=None, extra=None, reference=None, config=None) -> tuple[dict, list]:
     eng = recipe.engine
     main = streams[0]
-    groups = block_groups(block, main.x_in, main.dev_kwargs[index], device,
-                          {r.name.removeprefix(prefix) for r in rows})
+    groups = block_groups(block, main.x_in, main.dev_kwargs[index], device, _wanted(rows, prefix))
     modules = dict(block.named_modules())
     source = dict(reference.named_modules()) if reference is not None else modules  # where W comes from
     originals = {r.name.removeprefix(prefix): effective_weight(source[r.name.removeprefix(prefix)]).to(device)
@@ -93,6 +68,17 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
                      dense=dense if s is main else None)
             written.add(s.name)
     for si, stage in enumerate(recipe.stages):
+        if METHODS[stage.method].unit == "block":  # groups of modules by role (MoDeGPT): engine/units.py
+            urows = [r for r in rows if r.stage == si]
+            if urows:
+                s_specs, s_rows = compress_units(block, prefix, urows, METHODS[stage.method](recipe.method_config(si)),
+                                                 config, groups, stream_of(streams, si), index, eng, device, outs,
+                                                 written, progress, run_pass)
+                specs.update(s_specs)
+                report.extend(s_rows)
+                groups = block_groups(block, main.x_in, main.dev_kwargs[index], device, _wanted(rows, prefix))
+                owner = {n: g[0] for g in groups for n in g}
+            continue
         rel = {r.name.removeprefix(prefix): r for r in rows if r.stage == si}
         modules = dict(block.named_modules())  # earlier stages replaced some
         targeted = [[n for n in g if n in rel] for g in groups]
@@ -241,7 +227,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         rows = [r for r in plan if r.block == i]
         bspecs, brows = _compress_block(block, i, f"{prefix}.{i}.", rows, recipe, streams, outs, device,
                                         progress, (d_in, d_out) if dense_stream else None, extra,
-                                        ref_blocks[i] if ref_blocks is not None else None)
+                                        ref_blocks[i] if ref_blocks is not None else None, model.config)
         blocks[i] = block.to("cpu")
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
         cache.drop_acts(i)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from ..allocation import SPECTRUM, allocate_global
+from ..allocation.influence import influence_key
 from ..compensation import residual_spectrum
 from ..methods import METHODS
 from .cache import load_tensors, save_tensors
 from .decompose import effective_weight
 from .fisher import fisher_sums
+from .passes import run_pass
 from .stats import attach, block_groups
 
 
@@ -47,12 +49,25 @@ def fisher_stats(model, streams, plan, recipe, cache, device, progress) -> dict[
 
 
 @torch.no_grad()
+def _influence(x_in, x_out, batch_size: int) -> torch.Tensor:
+    """MoDeGPT's block importance ``s = 1 − mean_t cos(h_in, h_out)`` on the dense model (fp64 sums)."""
+    from ..structured import cosine_influence
+
+    total, tokens = 0.0, 0
+    for s in range(0, x_in.shape[0], batch_size):
+        c, t = cosine_influence(x_in[s:s + batch_size], x_out[s:s + batch_size])
+        total, tokens = total + c, tokens + t
+    return torch.tensor([1 - total / max(tokens, 1)], dtype=torch.float64)
+
+
+@torch.no_grad()
 def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None, reference=None
                    ) -> dict[str, torch.Tensor]:
     """Spectra (or, for ``sensitivity`` stages, the perplexity sweep) of the block's rows on dense inputs."""
-    from .pipeline import run_pass  # the one place that streams activations through a block
-
     rel = {r.name.removeprefix(prefix): r for r in rows}
+    if not rel:  # only the block's outputs are needed (the next block's inputs, block influence)
+        run_pass(block, x_in, kwargs, recipe.engine.batch_size, device, out=x_out)
+        return {}
     modules = dict(block.named_modules())
     groups = block_groups(block, x_in, kwargs, device, set(rel))
     owner = {n: g[0] for g in groups for n in g if n in rel}
@@ -121,8 +136,10 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
     cached = cache.load_tensors("spectra")
     if cached is not None:
         return cached
-    rows = [r for r in plan if recipe.stages[r.stage].allocator != "uniform"]
-    if not rows:
+    rows = [r for r in plan if SPECTRUM.get(recipe.stages[r.stage].allocator) not in (None, "influence")
+            and not hasattr(r, "members")]  # the matrices whose spectra an allocator reads
+    influence = any(SPECTRUM.get(s.allocator) == "influence" for s in recipe.stages)
+    if not rows and not influence:
         return {}
     sweep_key = _sweep_key(model, ids, recipe) if any(SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"
                                                       for r in rows) else None
@@ -131,7 +148,7 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
     if sweep is not None:
         model.to(device)  # the sweep runs the whole model
     spectra: dict[str, torch.Tensor] = {}
-    data_free = all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
+    data_free = not influence and all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
     x_in = x0
     for i, block in enumerate(blocks):
         brows = [r for r in rows if r.block == i]
@@ -149,6 +166,8 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
             ref = ref_blocks[i].to(device) if ref_blocks is not None else None
             spectra.update(_block_spectra(block, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs[i], device,
                                           extra, sweep, ref))
+            if influence:
+                spectra[influence_key(i)] = _influence(x_in, x_out, recipe.engine.batch_size)
             if ref is not None:
                 ref_blocks[i].to("cpu")
             if i > 0:

@@ -170,7 +170,27 @@ class InputAbsMax(GroupCollector):
         self.acc[key] = torch.maximum(self.acc[key], m) if key in self.acc else m
 
 
-COLLECTORS = {c.name: c for c in (InputGram, InputAbsMean, InputAbsMax)}
+class OutputSquares(GroupCollector):
+    """Per output channel ``Σ_t y_tj²`` of each module (the diagonal of the output Gram; MoDeGPT's C_Q / C_K
+    diagonals), from a forward hook on the module's output, sums in fp64. Keys are module names (no sharing)."""
+
+    name = "output_sq"
+
+    def __init__(self, modules, owner):
+        self.owner = {n: n for n in owner}
+        self.acc, self.seen = {}, {}
+        self.handles = [modules[n].register_forward_hook(self._out_hook(n)) for n in sorted(self.owner)]
+
+    def _out_hook(self, key: str):
+        def hook(module, args, output):
+            y = output.reshape(-1, output.shape[-1])
+            self.seen[key] = self.seen.get(key, 0) + y.shape[0]
+            if y.shape[0]:
+                self.accumulate(key, y.float().square().sum(0).double())
+        return hook
+
+
+COLLECTORS = {c.name: c for c in (InputGram, InputAbsMean, InputAbsMax, OutputSquares)}
 MODEL_STATS = {"fisher"}  # whole-model statistics computed before the block loop (engine/fisher.py)
 
 

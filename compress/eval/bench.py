@@ -13,17 +13,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from ..checkpoint.units import unit_weights
 from ..models import load_model
-from ..plan import find_blocks
+from ..plan import find_blocks, linear_units
 from ..report import unique_parameters
 
 
 def block_linear_params(model) -> int:
-    """Weights of every Linear inside the decoder blocks (a LowRankLinear counts as its two factor Linears)."""
+    """Weights of every Linear-like unit inside the decoder blocks (``checkpoint/units.py``: a LowRankLinear counts
+    as its two factors), biases excluded."""
     _, blocks = find_blocks(model)
-    return sum(m.weight.numel() for m in blocks.modules() if isinstance(m, nn.Linear))
+    units = {id(m): m for block in blocks for _, m in linear_units(block)}  # a shared module counts once
+    return sum(unit_weights(m) for m in units.values())
 
 
 def linear_macs_per_token(model) -> int:

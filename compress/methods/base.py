@@ -31,6 +31,11 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs: ClassVar[tuple[str, ...]] = ()
     kind: ClassVar[str] = "decomposition"  # or "compensation": adds a residual to whatever an earlier stage left
+    # what one decision acts on: "linear" (one Linear → ``spectrum``, factors chosen by rank) or "block" (groups of a
+    # block's modules found by role, ``compress/roles.py``: the method lists its ``unit_kinds``, declares the
+    # ``statistics`` of each unit and rebuilds the modules itself; see ``methods/modegpt.py``)
+    unit: ClassVar[str] = "linear"
+    unit_kinds_all: ClassVar[tuple[str, ...]] = ("linear",)  # the plan-row kinds it can produce (allocators check)
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()

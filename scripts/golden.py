@@ -1,0 +1,106 @@
+"""Fingerprints of compressed checkpoints, to prove a refactor changed no result by one byte.
+
+For each case (a recipe on the real stories260k, or any checkpoint directory given with --dir) it prints the SHA-256
+of ``model.safetensors``, ``config.json`` and of the report with its timing and path fields removed
+(``lrc_report.json`` and ``lrc_modules.csv``). ``tests/test_golden.py`` compares the stories260k cases against
+``tests/data/golden-stories260k.json`` (recorded from the code before the method protocol was generalised), and
+``.ci/run`` compares the README's main job against ``docs/results/golden-main-job.json``.
+
+    python scripts/golden.py --write tests/data/golden-stories260k.json     # record (stories260k cases)
+    python scripts/golden.py --dir out/smollm2-svd-llm-80                    # one checkpoint's fingerprint
+    python scripts/golden.py --dir out/smollm2-svd-llm-80 --check docs/results/golden-main-job.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+VOLATILE = {"seconds", "phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model"}
+CALIB = {"dataset": "selfgen", "samples": 16, "seq_len": 64}
+CASES = {
+    "svd-llm": {"stages": [{"method": "svd-llm", "param_ratio": 0.8}]},
+    "svd-llm+eora": {"stages": [{"method": "svd-llm", "param_ratio": 0.6}, {"method": "eora", "rank": 4}]},
+    "welore+svd-llm": {"stages": [{"method": "svd-llm", "param_ratio": 0.7, "allocator": "welore"}]},
+    "loss+svd-llm": {"stages": [{"method": "svd-llm", "param_ratio": 0.7, "allocator": "loss"}]},
+    "energy": {"stages": [{"method": "svd-llm", "energy": 0.9}]},
+    "asvd": {"stages": [{"method": "asvd", "param_ratio": 0.8}]},
+    "fwsvd": {"stages": [{"method": "fwsvd", "param_ratio": 0.8}]},
+    "lord": {"stages": [{"method": "lord", "param_ratio": 0.8}]},
+    "dense-objective": {"engine": {"objective": "dense"}, "stages": [{"method": "svd-llm", "param_ratio": 0.8}]},
+    "original-propagation": {"engine": {"propagate": "original", "sequential": False},
+                             "stages": [{"method": "svd", "param_ratio": 0.7, "align": 8}]},
+}
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(directory: Path) -> dict:
+    """Hashes of the weights, the config and the report (timings and paths removed) of a checkpoint directory."""
+    out = {name: _sha((directory / name).read_bytes()) for name in ("model.safetensors", "config.json")}
+    report = directory / "lrc_report.json"
+    if report.is_file():
+        out["lrc_report.json"] = _sha(json.dumps(_strip(json.loads(report.read_text())), sort_keys=True).encode())
+    table = directory / "lrc_modules.csv"
+    if table.is_file():
+        rows = list(csv.DictReader(io.StringIO(table.read_text())))
+        out["lrc_modules.csv"] = _sha(json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+                                      .encode())
+    return out
+
+
+def run_cases(model: str, names: list[str]) -> dict:
+    from compress import api
+    from compress.recipe import parse_recipe
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            case = CASES[name]
+            recipe = parse_recipe({"calibration": CALIB, "engine": {"device": "cpu", **case.get("engine", {})},
+                                   "stages": case["stages"]}, name)
+            out = Path(tmp) / name
+            api.compress(model, recipe, out, cache_dir=Path(tmp) / "cache", progress=False)
+            results[name] = fingerprint(out)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(Path(os.environ.get("LRC_SHARED", Path(__file__).resolve().parents[2]
+                                                                / "shared")) / "models" / "stories260k"))
+    ap.add_argument("--dir", type=Path, help="fingerprint this checkpoint directory instead of running the cases")
+    ap.add_argument("--write", type=Path, help="write the fingerprints here")
+    ap.add_argument("--check", type=Path, help="compare with the fingerprints stored here; exit 1 on a difference")
+    args = ap.parse_args()
+    got = {"dir": fingerprint(args.dir)} if args.dir else run_cases(args.model, list(CASES))
+    print(json.dumps(got, indent=2))
+    if args.write:
+        args.write.write_text(json.dumps(got, indent=2) + "\n")
+    if args.check:
+        want = json.loads(args.check.read_text())
+        bad = [f"{case}/{f}" for case in want for f in want[case] if got.get(case, {}).get(f) != want[case][f]]
+        if bad:
+            print(f"changed: {', '.join(bad)}", file=sys.stderr)
+            sys.exit(1)
+        print("identical to " + str(args.check), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
