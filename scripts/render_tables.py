@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_compress  # noqa: E402
 import bench_eora  # noqa: E402
+import bench_modegpt  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_stories260k  # noqa: E402
 
@@ -98,6 +99,8 @@ SECTIONS = {
     "eora-stories260k": lambda: bench_stories260k.eora_markdown(rows("eora-stories260k.jsonl")),
     "eora-ab": lambda: eora_ab(rows("quality-smollm2-32x256.jsonl")),
     "eora-rtn": lambda: bench_eora.gap_table(rows("eora-rtn-smollm2.jsonl")),
+    "modegpt": lambda: bench_modegpt.markdown(rows("modegpt-smollm2.jsonl"), bench_modegpt.TASKS),
+    "modegpt-ablations": lambda: bench_modegpt.markdown(rows("modegpt-smollm2-ablations.jsonl"), bench_modegpt.TASKS),
 }
 
 

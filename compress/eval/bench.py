@@ -44,40 +44,60 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _seconds(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _workloads(seq_lens, decode_batches, decode_tokens: int, vocab: int, device) -> list:
+    """``(kind, size, work tokens, fn(model))`` per measurement, on fixed random inputs (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for L in seq_lens:
+        x = torch.randint(0, vocab, (1, L), generator=g).to(device)
+        out.append(("prefill_tokens_per_s", L, L, lambda m, x=x: m(x, use_cache=False)))
+    for b in decode_batches:
+        prompt = torch.randint(0, vocab, (b, 16), generator=g).to(device)
+        out.append(("decode_tokens_per_s", b, b * decode_tokens, lambda m, p=prompt: m.generate(
+            p, attention_mask=torch.ones_like(p), max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+            do_sample=False, pad_token_id=0)))
+    return out
 
 
 @torch.no_grad()
+def measure_side_by_side(models: dict, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: int = 32,
+                         repeats: int = 5, vocab: int | None = None) -> tuple[dict, dict]:
+    """Tokens/s of every model in ``models`` (role -> model) on the same inputs, runs INTERLEAVED: for each
+    measurement one warm-up each, then ``repeats`` rounds that time every model once (the order alternating between
+    rounds), so a machine whose speed drifts (other tenants, clocks) slows every model alike. Returns
+    ``({role: {prefill_tokens_per_s, decode_tokens_per_s}}, {key: [per-round time ratio first role / role]})``."""
+    roles = list(models)
+    device = next(models[roles[0]].parameters()).device
+    vocab = vocab or min(m.config.vocab_size for m in models.values())
+    out = {r: {"prefill_tokens_per_s": {}, "decode_tokens_per_s": {}} for r in roles}
+    ratios: dict = {}
+    for kind, size, work, fn in _workloads(seq_lens, decode_batches, decode_tokens, vocab, device):
+        for r in roles:
+            fn(models[r])  # warm-up
+        times = {r: [] for r in roles}
+        for i in range(repeats):
+            for r in (roles if i % 2 == 0 else roles[::-1]):
+                times[r].append(_seconds(lambda: fn(models[r]), device))
+        for r in roles:
+            out[r][kind][size] = work / statistics.median(times[r])
+        key = f"{kind.split('_')[0]}@{'' if kind.startswith('prefill') else 'b'}{size}"
+        ratios[key] = [a / b for a, b in zip(times[roles[0]], times[roles[-1]])]
+    return out, ratios
+
+
 def measure(model, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: int = 32, repeats: int = 5,
             vocab: int | None = None) -> dict:
+    """Tokens/s of one model (``measure_side_by_side`` with one role)."""
+    out = measure_side_by_side({"model": model}, seq_lens, decode_batches, decode_tokens, repeats, vocab)[0]["model"]
     device = next(model.parameters()).device
-    vocab = vocab or model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    out = {"prefill_tokens_per_s": {}, "decode_tokens_per_s": {}}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for L in seq_lens:
-        x = torch.randint(0, vocab, (1, L), generator=g).to(device)
-        s = _median_seconds(lambda: model(x, use_cache=False), device, repeats)
-        out["prefill_tokens_per_s"][L] = L / s
-    for b in decode_batches:
-        prompt = torch.randint(0, vocab, (b, 16), generator=g).to(device)
-
-        def run():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=decode_tokens,
-                           min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
-
-        s = _median_seconds(run, device, repeats)
-        out["decode_tokens_per_s"][b] = b * decode_tokens / s
     if device.type == "cuda":
         out["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -99,21 +119,25 @@ def run_bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512)
     dev = resolve_device(device)
     results = {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats,
                "decode_tokens": decode_tokens, "models": {}}
+    models, paths = {}, {}
     for role, spec in (("reference", reference), ("model", model_spec)):
-        if spec is None:
-            continue
-        model, _, path = load_model(spec, dtype)
-        model.to(dev)
-        results["models"][role] = {"name": spec, **describe(model, path),
-                                   **measure(model, seq_lens, decode_batches, decode_tokens, repeats)}
-        del model
+        if spec is not None:
+            models[role], _, paths[role] = load_model(spec, dtype)
+            models[role].to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    speeds, ratios = measure_side_by_side(models, seq_lens, decode_batches, decode_tokens, repeats)
+    for role, model in models.items():
+        results["models"][role] = {"name": reference if role == "reference" else model_spec,
+                                   **describe(model, paths[role]), **speeds[role]}
+    if dev.type == "cuda":  # both models are resident: the peak is the pair's
+        results["peak_device_memory_gib_both"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if reference:
         m, r = results["models"]["model"], results["models"]["reference"]
         results["flop_ideal_speedup"] = r["linear_macs_per_token"] / m["linear_macs_per_token"]
-        results["measured_speedup"] = {
-            f"prefill@{L}": m["prefill_tokens_per_s"][L] / r["prefill_tokens_per_s"][L] for L in seq_lens}
-        results["measured_speedup"].update({
-            f"decode@b{b}": m["decode_tokens_per_s"][b] / r["decode_tokens_per_s"][b] for b in decode_batches})
+        # median over rounds of (reference time / model time), each round timing both back to back
+        results["measured_speedup"] = {k: statistics.median(v) for k, v in ratios.items()}
+        results["interleaved"] = True
     return results
 
 
@@ -121,8 +145,8 @@ def bench_table(results: dict):
     from rich.table import Table
 
     models = results["models"]
-    table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, median of "
-                        f"{results['repeats']})")
+    table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, interleaved runs, "
+                        f"median of {results['repeats']})")
     table.add_column("")
     for role in models:
         table.add_column(f"{role}: {models[role]['name']}")
