@@ -200,3 +200,13 @@ def allocate_units(stage, rows: list[UnitRow], kept_by_block: dict[int, float] |
         r.knob = cost_of(r).knob_for(r, f)
         r.note = f"kept share {f:.4f}" + ("" if kept_by_block is None else " (block influence)") + \
             (f"; {r.remark}" if r.remark else "")
+
+
+def unit_report(row: UnitRow, rel_error: float, seconds: float, note: str, kept_dim: int | None = None) -> dict:
+    """The report row of a unit (``type: structured``); ``kept_dim`` defaults to the row's knob."""
+    kept = row.knob if kept_dim is None else kept_dim
+    return {"name": row.name, "stage": row.stage, "method": row.method, "type": "structured", "unit": row.kind,
+            "block": row.block, "out_features": None, "in_features": None, "rank": None, "dense_dim": row.dim,
+            "kept_dim": kept, "kept_fraction_target": row.kept_fraction_target, "params_before": row.params_before,
+            "params_after": row.params_after if kept < row.dim else row.params_before, "rel_error": rel_error,
+            "seconds": round(seconds, 4), "note": (f"{row.note}; " if row.note else "") + note}

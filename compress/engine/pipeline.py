@@ -76,8 +76,9 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
                                                  written, progress, run_pass)
                 specs.update(s_specs)
                 report.extend(s_rows)
-                groups = block_groups(block, main.x_in, main.dev_kwargs[index], device, _wanted(rows, prefix))
-                owner = {n: g[0] for g in groups for n in g}
+                if any(r.stage > si for r in rows):  # modules were rebuilt: later stages need the new groups
+                    groups = block_groups(block, main.x_in, main.dev_kwargs[index], device, _wanted(rows, prefix))
+                    owner = {n: g[0] for g in groups for n in g}
             continue
         rel = {r.name.removeprefix(prefix): r for r in rows if r.stage == si}
         modules = dict(block.named_modules())  # earlier stages replaced some

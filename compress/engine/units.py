@@ -10,6 +10,7 @@ it came collects everything first.
 """
 from __future__ import annotations
 
+from ..plan_units import unit_report
 from ..roles import block_roles, check_roles
 from .stats import COLLECTORS
 
@@ -78,9 +79,4 @@ def compress_units(block, prefix: str, rows: list, method, config, groups, strea
 
 def _kept(row) -> dict:
     """Report row of a unit whose allocation keeps every dim (left as it is)."""
-    return {"name": row.name, "stage": row.stage, "method": row.method, "type": "structured", "unit": row.kind,
-            "block": row.block,
-            "out_features": None, "in_features": None, "rank": None, "dense_dim": row.dim, "kept_dim": row.dim,
-            "kept_fraction_target": row.kept_fraction_target, "params_before": row.params_before,
-            "params_after": row.params_before, "rel_error": 0.0, "seconds": 0.0,
-            "note": (f"{row.note}; " if row.note else "") + "all dims kept"}
+    return unit_report(row, 0.0, 0.0, "all dims kept", kept_dim=row.dim)

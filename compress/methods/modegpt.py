@@ -173,9 +173,6 @@ def _score_dropped(cq, ck, index, H, Hkv) -> float:
 
 
 def _info(row, err: float, t0: float, note: str) -> dict:
-    return {"name": row.name, "stage": row.stage, "method": row.method, "type": "structured", "unit": row.kind,
-            "block": row.block,
-            "out_features": None, "in_features": None, "rank": None, "dense_dim": row.dim, "kept_dim": row.knob,
-            "kept_fraction_target": row.kept_fraction_target, "params_before": row.params_before,
-            "params_after": row.params_after, "rel_error": err, "seconds": round(time.perf_counter() - t0, 4),
-            "note": (f"{row.note}; " if row.note else "") + note}
+    from ..plan_units import unit_report
+
+    return unit_report(row, err, time.perf_counter() - t0, note)
