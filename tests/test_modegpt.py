@@ -127,8 +127,9 @@ def test_block_influence_allocation(tiny_model_dir, corpus_file, tokenizer):
 def test_plan_shows_each_unit_knob_and_cost(tiny_model_dir, corpus_file):
     from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(tiny_model_dir("mistral"))  # made outside the meta context
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir("mistral")))
+        model = AutoModelForCausalLM.from_config(config)
     rows = make_plan(model, modegpt_recipe(corpus_file, ratio=0.5))
     kinds = [(r.kind, r.knob, r.dim) for r in rows if r.block == 0]
     assert kinds == [("mlp", 48, 96), ("qk", 8, 16), ("vo", 8, 16)]
