@@ -88,7 +88,7 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
         "calibration_tokens": result["calibration_tokens"], "calibration_streams": result["calibration_streams"],
         "resumed_from_block": result["resumed_from_block"],
         "run_cache": str(result["cache"].dir), "torch": torch.__version__,
-    })
+    }, bytes_per_param=next(model.parameters()).element_size())
 
 
 def save(model, tokenizer, out: str | Path, report: dict | None = None, overwrite: bool = False) -> Path:

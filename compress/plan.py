@@ -10,7 +10,7 @@ rank would not save parameters stays dense.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -53,6 +53,7 @@ class PlanRow:
     base_params: int | None = None  # parameters of an already-compressed module (None: a dense Linear)
     align: int = 1  # the stage's ``align``: every allocator rounds this row's rank to a multiple of it
     cost_model: str = "lowrank"  # name in allocation.COST_MODELS: parameters at a rank
+    cost_args: dict = field(default_factory=dict)  # what that cost model reads besides the shape (CoSpaDi's k/s)
 
     def __post_init__(self):
         if self.compensation and self.cost_model == "lowrank":
@@ -79,7 +80,10 @@ class PlanRow:
         return cost_of(self).describe(self)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
+        d = {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
+        if not self.cost_args:
+            del d["cost_args"]
+        return d
 
 
 def linear_units(block: nn.Module):
@@ -189,13 +193,24 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
                            "during compression; use the uniform allocator here, or compress first and run "
                            "`lrc compensate --allocator energy` on the result")
         bias = getattr(mod, "bias", None) is not None if isinstance(mod, nn.Linear) else False
-        rows.append(PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
-                            compensation=compensation, standalone=name not in seen,
-                            base_params=None if isinstance(mod, nn.Linear) else
-                            sum(p.numel() for p in mod.parameters()), align=stage.align))
+        row = PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
+                      compensation=compensation, standalone=name not in seen,
+                      base_params=None if isinstance(mod, nn.Linear) else
+                      sum(p.numel() for p in mod.parameters()), align=stage.align)
+        method_cls = METHODS[stage.method]
+        if not compensation and getattr(method_cls, "cost_model", "lowrank") != "lowrank":
+            method = method_cls(recipe.method_config(si))  # e.g. CoSpaDi: dictionary rows, k/s and sharing
+            row.cost_model = method_cls.cost_model
+            row.cost_args = method.cost_args(row, bi, len(find_blocks(model)[1]), _value_bits(mod))
+        rows.append(row)
         seen.add(name)
     owner = {r.name: r.stage for r in rows if not r.compensation}
     for si, stage in enumerate(recipe.stages):
+        check = getattr(METHODS[stage.method], "check_stage", None)
+        if METHODS[stage.method].unit == "linear" and check is not None:
+            why = check(METHODS[stage.method](recipe.method_config(si)), stage, si)
+            if why:
+                raise LrcError(why)
         if METHODS[stage.method].unit == "block":
             from .plan_units import allocate_units, check_stage, unit_rows
 
@@ -211,6 +226,12 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
             continue
         allocate(stage, [r for r in rows if r.stage == si])
     return rows
+
+
+def _value_bits(mod: nn.Module) -> int:
+    """Bits per stored value: the width of the module's floating-point weights (the checkpoint's dtype)."""
+    p = next((p for p in mod.parameters() if p.is_floating_point()), None)
+    return 8 * p.element_size() if p is not None else 16
 
 
 def totals(rows: list[PlanRow]) -> dict:

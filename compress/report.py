@@ -33,7 +33,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def build_report(rows: list[dict], before: dict, after: dict, extra: dict) -> dict:
+def build_report(rows: list[dict], before: dict, after: dict, extra: dict, bytes_per_param: float = 2) -> dict:
     pb = sum(r["params_before"] for r in rows)
     pa = sum(r["params_after"] for r in rows)
     targeted = {"modules": len({r["name"] for r in rows}),
@@ -44,6 +44,9 @@ def build_report(rows: list[dict], before: dict, after: dict, extra: dict) -> di
     structured = [r for r in rows if r["type"] == "structured"]
     if structured:  # units of modules (MoDeGPT): how many, and the kept share of each block
         targeted["structured_units"] = len(structured)
+    if any(r["type"] == "dictionary" for r in rows):  # CoSpaDi: parameters and bytes differ (the support mask)
+        targeted["dictionary"] = sum(r["type"] == "dictionary" for r in rows)
+        targeted.update(storage_totals(rows, bytes_per_param))
     report = {
         **extra,
         "ratio_definition": RATIO_DEFINITION,
@@ -56,6 +59,19 @@ def build_report(rows: list[dict], before: dict, after: dict, extra: dict) -> di
     if structured:
         report["blocks"] = block_fractions(structured)
     return report
+
+
+STORAGE_DEFINITION = ("kept_storage_fraction = bytes the targeted modules write (values in the checkpoint's dtype, "
+                      "plus each dictionary module's support bitmask) / bytes of the dense matrices")
+
+
+def storage_totals(rows: list[dict], bytes_per_param: float) -> dict:
+    """Bytes before/after over the targeted modules: a row's own ``storage_bytes`` where it has one (a
+    ``DictLinear``'s values, mask, dictionary and bias as written), else its parameters at ``bytes_per_param``."""
+    before = sum(int(r["params_before"] * bytes_per_param) for r in rows)
+    after = sum(r.get("storage_bytes", int(r["params_after"] * bytes_per_param)) for r in rows)
+    return {"storage_bytes_before": before, "storage_bytes_after": after,
+            "kept_storage_fraction": after / before if before else None, "storage_definition": STORAGE_DEFINITION}
 
 
 def block_fractions(rows: list[dict]) -> list[dict]:
@@ -86,11 +102,17 @@ def summary_table(report: dict) -> Table:
     comp = f", {t['compensated']} compensated" if t.get("compensated") else ""
     if t.get("structured_units"):
         table.add_row("targeted units", f"{t['structured_units']} structured (groups of Linears rebuilt smaller)")
-    else:
+    elif not t.get("dictionary"):
         table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept "
                                           f"dense{comp})")
+    if t.get("dictionary"):
+        table.add_row("targeted Linears", f"{t['modules']} ({t['dictionary']} dictionary + sparse coefficients, "
+                                          f"{t['kept_dense']} kept dense)")
     table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
                                      f"(kept {t['kept_fraction_of_targeted']:.4f})")
+    if t.get("storage_bytes_after") is not None:
+        table.add_row("targeted storage", f"{t['storage_bytes_before']:,} → {t['storage_bytes_after']:,} bytes "
+                                          f"(kept {t['kept_storage_fraction']:.4f}; values + support masks)")
     table.add_row("model params (all)", f"{mp['before']['total']:,} → {mp['after']['total']:,} "
                                         f"(kept {mp['kept_fraction_of_model']:.4f}, embeddings+head included)")
     errs = [r["rel_error"] for r in report["modules"] if r["type"] == "lowrank"]

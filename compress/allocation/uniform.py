@@ -46,5 +46,5 @@ def uniform(stage, rows, spectra=None, options=None) -> None:
             row.rank, row.factorize, row.note = None, None, f"rank from spectrum (energy {value})"
 
 
-register_allocator("uniform", uniform, reads=None, unit_kinds=("linear", "residual", "mlp", "qk", "vo"),
+register_allocator("uniform", uniform, reads=None, unit_kinds=("linear", "residual", "dictionary", "mlp", "qk", "vo"),
                    description="the same kept ratio for every matrix (the SVD-LLM and ASVD default)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modeling_lrc import CompensatedLinear, LowRankLinear
+from .modeling_lrc import CompensatedLinear, DictLinear, LowRankLinear
 
 
 def linear_weights(m: nn.Module) -> int:
@@ -84,5 +84,23 @@ def compensated_spec(m: CompensatedLinear) -> dict:
             "rank": m.rank, "base": module_spec(m.base)}
 
 
+def compensated_weights(m: CompensatedLinear) -> int:
+    """The base's count (as its own unit type counts it) plus the residual path's."""
+    return unit_weights(m.base) + m.lora_A.weight.numel() + m.lora_B.weight.numel()
+
+
+def dictionary_spec(m: DictLinear) -> dict:
+    spec = {"type": "dictionary", "in_features": m.in_features, "out_features": m.out_features, "atoms": m.atoms,
+            "nnz": m.nnz, "bias": m.bias is not None}
+    return spec if m.shared_from is None else {**spec, "shared_from": m.shared_from}
+
+
+def dictionary_weights(m: DictLinear) -> int:
+    """``atoms * in + nnz * out`` (CoSpaDi §3.4): every module applies the dictionary to its own input, shared or
+    not, then ``nnz`` coefficients per output."""
+    return m.atoms * m.in_features + m.nnz * m.out_features
+
+
 register_unit_type(LowRankLinear, lowrank_spec)
-register_unit_type(CompensatedLinear, compensated_spec)
+register_unit_type(CompensatedLinear, compensated_spec, weights=compensated_weights)
+register_unit_type(DictLinear, dictionary_spec, weights=dictionary_weights)

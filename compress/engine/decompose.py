@@ -68,6 +68,8 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
     target = W
     if dense and "input_gram" in method.needs:
         target = dense_target(W, stats["input_gram"], stats["cross_gram"], dense_damping)
+    if hasattr(method, "build"):  # a method that builds its own module (CoSpaDi's DictLinear)
+        return _built(method, module, W, target, stats, row, dense, t0)
     spectrum = method.spectrum(target, stats)
     decide_from_spectrum(stage, row, spectrum.sigma)  # an energy budget: rank from this matrix's own spectrum
     H = stats.get("input_gram")
@@ -93,4 +95,27 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
         "params_before": row.params_before, "params_after": row.params_after,
         "rel_error": error, "seconds": round(time.perf_counter() - t0, 4), "note": row.note,
     }
+    return new, info
+
+
+def _built(method, module, W, target, stats, row, dense: bool, t0: float) -> tuple[nn.Module | None, dict]:
+    """``decompose`` for a method with ``build(target, bias, stats, row, dtype) -> (module, fields)``: the module,
+    its error as ``decompose`` reports it, and the method's fields (rounds, phase times...) in the report row."""
+    new, fields = None, {}
+    error = 0.0
+    if row.factorize:
+        bias = None if module.bias is None else module.bias.detach()
+        new, fields = method.build(target, bias, stats, row, module.weight.dtype)
+        new = new.to(module.weight.device)
+        approx = effective_weight(new)
+        H = stats["input_gram"]
+        error = dense_objective_error(W, approx, stats["dense_gram"], stats["cross_gram"], H) if dense else \
+            weighted_error(W, approx, H)
+    note = "; ".join(x for x in (row.note, fields.pop("note", "")) if x)
+    info = {"name": row.name, "stage": row.stage, "method": row.method,
+            "type": "dictionary" if new is not None else "dense",
+            "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
+            "params_before": row.params_before, "params_after": row.params_after, "rel_error": error,
+            **({"storage_bytes": new.storage_bytes()} if new is not None and hasattr(new, "storage_bytes") else {}),
+            **fields, "seconds": round(time.perf_counter() - t0, 4), "note": note}
     return new, info

@@ -27,6 +27,7 @@ from .cache import RunCache, model_fingerprint
 from .decompose import compensate, decompose, effective_weight, lowrank_spec, untouched
 from .memory import release
 from .passes import run_pass
+from .shared import SharedGroups, is_shared
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, block_groups
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
@@ -49,7 +50,7 @@ def _wanted(rows, prefix) -> set[str]:
 
 
 def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, progress,
-                    dense_io=None, extra=None, reference=None, config=None) -> tuple[dict, list]:
+                    dense_io=None, extra=None, reference=None, config=None, shared=None) -> tuple[dict, list]:
     eng = recipe.engine
     main = streams[0]
     groups = block_groups(block, main.x_in, main.dev_kwargs[index], device, _wanted(rows, prefix))
@@ -116,6 +117,9 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
                     continue
                 stats = {c.name: c.result(n) for c in collectors}
                 stats.update((extra or {}).get(rel[n].name, {}))
+                if shared is not None and is_shared(rel[n]):  # fitted with its group's last layer (shared.py)
+                    shared.stash(rel[n], modules[n], stats["input_gram"])
+                    continue
                 if rel[n].compensation:
                     new, info = compensate(modules[n], originals[n], stats, rel[n], method.config.rtol)
                 else:
@@ -134,6 +138,24 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
             run_pass(block, s.x_in, s.dev_kwargs[index], eng.batch_size, device, out=outs[s.name],
                      dense=dense if s is main else None)
     return specs, report
+
+
+def _finish_shared(shared, i, block, blocks, prefix, cache, specs, report, bspecs, brows) -> None:
+    """Fit the shared dictionaries whose group ends at block ``i``; save the group's earlier blocks again with their
+    new modules (their report rows move into their own block's record, replacing any from an earlier attempt)."""
+    done = shared.finish(i, lambda j: block if j == i else blocks[j], prefix)
+    for j, (s_specs, s_rows) in sorted(done.items()):
+        names = {r["name"] for r in s_rows}
+        report[:] = [r for r in report if r["name"] not in names]
+        specs.update(s_specs)
+        if j == i:
+            bspecs.update(s_specs)
+            brows.extend(s_rows)
+            continue
+        report.extend(s_rows)
+        _, info = cache.load_block(j)
+        rows_j = [r for r in info["rows"] if r["name"] not in names] + s_rows
+        cache.save_block(j, blocks[j].state_dict(), {"modules": {**info["modules"], **s_specs}, "rows": rows_j})
 
 
 def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: bool = False,
@@ -219,6 +241,9 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     if plan_only:
         progress.done()
         return {"plan": plan, "cache": cache}
+    shared = SharedGroups(plan, recipe, cache) or None
+    if shared is not None and dense_stream:
+        raise LrcError("engine.objective: dense is not supported with shared dictionaries (share: layers)")
     progress.start_blocks(n, start)
     for i in range(start, n):
         progress.block(i)
@@ -228,9 +253,13 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         rows = [r for r in plan if r.block == i]
         bspecs, brows = _compress_block(block, i, f"{prefix}.{i}.", rows, recipe, streams, outs, device,
                                         progress, (d_in, d_out) if dense_stream else None, extra,
-                                        ref_blocks[i] if ref_blocks is not None else None, model.config)
+                                        ref_blocks[i] if ref_blocks is not None else None, model.config, shared)
+        if shared is not None and shared.completed_at(i):
+            _finish_shared(shared, i, block, blocks, prefix, cache, specs, report, bspecs, brows)
         blocks[i] = block.to("cpu")
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
+        if shared is not None:
+            shared.cleanup(i)
         cache.drop_acts(i)
         specs.update(bspecs)
         report.extend(brows)

@@ -36,6 +36,10 @@ class Method:
     # ``statistics`` of each unit and rebuilds the modules itself; see ``methods/modegpt.py``)
     unit: ClassVar[str] = "linear"
     unit_kinds_all: ClassVar[tuple[str, ...]] = ("linear",)  # the plan-row kinds it can produce (allocators check)
+    # the cost model of its plan rows (``allocation/cost.py``); one other than ``lowrank`` comes with
+    # ``cost_args(row, block, num_blocks, value_bits)`` and ``build(target, bias, stats, row, dtype)``, which returns
+    # the replacement module instead of a spectrum (CoSpaDi: ``methods/cospadi.py``)
+    cost_model: ClassVar[str] = "lowrank"
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()

@@ -1,0 +1,109 @@
+"""Dictionaries shared across layers (CoSpaDi §3.3, ``share: layers``): the one place the block loop waits for later
+blocks.
+
+The same projection of ``group_size`` consecutive layers gets one dictionary, fitted on the mean of their input
+Grams with their whitened weights side by side; each layer keeps its own sparse coefficients. While the group is
+incomplete, each member's input Gram, weight and bias go to the run cache (``shared-<name>.safetensors``) and the
+module stays dense, so that layer's outputs propagate from the dense weight (as ``propagate: original`` would for
+it). When the group's last layer is done, the dictionary is fitted, every member is replaced (the first one owns the
+dictionary, the others name it in ``shared_from``), the finished blocks of the group are saved again, and the stashed
+statistics are removed once the current block is saved. Nothing but the group's statistics waits: the dense model
+is not held. A crash at any point resumes: a member's statistics stay on disk until its group's last block is saved,
+and refitting is deterministic (seeded).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import LrcError
+from ..methods import METHODS
+
+
+def is_shared(row) -> bool:
+    return bool(row.factorize) and not row.compensation and getattr(row, "cost_args", {}).get("layers", 1) > 1
+
+
+def _key(row) -> tuple:
+    """The group of ``row``: its stage, the group's first block and the projection's name within a block."""
+    suffix = row.name.split(f".{row.block}.", 1)[1]
+    return row.stage, row.cost_args["group_first"], suffix
+
+
+class SharedGroups:
+    def __init__(self, plan: list, recipe, cache):
+        self.recipe, self.cache = recipe, cache
+        self.groups: dict[tuple, list] = {}
+        for r in plan:
+            if is_shared(r):
+                self.groups.setdefault(_key(r), []).append(r)
+        for rows in self.groups.values():
+            rows.sort(key=lambda r: r.block)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def stash(self, row, module, gram: torch.Tensor) -> None:
+        """Keep ``row``'s input Gram, weight and bias on disk until its group is complete."""
+        tensors = {"gram": gram.double().cpu().contiguous(), "weight": module.weight.detach().cpu().contiguous()}
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach().cpu().contiguous()
+        self.cache.save_tensors(f"shared-{row.name}", tensors)
+
+    def completed_at(self, block: int) -> list[list]:
+        return [rows for rows in self.groups.values() if rows[-1].block == block]
+
+    @torch.no_grad()
+    def finish(self, block: int, get_block, prefix: str) -> dict[int, tuple[dict, list]]:
+        """Fit every group whose last layer is ``block``, put the new modules into the blocks (``get_block(i)``), and
+        return ``{block: (module specs, report rows)}`` of every member."""
+        from ..checkpoint.modeling_lrc import DictLinear
+        from ..checkpoint.units import module_spec
+        from ..methods.cospadi import layer_error
+
+        out: dict[int, tuple[dict, list]] = {}
+        for rows in self.completed_at(block):
+            t0 = time.perf_counter()
+            saved = [self.cache.load_tensors(f"shared-{r.name}") for r in rows]
+            missing = [r.name for r, t in zip(rows, saved) if t is None]
+            if missing:
+                raise LrcError(f"{self.cache.dir}: the statistics of {missing[0]} for its shared dictionary are "
+                               "missing; the run cache cannot be resumed (rerun without --resume)")
+            head = rows[0]
+            method = METHODS[head.method](self.recipe.method_config(head.stage))
+            fit, wh = method.fit([t["weight"] for t in saved], [t["gram"] for t in saved], head.rank)
+            D = wh.dewhiten(fit.D.double()).T.contiguous()
+            info = method.fit_info(fit, wh, time.perf_counter() - t0)
+            note = info.pop("note") + f"; dictionary shared by {len(rows)} layers (owner {head.name})"
+            m = head.out_features
+            owner = None
+            for j, (r, t) in enumerate(zip(rows, saved)):
+                index, coef = fit.index[j * m:(j + 1) * m], fit.coef[j * m:(j + 1) * m].double()
+                target = get_block(r.block)
+                rel = r.name.removeprefix(f"{prefix}.{r.block}.")
+                old = target.get_submodule(rel)
+                dt, dev = old.weight.dtype, old.weight.device
+                bias = t.get("bias")
+                mod = DictLinear.from_sparse(D if owner is None else owner, index, coef, bias,
+                                             shared_from=None if owner is None else head.name, dtype=dt)
+                if owner is None:
+                    owner = mod
+                target.set_submodule(rel, mod.to(dev))
+                H = t["gram"]
+                row = {"name": r.name, "stage": r.stage, "method": r.method, "type": "dictionary",
+                       "out_features": r.out_features, "in_features": r.in_features, "rank": r.rank,
+                       "params_before": r.params_before, "params_after": r.params_after,
+                       "rel_error": layer_error(t["weight"], mod, H), "storage_bytes": mod.storage_bytes(),
+                       **info, "seconds": info["seconds"] if j == 0 else 0.0,
+                       "note": "; ".join(x for x in (r.note, note) if x)}
+                specs, report = out.setdefault(r.block, ({}, []))
+                specs[r.name] = module_spec(mod)
+                report.append(row)
+        return out
+
+    def cleanup(self, block: int) -> None:
+        """Remove the statistics of the groups completed at ``block`` (after it is saved)."""
+        for rows in self.completed_at(block):
+            for r in rows:
+                (self.cache.dir / f"shared-{r.name}.safetensors").unlink(missing_ok=True)
