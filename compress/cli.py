@@ -83,14 +83,15 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
         _fail(e)
     last = max(r.block for r in rows)
     table = Table(title=f"plan: {recipe.name} on {model}")
-    for col in ("module", "method", "shape (out x in)", "rank / kept dims", "params before", "params after",
+    for col in ("module", "method", "shape (out x in)", "rank / kept dims / atoms", "params before", "params after",
                 "note"):
         table.add_column(col)
     for r in rows:
         if all_rows or r.block in (0, last):
             unit = hasattr(r, "members")  # a group of modules (MoDeGPT): its knob is a number of kept dims
             table.add_row(r.name, r.method, r.describe() if unit else f"{r.out_features} x {r.in_features}",
-                          str(r.knob if unit else r.rank or "data"),
+                          str(r.knob if unit else (r.describe() if r.cost_model == "dictionary" and r.rank
+                                                   else r.rank or "data")),
                           f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
                           r.note)
     out.print(table)

@@ -152,13 +152,14 @@ def codes_matrix(index: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tenso
 
 
 def ksvd_update(WL: torch.Tensor, D: torch.Tensor, index: torch.Tensor, coef: torch.Tensor, power_iters: int = 8,
-                reinit_unused: bool = False) -> tuple[int, torch.Tensor]:
+                reinit_unused: bool = False, atoms: int | None = None) -> tuple[int, torch.Tensor]:
     """K-SVD's atom update, in place (Aharon et al. 2006; CoSpaDi Alg. 1 with power iteration, §A.3).
 
     Atom by atom: with ``J`` the signals using atom ``i`` (supports fixed), ``R = E_J + d_i c_{i,J}`` is the residual
     without the atom; ``(d_i, c_{i,J})`` becomes its best rank-1 approximation (``power_iters`` steps from the current
     atom), and the residual ``E`` is updated. Unused atoms are left, or (``reinit_unused``) replaced by the worst
-    represented signal's residual direction. Returns (unused atoms, the residual ``E = WL − D C``, n × m)."""
+    represented signal's residual direction. ``atoms`` limits the update to the first ones (timing a sample).
+    Returns (unused atoms, the residual ``E = WL − D C``, n × m)."""
     k = D.shape[1]
     Et = WL.T - codes_matrix(index, coef, k).T @ D.T  # m × n: one signal's residual per row (row gathers are cheap)
     flat = index.flatten()
@@ -167,7 +168,7 @@ def ksvd_update(WL: torch.Tensor, D: torch.Tensor, index: torch.Tensor, coef: to
     signal = order // index.shape[1]
     cflat = coef.view(-1)
     unused, start = 0, 0
-    for i in range(k):
+    for i in range(k if atoms is None else min(atoms, k)):
         n_i = counts[i]
         if n_i == 0:
             unused += 1
