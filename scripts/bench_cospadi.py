@@ -40,7 +40,7 @@ def curve(a) -> None:
     from compress.recipe import parse_recipe
 
     torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model)
+    model, tok, _ = load_model(a.model)
     recipe = parse_recipe({
         "calibration": {"dataset": str(bq.CALIB), "samples": 64, "seq_len": 512, "seed": 0},
         "engine": {"device": "cpu"},

@@ -14,6 +14,8 @@ from ..output import normalize_modes
 from .modeling_lrc import AUTO_MAP, LRC_FORMAT_VERSION
 
 MODELING_FILE = Path(__file__).with_name("modeling_lrc.py")
+# the checkpoint's remote code: the entry file and the modules it imports relatively
+REMOTE_CODE = [MODELING_FILE, MODELING_FILE.with_name("lrc_layers.py"), MODELING_FILE.with_name("lrc_attention.py")]
 
 
 def base_of(model) -> tuple[str, str]:
@@ -57,5 +59,6 @@ def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
                                sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    shutil.copyfile(MODELING_FILE, directory / "modeling_lrc.py")
+    for path in REMOTE_CODE:
+        shutil.copyfile(path, directory / path.name)
     normalize_modes(directory)
