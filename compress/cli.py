@@ -306,15 +306,18 @@ def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint director
     stored = json.loads((checkpoint / "config.json").read_text())["lrc"].get("format_version", 1)
     fmt = f"lrc format {stored}" + (f", read as {lrc['format_version']}" if stored != lrc["format_version"] else "")
     table = Table(title=f"{checkpoint} ({lrc['base_architecture']}, {fmt})")
-    for col in ("module", "type", "shape (out x in)", "rank / head dims"):
+    for col in ("module", "type", "shape (out x in)", "rank / head dims / atoms"):
         table.add_column(col)
     for name, spec in lrc["modules"].items():
         if spec["type"] == "attention":  # per-layer head dims (MoDeGPT): q/k and v/o of the original head dim
             table.add_row(name, "attention", f"{spec['num_heads']} heads, {spec['num_kv_heads']} KV heads",
                           f"q/k {spec['qk_dim']}/{spec['head_dim']}, v/o {spec['vo_dim']}/{spec['head_dim']}")
             continue
-        table.add_row(name, spec["type"], f"{spec['out_features']} x {spec['in_features']}",
-                      str(spec.get("rank", "-")))
+        knob = str(spec.get("rank", "-"))
+        if spec["type"] == "dictionary":  # CoSpaDi: k atoms, s per output, maybe another layer's dictionary
+            knob = f"{spec['atoms']} atoms, {spec['nnz']} per output" + \
+                (f" (dictionary of {spec['shared_from']})" if spec.get("shared_from") else "")
+        table.add_row(name, spec["type"], f"{spec['out_features']} x {spec['in_features']}", knob)
     out.print(table)
     rep = checkpoint / "lrc_report.json"
     if rep.is_file():

@@ -181,6 +181,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
     from .methods import METHODS
 
     rows, seen = [], set()
+    num_blocks = len(find_blocks(model)[1])
     for si, name, bi, mod in stage_targets(model, recipe):
         stage = recipe.stages[si]
         compensation = METHODS[stage.method].kind == "compensation"
@@ -201,7 +202,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
         if not compensation and getattr(method_cls, "cost_model", "lowrank") != "lowrank":
             method = method_cls(recipe.method_config(si))  # e.g. CoSpaDi: dictionary rows, k/s and sharing
             row.cost_model = method_cls.cost_model
-            row.cost_args = method.cost_args(row, bi, len(find_blocks(model)[1]), _value_bits(mod))
+            row.cost_args = method.cost_args(row, bi, num_blocks, _value_bits(mod))
         rows.append(row)
         seen.add(name)
     owner = {r.name: r.stage for r in rows if not r.compensation}

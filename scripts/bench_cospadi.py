@@ -44,11 +44,19 @@ def curve(a) -> None:
     recipe = parse_recipe({
         "calibration": {"dataset": str(bq.CALIB), "samples": 64, "seq_len": 512, "seed": 0},
         "engine": {"device": "cpu"},
-        "stages": [{"method": "cospadi", "param_ratio": a.kept, "targets": [rf"layers\.{a.layer}\."],
-                    "options": {"iterations": a.rounds, "omp_atoms_per_step": a.per_step}}]})
+        "stages": [{"method": a.method, "param_ratio": a.kept, "targets": [rf"layers\.{a.layer}\."],
+                    "options": {"iterations": a.rounds, "omp_atoms_per_step": a.per_step}
+                    if a.method == "cospadi" else {}}]})
     t0 = time.perf_counter()
     report = api.compress_model(model, recipe, tok, progress=False)
     wall = time.perf_counter() - t0
+    if a.method != "cospadi":  # the low-rank baseline at the same kept fraction: its error per matrix
+        with open(a.jsonl, "a") as f:
+            for r in report["modules"]:
+                f.write(json.dumps({"bench": "curve", "method": a.method, "model": a.model, "layer": a.layer,
+                                    "kept_storage": a.kept, "matrix": r["name"], "rank": r["rank"],
+                                    "rel_error": r["rel_error"], "revision": revision()}) + "\n")
+        return
     with open(a.jsonl, "a") as f:
         for r in report["modules"]:
             f.write(json.dumps({
@@ -109,11 +117,55 @@ def large(a) -> None:
     print(json.dumps(row))
 
 
+def markdown_curve(rows: list[dict]) -> str:
+    """Per matrix of the measured block: the whitened error after T rounds for each OMP setting, and per-round cost."""
+    marks = (1, 2, 5, 15, 60)
+    base = {r["matrix"]: r for r in rows if r.get("method", "cospadi") != "cospadi"}
+    rows = [r for r in rows if r.get("method", "cospadi") == "cospadi"]
+    settings = sorted({r["omp_atoms_per_step"] for r in rows})
+    head = ["| matrix | out × in | k / s |"] + [f" OMP×{p} T={t} |" for p in settings for t in marks] + \
+        [" svd-llm (rank) |"]
+    lines = ["".join(head), "|---|---|---|" + "---:|" * (len(settings) * len(marks) + 1)]
+    by = {(r["matrix"], r["omp_atoms_per_step"]): r for r in rows}
+    for name in dict.fromkeys(r["matrix"] for r in rows):
+        first = next(r for r in rows if r["matrix"] == name)
+        cells = [f"| {name.split('layers.')[-1]} | {first['shape'][0]} × {first['shape'][1]} | "
+                 f"{first['atoms']} / {first['nnz']} |"]
+        for p in settings:
+            e = by.get((name, p), {}).get("whitened_errors", [])
+            cells += [f" {e[t - 1]:.4f} |" if t <= len(e) else " – |" for t in marks]
+        b = base.get(name)
+        cells.append(f" {b['rel_error']:.4f} ({b['rank']}) |" if b else " – |")
+        lines.append("".join(cells))
+    lines += ["", "| OMP setting | rounds run | OMP s / round | atom update s / round | total s / round (block) |",
+              "|---|---:|---:|---:|---:|"]
+    for p in settings:
+        sel = [r for r in rows if r["omp_atoms_per_step"] == p]
+        rounds = sel[0]["rounds"]
+        omp = sum(r["seconds_omp"] for r in sel) / rounds
+        upd = sum(r["seconds_update"] for r in sel) / rounds
+        label = "OMP (1 atom per step, exact)" if p == 1 else f"generalised OMP, {p} atoms per step"
+        lines.append(f"| {label} | {rounds} | {omp:.2f} | {upd:.2f} | {omp + upd:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown_large(rows: list[dict]) -> str:
+    lines = ["| matrix (out × in) | k / s | OMP setting | columns / atoms timed | OMP s / round | atom update s / "
+             "round | one round s |", "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        m, n = r["shape_out_in"]
+        lines.append(f"| {m} × {n} | {r['atoms']} / {r['nnz']} | {r['omp_atoms_per_step']} per step | "
+                     f"{r['columns_timed']} / {r['atoms_timed']} | {r['omp_s_per_round']:.0f} | "
+                     f"{r['update_s_per_round']:.0f} | {r['round_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--curve", action="store_true")
     ap.add_argument("--large", action="store_true")
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--method", default="cospadi", help="--curve: cospadi, or svd-llm for its error per matrix")
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--kept", type=float, default=0.8)
     ap.add_argument("--rounds", type=int, default=60)

@@ -190,7 +190,10 @@ def markdown(rows: list[dict], tasks: list[str]) -> str:
         share = (r.get("bench") or {}).get("step", {}).get("other_cpu_share")
         secs = f"{r['compress_seconds']:.1f}{_mark(r['compress_step']['other_cpu_share'])}" \
             if "compress_seconds" in r else "–"
-        cells = [r["config"], f"{r['kept_measured']:.4f}" if "kept_measured" in r else ("1" if dense else "–"),
+        kept = f"{r['kept_measured']:.4f}" if "kept_measured" in r else ("1" if dense else "–")
+        if "kept_storage" in r:  # CoSpaDi: the budget is bytes; parameters leave the support masks out
+            kept = f"{r['kept_storage']:.4f} of bytes ({kept} of params)"
+        cells = [r["config"], kept,
                  f"{r['perplexity']:,.2f}" if "perplexity" in r else "–",
                  *["–" if x is None else f"{x:.3f}" for x in accs], "–" if mean is None else f"{mean:.3f}", secs,
                  f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "–", pre + _mark(share), dec + _mark(share)]

@@ -106,6 +106,8 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
                     "kept_measured": report["targeted"]["kept_fraction_of_targeted"],
                     "params_after": report["targeted"]["params_after"],
                     "phase_seconds": report["phase_seconds"], "peak_rss_gib": peak_rss_gib()})
+        if "kept_storage_fraction" in report["targeted"]:  # CoSpaDi: bytes differ from parameters (the masks)
+            out["kept_storage"] = report["targeted"]["kept_storage_fraction"]
     text = "\n\n".join(json.loads(line)["text"] for line in WIKI.read_text().splitlines())
     res = perplexity(model, tok, text, seq_len=512, max_windows=windows, batch_size=4)
     out.update({"perplexity": res.perplexity, "eval_tokens": res.tokens})

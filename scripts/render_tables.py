@@ -22,6 +22,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 sys.path.insert(0, str(HERE))
 
 import bench_compress  # noqa: E402
+import bench_cospadi  # noqa: E402
 import bench_eora  # noqa: E402
 import bench_modegpt  # noqa: E402
 import bench_quality  # noqa: E402
@@ -101,6 +102,9 @@ SECTIONS = {
     "eora-rtn": lambda: bench_eora.gap_table(rows("eora-rtn-smollm2.jsonl")),
     "modegpt": lambda: bench_modegpt.markdown(rows("modegpt-smollm2.jsonl"), bench_modegpt.TASKS),
     "modegpt-ablations": lambda: bench_modegpt.markdown(rows("modegpt-smollm2-ablations.jsonl"), bench_modegpt.TASKS),
+    "cospadi": lambda: bench_modegpt.markdown(rows("cospadi-smollm2.jsonl"), bench_modegpt.TASKS),
+    "cospadi-curve": lambda: bench_cospadi.markdown_curve(rows("cospadi-curve.jsonl")),
+    "cospadi-large": lambda: bench_cospadi.markdown_large(rows("cospadi-large.jsonl")),
 }
 
 

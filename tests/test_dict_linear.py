@@ -126,7 +126,8 @@ def test_storage_bytes_is_what_the_state_dict_holds():
     assert set(owner.state_dict()) == {"dictionary.weight", "values", "mask", "bias"}
     assert set(sharer.state_dict()) == {"values", "mask"}
     n, m, k, s = FACTORED
-    assert unit_weights(owner) == unit_weights(sharer) == k * n + s * m
+    assert owner.exec_path == "factored"  # the count is what the forward executes: C densified, k(n + m)
+    assert unit_weights(owner) == unit_weights(sharer) == k * (n + m)
     assert unit_params(sharer) == m * s and unit_params(owner) == k * n + m * s + m
 
 

@@ -96,9 +96,13 @@ def dictionary_spec(m: DictLinear) -> dict:
 
 
 def dictionary_weights(m: DictLinear) -> int:
-    """``atoms * in + nnz * out`` (CoSpaDi §3.4): every module applies the dictionary to its own input, shared or
-    not, then ``nnz`` coefficients per output."""
-    return m.atoms * m.in_features + m.nnz * m.out_features
+    """The multiply-adds per token the forward executes (``lrc bench``'s FLOP-ideal speed-up must match what runs):
+    ``atoms * (in + out)`` on the factored path (the coefficients densified), ``in * out`` on the dense one. The
+    sparse count ``atoms * in + nnz * out`` (CoSpaDi §3.4) would need sparse kernels, which gain little at 50%
+    density; every module applies the dictionary to its own input, shared or not."""
+    if m.exec_path == "factored":
+        return m.atoms * (m.in_features + m.out_features)
+    return m.in_features * m.out_features
 
 
 register_unit_type(LowRankLinear, lowrank_spec)
