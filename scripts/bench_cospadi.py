@@ -108,7 +108,8 @@ def large(a) -> None:
     t_upd = time.perf_counter() - t0 - t_res
     row = {"bench": "large", "shape_out_in": [m, n], "atoms": k, "nnz": s, "omp_atoms_per_step": a.per_step,
            "columns_timed": a.columns, "atoms_timed": a.atoms, "omp_s": round(t_omp, 2), "update_s": round(t_upd, 2),
-           "gram_s": round(t_gram, 2), "residual_s": round(t_res, 2), "omp_s_per_round": round(t_omp * m / a.columns, 1),
+           "gram_s": round(t_gram, 2), "residual_s": round(t_res, 2),
+           "omp_s_per_round": round(t_omp * m / a.columns, 1),
            "update_s_per_round": round(t_res + t_upd * k / a.atoms, 1), "threads": a.threads, "revision": revision(),
            "torch": torch.__version__}
     row["round_s"] = round(row["omp_s_per_round"] + row["update_s_per_round"] + t_gram, 1)

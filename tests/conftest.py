@@ -122,3 +122,17 @@ def tiny_recipe(corpus: Path, method: str = "svd-llm", samples: int = 8, seq_len
             engine[key] = stage.pop(key)
     return parse_recipe({"calibration": {"dataset": str(corpus), "samples": samples, "seq_len": seq_len},
                          "engine": engine, "stages": [{"method": method, **stage}]})
+
+
+# a fresh interpreter that cannot import lrc loads a checkpoint through its own remote code and saves the logits of
+# the token ids in argv[2] to argv[3]; tests append lines that print what they check about the loaded ``model``
+RELOAD_LOGITS = """
+import sys
+sys.modules["compress"] = None  # lrc must not be importable: the checkpoint carries its own loader
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(x).logits, sys.argv[3])
+"""

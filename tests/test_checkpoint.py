@@ -3,26 +3,15 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 import compress
 from compress import api
-from conftest import tiny_recipe
+from conftest import RELOAD_LOGITS, tiny_recipe
 
-RELOAD = textwrap.dedent("""
-    import sys
-    sys.modules["compress"] = None  # lrc must not be importable: the checkpoint carries its own loader
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    x = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(x).logits, sys.argv[3])
-    print(type(model.get_submodule("model.layers.0.self_attn.q_proj")).__name__)
-""")
+RELOAD = RELOAD_LOGITS + 'print(type(model.get_submodule("model.layers.0.self_attn.q_proj")).__name__)\n'
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

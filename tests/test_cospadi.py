@@ -18,7 +18,7 @@ from compress.engine import pipeline
 from compress.errors import LrcError
 from compress.plan import make_plan
 from compress.recipe import parse_recipe
-from conftest import ROOT, STORIES, needs_shared, tiny_recipe
+from conftest import RELOAD_LOGITS, ROOT, STORIES, needs_shared, tiny_recipe
 
 FAST = {"iterations": 3}
 
@@ -80,15 +80,6 @@ def test_plan_shows_atoms_and_refuses_what_cospadi_cannot_do(tiny_model_dir, cor
         parse_recipe(data)
 
 
-FRESH = """
-import sys
-sys.modules["compress"] = None
-import torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])
-"""
 
 
 def test_shared_dictionary_round_trip_and_resume(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
@@ -106,7 +97,8 @@ def test_shared_dictionary_round_trip_and_resume(tiny_model_dir, corpus_file, tm
     assert "model.layers.0.self_attn.q_proj.dictionary.weight" in keys
     assert "model.layers.1.self_attn.q_proj.dictionary.weight" not in keys
     rows = {r["name"]: r for r in report["modules"]}
-    assert rows["model.layers.1.self_attn.q_proj"]["storage_bytes"] == saved_bytes(ref, "model.layers.1.self_attn.q_proj")
+    q1_name = "model.layers.1.self_attn.q_proj"
+    assert rows[q1_name]["storage_bytes"] == saved_bytes(ref, q1_name)
     assert "shared by 2 layers" in rows["model.layers.1.mlp.down_proj"]["note"]
     assert report["targeted"]["storage_bytes_after"] == sum(r["storage_bytes"] for r in report["modules"])
     assert report["targeted"]["kept_storage_fraction"] <= 0.6
@@ -114,7 +106,8 @@ def test_shared_dictionary_round_trip_and_resume(tiny_model_dir, corpus_file, tm
     x = torch.randint(0, 150, (2, 12))
     torch.save(x, tmp_path / "x.pt")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(ref), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+    proc = subprocess.run([sys.executable, "-c", RELOAD_LOGITS, str(ref), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with torch.no_grad():

@@ -14,6 +14,7 @@ from torch import nn
 import compress
 from compress.checkpoint.modeling_lrc import CompensatedLinear, DictLinear, build_module
 from compress.checkpoint.units import module_spec, unit_params, unit_weights
+from conftest import RELOAD_LOGITS
 
 FACTORED = (32, 32, 8, 4)  # in, out, atoms, nnz: 8 * (32 + 32) < 32 * 32
 DENSE = (16, 12, 16, 5)  # 16 * (16 + 12) >= 12 * 16
@@ -192,15 +193,7 @@ def test_specs_build_and_link(tokenizer):
         apply_structure(model, {"model.layers.2.mlp.up_proj": {**sharer, "shared_from": "model.layers.0.mlp.up_proj"}})
 
 
-RELOAD = textwrap.dedent("""
-    import sys
-    sys.modules["compress"] = None  # lrc must not be importable: the checkpoint carries its own loader
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    x = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(x).logits, sys.argv[3])
+RELOAD = RELOAD_LOGITS + textwrap.dedent("""
     q0, q1 = (model.get_submodule(f"model.layers.{i}.self_attn.q_proj") for i in (0, 1))
     down2 = model.get_submodule("model.layers.2.mlp.down_proj").base
     owner = model.get_submodule("model.layers.0.mlp.down_proj").base

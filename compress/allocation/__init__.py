@@ -11,7 +11,8 @@ matrix's own spectrum during compression (``decide_from_spectrum``, an ``energy`
 """
 from __future__ import annotations
 
-from . import uniform, energy, welore, loss, sensitivity, influence, dictionary  # noqa: F401  (registration, in the order lrc methods lists)
+# registration, in the order lrc methods lists
+from . import uniform, energy, welore, loss, sensitivity, influence, dictionary  # noqa: F401
 from .cost import COST_MODELS, CostModel, cost_of, register_cost_model
 from .registry import ALLOCATORS, NEEDS, Allocator, FieldView, register_allocator
 from .uniform import decide_from_spectrum
