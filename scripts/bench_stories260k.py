@@ -163,8 +163,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         if r["method"] == "dense":
             continue
-        head = r["config"].rsplit(":", 1)[0].split("@")[0]
-        label = head.replace("+", " (").replace("=", ": ") + (")" if "+" in head else "")
+        method, *opts = r["config"].rsplit(":", 1)[0].split("@")[0].split("+")
+        label = method + (f" ({', '.join(o.replace('=', ': ') for o in opts)})" if opts else "")
         table.setdefault(label, {})[r["allocator"]] = f"{r['perplexity']:,.2f}"
     lines = [f"Dense: {dense['perplexity']:.2f}. Kept {KEPT} of the targeted parameters (measured per row in the "
              "raw file).", "", "| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
