@@ -35,7 +35,12 @@ def dict_size(out_features: int, in_features: int, kept: float, rho: float = 2.0
     m, n, L = out_features, in_features, layers
     denom = n + L * m * (1.0 / rho + mask_bits / value_bits)
     k = math.floor(kept * L * m * n / denom + 1e-9)
-    return k, math.floor(k / rho + 1e-9)
+    return k, nnz_for(k, rho)
+
+
+def nnz_for(k: int, rho: float) -> int:
+    """``s = ⌊k/ρ⌋`` non-zeros per output for ``k`` atoms (Eq. 49; the one place this rounding is made)."""
+    return math.floor(k / rho + 1e-9)
 
 
 def dict_storage_bits(out_features: int, in_features: int, k: int, s: int, value_bits: int = 16,

@@ -182,6 +182,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
 
     rows, seen = [], set()
     num_blocks = len(find_blocks(model)[1])
+    methods: dict[int, object] = {}  # one configured method per stage that sets its rows' cost model
     for si, name, bi, mod in stage_targets(model, recipe):
         stage = recipe.stages[si]
         compensation = METHODS[stage.method].kind == "compensation"
@@ -199,8 +200,10 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
                       base_params=None if isinstance(mod, nn.Linear) else
                       sum(p.numel() for p in mod.parameters()), align=stage.align)
         method_cls = METHODS[stage.method]
-        if not compensation and getattr(method_cls, "cost_model", "lowrank") != "lowrank":
-            method = method_cls(recipe.method_config(si))  # e.g. CoSpaDi: dictionary rows, k/s and sharing
+        if not compensation and method_cls.cost_model != "lowrank":  # e.g. CoSpaDi: dictionary rows, k/s, sharing
+            if si not in methods:
+                methods[si] = method_cls(recipe.method_config(si))
+            method = methods[si]
             row.cost_model = method_cls.cost_model
             row.cost_args = method.cost_args(row, bi, num_blocks, _value_bits(mod))
         rows.append(row)

@@ -42,12 +42,16 @@ def test_whitened_error_equals_data_error():
     assert torch.allclose(wh.R @ wh.dewhiten(D_L), D_L, atol=1e-8)
 
 
-def test_batch_omp_equals_plain_omp_and_recovers_planted_supports():
-    g = torch.Generator().manual_seed(1)
-    n, k, m, s = 48, 64, 60, 5
+def _atoms_and_signals(n, k, m, seed):
+    """Unit-norm random atoms (n × k), random signals (n × m) and the generator for more."""
+    g = torch.Generator().manual_seed(seed)
     D = torch.randn(n, k, generator=g, dtype=torch.float64)
-    D /= D.norm(dim=0)
-    X = torch.randn(n, m, generator=g, dtype=torch.float64)
+    return D / D.norm(dim=0), torch.randn(n, m, generator=g, dtype=torch.float64), g
+
+
+def test_batch_omp_equals_plain_omp_and_recovers_planted_supports():
+    n, k, m, s = 48, 64, 60, 5
+    D, X, g = _atoms_and_signals(n, k, m, seed=1)
     index, coef = DL.batch_omp(D.T @ D, D.T @ X, s, chunk=16)  # several chunks
     for j in range(m):
         ref_index, ref_coef = DL.omp_reference(D, X[:, j], s)
@@ -65,11 +69,8 @@ def test_batch_omp_equals_plain_omp_and_recovers_planted_supports():
 
 
 def test_generalised_omp_gives_least_squares_coefficients_on_its_support():
-    g = torch.Generator().manual_seed(2)
     n, k, m, s = 30, 40, 25, 9
-    D = torch.randn(n, k, generator=g, dtype=torch.float64)
-    D /= D.norm(dim=0)
-    X = torch.randn(n, m, generator=g, dtype=torch.float64)
+    D, X, _ = _atoms_and_signals(n, k, m, seed=2)
     index, coef = DL.batch_omp(D.T @ D, D.T @ X, s, per_step=4)  # steps of 4, 4, 1
     assert index.shape == (m, s) and all(len(set(r.tolist())) == s for r in index)
     for j in range(m):

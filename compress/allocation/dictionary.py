@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..dictionary import dict_size
+from ..dictionary import dict_size, dict_storage_bits, nnz_for
 from .cost import CostModel, register_cost_model
 
 
@@ -25,7 +25,7 @@ class DictionaryCost(CostModel):
     name = "dictionary"
 
     def nnz(self, row, k: int) -> int:
-        return math.floor(k / _args(row)[0] + 1e-9)
+        return nnz_for(k, _args(row)[0])
 
     def params(self, row, knob: int) -> int:
         m, n = row.out_features, row.in_features
@@ -35,30 +35,18 @@ class DictionaryCost(CostModel):
         owner = _args(row)[4]
         return (n * knob if owner else 0) + self.nnz(row, knob) * m + bias
 
-    def bits(self, row, knob: int) -> float:
-        """Bits this row writes at ``knob``: values at ``value_bits`` + its mask (a dense matrix if it saves none)."""
-        _, vb, mb, _, owner = _args(row)
-        m, n = row.out_features, row.in_features
-        if not self.saves(row, knob):
-            return vb * (m * n + (m if row.bias else 0))
-        return vb * self.params(row, knob) + mb * knob * m
-
     def storage_bytes(self, row, knob: int, bytes_per_param: float) -> int:
-        _, vb, mb, _, _ = _args(row)
-        m = row.out_features
-        if not self.saves(row, knob):
-            return int(self.params(row, knob) * bytes_per_param)
-        return int(self.params(row, knob) * bytes_per_param) + math.ceil(knob / 8) * m * (mb > 0)
+        mask = math.ceil(knob / 8) * row.out_features if self.saves(row, knob) and _args(row)[2] > 0 else 0
+        return int(self.params(row, knob) * bytes_per_param) + mask
 
     def saves(self, row, knob: int) -> bool:
         """Whether the group's storage at ``knob`` (one dictionary, every layer's values and masks) is below dense."""
         rho, vb, mb, layers, _ = _args(row)
         m, n = row.out_features, row.in_features
-        s = math.floor(knob / rho + 1e-9)
+        s = nnz_for(knob, rho)
         if knob < 1 or s < 1 or s > min(knob, n):
             return False
-        group = vb * n * knob + layers * (vb * s * m + mb * knob * m)
-        return group < layers * vb * m * n
+        return dict_storage_bits(m, n, knob, s, vb, mb, layers) < layers * vb * m * n
 
     def knob_for(self, row, kept_fraction: float) -> int:
         rho, vb, mb, layers, _ = _args(row)

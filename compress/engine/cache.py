@@ -165,6 +165,10 @@ class RunCache:
                 if digest(path)["sha256"] != rec["sha256"]:
                     raise self._corrupt(path, "corrupted (SHA-256 differs from the one recorded when it was written)")
 
+    def block_info(self, i: int) -> dict:
+        """Block ``i``'s record (module specs, report rows, file checksums), without reading its weights."""
+        return self._info(i)
+
     def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         info = self._info(i)
         return load_file(str(self.dir / f"block_{i}.safetensors")), info

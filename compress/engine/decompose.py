@@ -111,11 +111,17 @@ def _built(method, module, W, target, stats, row, dense: bool, t0: float) -> tup
         H = stats["input_gram"]
         error = dense_objective_error(W, approx, stats["dense_gram"], stats["cross_gram"], H) if dense else \
             weighted_error(W, approx, H)
+    return new, built_row(row, new, error, fields, time.perf_counter() - t0)
+
+
+def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: float) -> dict:
+    """The report row of a module a method built (``type: dictionary``; ``dense`` when none was): the plan row's
+    accounting, the error, the module's ``storage_bytes`` and the method's ``fields`` (its ``note`` joins the row's)."""
+    fields = dict(fields)
     note = "; ".join(x for x in (row.note, fields.pop("note", "")) if x)
-    info = {"name": row.name, "stage": row.stage, "method": row.method,
+    return {"name": row.name, "stage": row.stage, "method": row.method,
             "type": "dictionary" if new is not None else "dense",
             "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
             "params_before": row.params_before, "params_after": row.params_after, "rel_error": error,
             **({"storage_bytes": new.storage_bytes()} if new is not None and hasattr(new, "storage_bytes") else {}),
-            **fields, "seconds": round(time.perf_counter() - t0, 4), "note": note}
-    return new, info
+            **fields, "seconds": round(seconds, 4), "note": note}

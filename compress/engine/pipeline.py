@@ -153,7 +153,7 @@ def _finish_shared(shared, i, block, blocks, prefix, cache, specs, report, bspec
             brows.extend(s_rows)
             continue
         report.extend(s_rows)
-        _, info = cache.load_block(j)
+        info = cache.block_info(j)  # its record only: the weights to save are the block in memory
         rows_j = [r for r in info["rows"] if r["name"] not in names] + s_rows
         cache.save_block(j, blocks[j].state_dict(), {"modules": {**info["modules"], **s_specs}, "rows": rows_j})
 

@@ -18,7 +18,9 @@ import time
 import torch
 
 from ..errors import LrcError
+from ..linalg import weighted_error
 from ..methods import METHODS
+from .decompose import built_row, effective_weight
 
 
 def is_shared(row) -> bool:
@@ -60,7 +62,6 @@ class SharedGroups:
         return ``{block: (module specs, report rows)}`` of every member."""
         from ..checkpoint.modeling_lrc import DictLinear
         from ..checkpoint.units import module_spec
-        from ..methods.cospadi import layer_error
 
         out: dict[int, tuple[dict, list]] = {}
         for rows in self.completed_at(block):
@@ -76,6 +77,7 @@ class SharedGroups:
             D = wh.dewhiten(fit.D.double()).T.contiguous()
             info = method.fit_info(fit, wh, time.perf_counter() - t0)
             note = info.pop("note") + f"; dictionary shared by {len(rows)} layers (owner {head.name})"
+            seconds = info.pop("seconds")
             m = head.out_features
             owner = None
             for j, (r, t) in enumerate(zip(rows, saved)):
@@ -90,13 +92,8 @@ class SharedGroups:
                 if owner is None:
                     owner = mod
                 target.set_submodule(rel, mod.to(dev))
-                H = t["gram"]
-                row = {"name": r.name, "stage": r.stage, "method": r.method, "type": "dictionary",
-                       "out_features": r.out_features, "in_features": r.in_features, "rank": r.rank,
-                       "params_before": r.params_before, "params_after": r.params_after,
-                       "rel_error": layer_error(t["weight"], mod, H), "storage_bytes": mod.storage_bytes(),
-                       **info, "seconds": info["seconds"] if j == 0 else 0.0,
-                       "note": "; ".join(x for x in (r.note, note) if x)}
+                error = weighted_error(t["weight"].double(), effective_weight(mod), t["gram"])
+                row = built_row(r, mod, error, {**info, "note": note}, seconds if j == 0 else 0.0)
                 specs, report = out.setdefault(r.block, ({}, []))
                 specs[r.name] = module_spec(mod)
                 report.append(row)

@@ -21,7 +21,6 @@ import torch
 from pydantic import Field
 
 from .. import dictionary as DL
-from ..linalg import weighted_error
 from .base import Method, MethodConfig, register
 
 
@@ -83,7 +82,7 @@ class CoSpaDi(Method):
         H = grams[0].double() if len(grams) == 1 else torch.stack([g.double() for g in grams]).mean(0)
         wh = DL.whitening(H, cfg.damping)
         WL = torch.cat([wh.R @ W.double().T for W in weights], 1).to(self._dtype())
-        s = int(k // cfg.rho)
+        s = DL.nnz_for(k, cfg.rho)
         fit = DL.learn_dictionary(WL, k, s, cfg.iterations, cfg.power_iterations, cfg.init, cfg.seed, cfg.tol,
                                   cfg.reinit_unused, cfg.omp_chunk, cfg.omp_atoms_per_step)
         return fit, wh
@@ -112,7 +111,3 @@ class CoSpaDi(Method):
                 "seconds_update": round(fit.seconds["update"], 3), "whitened_errors": [round(e, 6) for e in errs],
                 "seconds": round(seconds, 4)}
 
-
-def layer_error(W: torch.Tensor, module, H: torch.Tensor) -> float:
-    """``‖(W − W̃)X‖ / ‖WX‖`` from the Gram."""
-    return weighted_error(W.double(), module.weight_approx.detach().double(), H)
