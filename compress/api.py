@@ -14,15 +14,16 @@ import yaml
 from . import __version__
 from .checkpoint import load, save_checkpoint
 from .checkpoint.modeling_lrc import LRC_FORMAT_VERSION
-from .checkpoint.save import base_of
+from .checkpoint.save import base_of, save_checkpoint_streamed
+from .engine.lazy import lazy_model
 from .engine.pipeline import compress_blocks
 from .errors import LrcError
-from .models import cache_root, is_lrc_checkpoint, load_model, resolve_model_path
+from .models import DTYPES, cache_root, is_lrc_checkpoint, load_model, resolve_model_path
 from .output import atomic_dir, check_out
 from .plan import PlanRow, make_plan
 from .progress import Progress
 from .recipe import Recipe, load_recipe, parse_recipe
-from .report import build_report, count_params, write_report
+from .report import build_report, count_params, peak_rss_gib, write_report
 
 __all__ = ["compress_model", "compress", "compensate", "save", "plan", "load", "with_overrides",
            "with_stage_calibration"]
@@ -56,11 +57,13 @@ def with_stage_calibration(recipe: Recipe, sources: list[str], source: str = "re
 
 
 def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir: str | Path | None = None,
-                   resume: bool = False, progress: bool = False, keep_cache: bool = False, reference=None) -> dict:
+                   resume: bool = False, progress: bool = False, keep_cache: bool = False, reference=None,
+                   lazy=None) -> dict:
     """Compress ``model`` in place following ``recipe``; return the report (parameter accounting, module rows).
 
     The module structure is recorded in ``model.config.lrc`` so that ``save(model, tokenizer, out, report)`` writes a
     checkpoint that reloads anywhere. The activation cache is removed on success unless ``keep_cache``.
+    ``lazy``: ``model`` is a meta-device skeleton (``engine/lazy.py``) whose blocks end in the run cache only.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -72,7 +75,7 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
     bar = Progress(enabled=progress)
     try:
         result = compress_blocks(model, tokenizer, recipe, Path(cache_dir or cache_root()), resume, bar,
-                                 reference=reference)
+                                 reference=reference, lazy=lazy)
     finally:
         bar.close()
     previous = getattr(model.config, "lrc", None) or {}
@@ -106,8 +109,13 @@ def save(model, tokenizer, out: str | Path, report: dict | None = None, overwrit
 
 def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: bool = False,
              overwrite: bool = False, cache_dir: str | Path | None = None, progress: bool = True,
-             keep_cache: bool = False) -> tuple[object, dict]:
-    """Load MODEL, compress it, write the checkpoint to ``out``; return ``(compressed model, report)``."""
+             keep_cache: bool = False, return_model: bool = True) -> tuple[object, dict]:
+    """Load MODEL, compress it, write the checkpoint to ``out``; return ``(compressed model, report)``.
+
+    A local safetensors model is loaded lazily (``engine/lazy.py``: one decoder block in memory at a time) and the
+    checkpoint is written from the run cache shard by shard, so memory does not grow with depth. The recipe's
+    evaluation runs on the checkpoint as written. The returned model is that checkpoint loaded back (None with
+    ``return_model=False``, which the CLI uses: a model larger than RAM is never loaded whole)."""
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -117,21 +125,45 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         from .eval.run import preflight
 
         preflight(recipe.eval)  # fail on a missing eval file now, not after the compression
-    net, tokenizer, _ = load_model(model, recipe.model.dtype)
-    report = compress_model(net, recipe, tokenizer, cache_dir, resume, progress, keep_cache=True)
-    report["model"], report["total_seconds"] = model, round(time.perf_counter() - t0, 3)
-    if recipe.eval is not None:
-        from .eval.run import evaluate_model
+    path = resolve_model_path(model)
+    loaded = None if is_lrc_checkpoint(path) else lazy_model(path, DTYPES[recipe.model.dtype])
+    if loaded is not None:
+        from transformers import AutoTokenizer
 
-        reference = load_model(model, recipe.model.dtype)[0] if recipe.eval.kl else None
-        t1 = time.perf_counter()
-        report["eval"] = evaluate_model(net, tokenizer, recipe.eval, reference, progress=progress)
-        report["eval_seconds"] = round(time.perf_counter() - t1, 3)
-        del reference
-    save(net, tokenizer, out, report, overwrite=True)
+        (net, lazy), tokenizer = loaded, AutoTokenizer.from_pretrained(path)
+    else:
+        (net, tokenizer, _), lazy = load_model(model, recipe.model.dtype), None
+    report = compress_model(net, recipe, tokenizer, cache_dir, resume, progress, keep_cache=True, lazy=lazy)
+    report["model"], report["total_seconds"] = model, round(time.perf_counter() - t0, 3)
+    cache_dir_run = Path(report["run_cache"])
+    blocks = _cached_blocks(cache_dir_run, net)
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_checkpoint_streamed(net, tokenizer, tmp, blocks)
+        del net
+        if recipe.eval is not None:
+            from .eval.run import evaluate_model
+
+            written = load(tmp, dtype=recipe.model.dtype)
+            reference = load_model(model, recipe.model.dtype)[0] if recipe.eval.kl else None
+            t1 = time.perf_counter()
+            report["eval"] = evaluate_model(written, tokenizer, recipe.eval, reference, progress=progress)
+            report["eval_seconds"] = round(time.perf_counter() - t1, 3)
+            del reference, written
+        (tmp / "lrc_recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False))
+        report["peak_rss_gib"] = round(peak_rss_gib(), 3)  # the checkpoint written (and evaluated) included
+        write_report(tmp, report)
     if not keep_cache:
-        shutil.rmtree(report["run_cache"], ignore_errors=True)
-    return net, report
+        shutil.rmtree(cache_dir_run, ignore_errors=True)
+    return (load(out, dtype=recipe.model.dtype) if return_model else None), report
+
+
+def _cached_blocks(run_dir: Path, model):
+    """Each finished block's file in the run cache, as a source of tensors named as in ``model``."""
+    from .checkpoint.shards import file_source
+    from .plan import find_blocks
+
+    prefix, blocks = find_blocks(model)
+    return [file_source(run_dir / f"block_{i}.safetensors", f"{prefix}.{i}.") for i in range(len(blocks))]
 
 
 def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = None,

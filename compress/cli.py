@@ -132,7 +132,7 @@ def compress(
                                calibration__samples=samples, calibration__seq_len=seq_len, engine__device=device)
         r = api.with_stage_calibration(r, stage_calib, str(recipe)) if stage_calib else r
         _, report = api.compress(model, r, out_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
-                              keep_cache=keep_cache)
+                                 keep_cache=keep_cache, return_model=False)
     except LrcError as e:
         _fail(e)
     except KeyboardInterrupt:

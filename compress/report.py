@@ -30,6 +30,14 @@ def count_params(model) -> dict:
 
 
 def peak_rss_gib() -> float:
+    """This process's peak resident memory since it started its program: Linux's ``VmHWM``. (``ru_maxrss`` also
+    counts the memory of the parent it was forked from, e.g. a large Python process that ran ``lrc``.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -61,10 +61,10 @@ def test_failed_overwrite_keeps_the_old_checkpoint_whole(exchange, failure, tiny
     old = _checkpoint_bytes(out)
     real_exchange = output._exchange if exchange else (lambda a, b: False)
     monkeypatch.setattr(output, "_exchange", real_exchange)
-    real_save, real_replace = api.save_checkpoint, os.replace
+    real_save, real_replace = api.save_checkpoint_streamed, os.replace
 
-    def failing_save(model, tokenizer, directory):
-        real_save(model, tokenizer, directory)
+    def failing_save(model, tokenizer, directory, *args):
+        real_save(model, tokenizer, directory, *args)
         with open(directory / "model.safetensors", "r+b") as f:
             f.truncate(100)
         raise OSError(28, "No space left on device (injected)")
@@ -78,7 +78,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint_whole(exchange, failure, tiny
         raise OSError(5, "I/O error (injected)")
 
     if failure == "save":
-        monkeypatch.setattr(api, "save_checkpoint", failing_save)
+        monkeypatch.setattr(api, "save_checkpoint_streamed", failing_save)
     elif exchange:
         monkeypatch.setattr(output, "_exchange", failing_exchange)
     else:
@@ -88,7 +88,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint_whole(exchange, failure, tiny
                      progress=False)
     assert _checkpoint_bytes(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "ck"]
-    monkeypatch.setattr(api, "save_checkpoint", real_save)
+    monkeypatch.setattr(api, "save_checkpoint_streamed", real_save)
     monkeypatch.setattr(os, "replace", real_replace)
     monkeypatch.setattr(output, "_exchange", real_exchange)
     api.compress(model, tiny_recipe(corpus_file, param_ratio=0.7), out, overwrite=True, cache_dir=tmp_path / "c",

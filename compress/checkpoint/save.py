@@ -6,6 +6,7 @@ modules}`` and ``auto_map`` to the classes of ``modeling_lrc.py``, which is copi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -39,21 +40,17 @@ def lrc_config_dict(config: dict, base_model_type: str, base_architecture: str) 
             "lrc": section}
 
 
-def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
-    """``model.config.lrc`` (set by ``compress_model``) describes the replaced modules."""
-    directory = Path(directory)
+def _prepare(model) -> tuple[str, str, dict]:
     lrc = getattr(model.config, "lrc", None)
     if not isinstance(lrc, dict) or "modules" not in lrc:
         raise ValueError("model.config.lrc is missing: compress the model with lrc before saving it")
     base_type, base_arch = base_of(model)
     model.config.lrc = {**lrc, "format_version": LRC_FORMAT_VERSION, "base_model_type": base_type,
                         "base_architecture": base_arch}
-    # the weights as they are in memory: transformers would otherwise convert some (fused MoE experts) back to the
-    # base model type's legacy layout, which only its own loader converts again, and lrc's model type is not that
-    import inspect
+    return base_type, base_arch, lrc
 
-    as_in_memory = "save_original_format" in inspect.signature(model.save_pretrained).parameters
-    model.save_pretrained(directory, **({"save_original_format": False} if as_in_memory else {}))
+
+def _finish(model, tokenizer, directory: Path, base_type: str, base_arch: str, lrc: dict) -> None:
     path = directory / "config.json"
     path.write_text(json.dumps(lrc_config_dict(json.loads(path.read_text()), base_type, base_arch), indent=2,
                                sort_keys=True) + "\n")
@@ -62,3 +59,40 @@ def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
     for path in REMOTE_CODE:
         shutil.copyfile(path, directory / path.name)
     normalize_modes(directory)
+
+
+def save_checkpoint(model, tokenizer, directory: str | Path) -> None:
+    """``model.config.lrc`` (set by ``compress_model``) describes the replaced modules."""
+    directory = Path(directory)
+    base_type, base_arch, lrc = _prepare(model)
+    # the weights as they are in memory: transformers would otherwise convert some (fused MoE experts) back to the
+    # base model type's legacy layout, which only its own loader converts again, and lrc's model type is not that
+    import inspect
+
+    as_in_memory = "save_original_format" in inspect.signature(model.save_pretrained).parameters
+    model.save_pretrained(directory, **({"save_original_format": False} if as_in_memory else {}))
+    _finish(model, tokenizer, directory, base_type, base_arch, lrc)
+
+
+def save_checkpoint_streamed(model, tokenizer, directory: str | Path, blocks, max_shard_bytes: int | None = None
+                             ) -> None:
+    """Like ``save_checkpoint``, with the decoder blocks' tensors coming from ``blocks`` (``shards.Source``s: the run
+    cache's block files, read one tensor at a time) instead of ``model``, whose blocks may be on the meta device. What ``save_pretrained`` writes besides the weights is written the same way (config with
+    ``dtype`` and ``architectures``, generation config); weights go in shards (``shards.py``)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from ..plan import find_blocks
+    from .shards import memory_source, write_shards
+
+    directory = Path(directory)
+    base_type, base_arch, lrc = _prepare(model)
+    prefix = find_blocks(model)[0] + "."
+    outside = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    outside = remove_tied_weights_from_state_dict(outside, model)  # the head tied to the embeddings: stored once
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    write_shards(directory, itertools.chain([memory_source(outside)], blocks), max_shard_bytes)
+    _finish(model, tokenizer, directory, base_type, base_arch, lrc)

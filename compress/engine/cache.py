@@ -25,13 +25,14 @@ from ..errors import LrcError
 from ..output import fsync_dir, fsync_file
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, items=None) -> str:
     """Identity of a model: its config (without the path it was loaded from) and every byte of every parameter
-    and buffer, so a resume or a cached answer never belongs to other weights (hashing is ~1 GB/s)."""
+    and buffer, so a resume or a cached answer never belongs to other weights (hashing is ~1 GB/s). ``items``:
+    the ``(name, tensor)`` pairs of ``state_dict`` order from elsewhere (a lazy model's blocks, read one by one)."""
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, p in model.state_dict().items():
+    for name, p in (items if items is not None else model.state_dict().items()):
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()

@@ -25,7 +25,8 @@ from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
 from .decompose import compensate, decompose, effective_weight, lowrank_spec, untouched
-from .memory import release
+from .lazy import LazyBlocks
+from .memory import release, trim
 from .passes import run_pass
 from .shared import SharedGroups, is_shared
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
@@ -159,12 +160,15 @@ def _finish_shared(shared, i, block, blocks, prefix, cache, specs, report, bspec
 
 
 def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: bool = False,
-                    progress: Progress | None = None, plan_only: bool = False, reference=None) -> dict:
+                    progress: Progress | None = None, plan_only: bool = False, reference=None,
+                    lazy: LazyBlocks | None = None) -> dict:
     """Compress ``model`` in place, block by block. Returns ``{"modules": specs, "rows": report, ...}``.
 
     With ``plan_only`` it stops once every rank is decided (global allocators included) and returns ``{"plan"}``.
     ``reference`` (a dense model with the same module names) supplies the original weights compensation stages
     repair towards, for a ``model`` compressed elsewhere; by default they are ``model``'s own weights.
+    With ``lazy`` (``engine/lazy.py``) ``model`` is a meta-device skeleton: each block is read from the checkpoint
+    when its turn comes and given back once saved to the run cache, whose block files then hold the result.
     """
     check_context(model, recipe)  # windows longer than the model's context: one line now, not an OOM later
     progress = progress or Progress(enabled=False)
@@ -177,9 +181,11 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     progress.phase("calibration tokens")
     streams = make_streams(recipe)
     load_tokens(streams, model, tokenizer, Path(cache_dir), recipe.engine.batch_size)
+    if lazy is not None:
+        lazy.unload_all()  # self-generated calibration ran the whole model
     main = streams[0]
     phases = {"calibration_tokens": time.perf_counter() - t_start}
-    fp = hashlib.sha256(model_fingerprint(model).encode())
+    fp = hashlib.sha256(model_fingerprint(model, lazy.state_items() if lazy else None).encode())
     for s in streams:
         fp.update(s.ids.numpy().tobytes())
     fp.update(str(recipe.resolved()).encode())
@@ -197,7 +203,11 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     extra: dict = {}
     if needs_fisher(recipe):  # on the dense model, before any finished block is restored
         t_f = time.perf_counter()
+        if lazy is not None:  # the whole-model pass needs every block
+            lazy.load_all()
         sums = fisher_stats(model, streams, plan, recipe, cache, device, progress)
+        if lazy is not None:
+            lazy.unload_all()
         phases["fisher"] = time.perf_counter() - t_f
         for key, v in sums.items():
             name, kind = key.rsplit(".", 1)
@@ -218,10 +228,18 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             start = 0
     specs: dict = {}
     report: list = []
+    held = SharedGroups(plan, recipe, cache).waiting_before(start) if lazy is not None else set()
     for i in range(start):  # resume: restore finished blocks exactly as they were saved
-        tensors, info = cache.load_block(i)
-        apply_structure(model, info["modules"])
-        blocks[i].load_state_dict(tensors)
+        if lazy is not None and i not in held:  # the weights stay in the run cache; the skeleton gets the structure
+            info = cache.block_info(i)
+            with torch.device("meta"):
+                apply_structure(model, info["modules"])
+        else:
+            if lazy is not None:  # a shared group still open: its dictionary fit re-saves this block
+                lazy.load(i)
+            tensors, info = cache.load_block(i)
+            apply_structure(model, info["modules"])
+            blocks[i].load_state_dict(tensors)
         specs.update(info["modules"])
         report.extend(info["rows"])
     if start == 0:
@@ -234,8 +252,12 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     to_device(streams, device)
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
+        if lazy is not None:  # the allocation pre-pass reads the dense blocks
+            lazy.load_all()
         spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, main.x_in, shape, dtype,
                                      main.dev_kwargs, device, progress, extra, main.ids, ref_blocks)
+        if lazy is not None:
+            lazy.unload_all()
         apply_global_allocation(plan, recipe, spectra)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:
@@ -247,7 +269,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     progress.start_blocks(n, start)
     for i in range(start, n):
         progress.block(i)
-        block = blocks[i].to(device)
+        block = lazy.load(i, device) if lazy is not None else blocks[i].to(device)
         outs = {s.name: cache.acts(i + 1, s.shape(hidden), dtype, create=True, stream=s.name) for s in streams}
         d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
         rows = [r for r in plan if r.block == i]
@@ -260,6 +282,9 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
         if shared is not None:
             shared.cleanup(i)
+        if lazy is not None and (shared is None or not shared.open_at(i)):
+            lazy.unload_all()  # this block, and the earlier ones of a shared group just finished
+            trim()
         cache.drop_acts(i)
         specs.update(bspecs)
         report.extend(brows)

@@ -56,6 +56,14 @@ class SharedGroups:
     def completed_at(self, block: int) -> list[list]:
         return [rows for rows in self.groups.values() if rows[-1].block == block]
 
+    def open_at(self, block: int) -> bool:
+        """True while a group that ``block`` belongs to waits for a later block (its blocks stay in memory)."""
+        return any(rows[0].block <= block < rows[-1].block for rows in self.groups.values())
+
+    def waiting_before(self, start: int) -> set[int]:
+        """Blocks before ``start`` whose group ends at or after it: a resume at ``start`` needs them in memory."""
+        return {r.block for rows in self.groups.values() if rows[-1].block >= start for r in rows if r.block < start}
+
     @torch.no_grad()
     def finish(self, block: int, get_block, prefix: str) -> dict[int, tuple[dict, list]]:
         """Fit every group whose last layer is ``block``, put the new modules into the blocks (``get_block(i)``), and
