@@ -87,7 +87,7 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
     return build_report(result["rows"], before, count_params(model), {
         "lrc_version": __version__, "model": getattr(model.config, "_name_or_path", ""),
         "recipe": recipe.resolved(), "device": result["device"], "seconds": round(result["seconds"], 3),
-        "phase_seconds": result["phase_seconds"],
+        "phase_seconds": result["phase_seconds"], "block_phase_seconds": result["block_phase_seconds"],
         "calibration_tokens": result["calibration_tokens"], "calibration_streams": result["calibration_streams"],
         "resumed_from_block": result["resumed_from_block"],
         "run_cache": str(result["cache"].dir), "torch": torch.__version__,

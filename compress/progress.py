@@ -51,6 +51,7 @@ class Progress:
         self._in_block: tuple[int, float] | None = None  # (index, start) of the block running
         self._step: tuple[str, float] | None = None  # (kind, start) of the phase running inside that block
         self._times: dict[str, float] = {}
+        self.profile: dict[str, float] = {}  # seconds per kind of phase inside the blocks, summed over the blocks
         self._n: int | None = None
         self._errors: list[float] = []
         self._last_line = clock()
@@ -66,12 +67,13 @@ class Progress:
     def phase(self, text: str) -> None:
         if self._rich:
             self._rich.update(self._task, description=f"{self._block}{text}")
-        if self.mode != "plain":
-            return
         now = self._clock()
-        if self._in_block is not None:
+        if self._in_block is not None:  # timed in every mode: the report's profile of the block loop
             self._end_step(now)
             self._step = (text.split()[0] if text.strip() else text, now)
+        if self.mode != "plain":
+            return
+        if self._in_block is not None:
             where, since = f"block {self._in_block[0] + 1}/{self._n}", self._in_block[1]
         else:
             label = FAMILIES.get(text.split()[0] if text.strip() else text, text)
@@ -97,19 +99,22 @@ class Progress:
             total = self._rich.tasks[0].total
             self._block = f"block {i + 1}/{total} · "
             self._rich.update(self._task, completed=i)
+        now = self._clock()
         if self.mode == "plain":
-            now = self._clock()
             self._end_group(now)
-            self._in_block, self._step, self._times = (i, now), None, {}
+        self._in_block, self._step, self._times = (i, now), None, {}
 
     def block_done(self, i: int, rows: list[dict]) -> None:
         """Block ``i`` is finished; ``rows`` are its report rows (their ``rel_error`` feed the running mean)."""
         if self._rich:
             self._rich.update(self._task, completed=i + 1)
-        if self.mode != "plain" or self._in_block is None:
+        if self._in_block is None:
             return
         now = self._clock()
         self._end_step(now)
+        if self.mode != "plain":
+            self._in_block = None
+            return
         self._errors += [r["rel_error"] for r in rows if r.get("type") in ERROR_TYPES]
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self._times.items())
         err = f", mean rel. error {sum(self._errors) / len(self._errors):.4f}" if self._errors else ""
@@ -139,6 +144,7 @@ class Progress:
         if self._step is not None:
             kind, start = self._step
             self._times[kind] = self._times.get(kind, 0.0) + now - start
+            self.profile[kind] = self.profile.get(kind, 0.0) + now - start
             self._step = None
 
     def _end_group(self, now: float) -> None:

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VOLATILE = {"seconds", "phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model"}
+VOLATILE = {"seconds", "phase_seconds", "block_phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model"}
 CALIB = {"dataset": "selfgen", "samples": 16, "seq_len": 64}
 CASES = {
     "svd-llm": {"stages": [{"method": "svd-llm", "param_ratio": 0.8}]},

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from compress.cli import app
 from compress.progress import Progress
 
-BLOCK = re.compile(r"^block (\d+)/(\d+): ([\d.]+) s \(statistics [\d.]+ s, decompose [\d.]+ s, propagate [\d.]+ s\), "
+BLOCK = re.compile(r"^block (\d+)/(\d+): ([\d.]+) s \(load [\d.]+ s, statistics [\d.]+ s, decompose [\d.]+ s, propagate [\d.]+ s, "
+                   r"save [\d.]+ s\), "
                    r"mean rel\. error ([\d.]+)$")
 
 

@@ -100,10 +100,10 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
                 collectors.append(DenseInputs(dict(dense_block.named_modules()), own))
                 collectors.append(CrossGram(modules, own, collectors[-1]))
             record = eng.propagate == "original" and stream.name not in written
-            try:
+            try:  # the statistics are the modules' inputs: stop when the last group's first module is called
                 run_pass(block, stream.x_in, stream.dev_kwargs[index], eng.batch_size, device,
-                         out=outs[stream.name] if record else None, stop=None if record else group[-1],
-                         dense=dense)
+                         out=outs[stream.name] if record else None, stop=None if record else own[group[-1]],
+                         dense=dense, before=True)
             finally:
                 for c in collectors:
                     c.remove()
@@ -269,6 +269,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     progress.start_blocks(n, start)
     for i in range(start, n):
         progress.block(i)
+        progress.phase("load")
         block = lazy.load(i, device) if lazy is not None else blocks[i].to(device)
         outs = {s.name: cache.acts(i + 1, s.shape(hidden), dtype, create=True, stream=s.name) for s in streams}
         d_out = cache.acts(i + 1, shape, dtype, create=True, stream="dense") if dense_stream else None
@@ -278,6 +279,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
                                         ref_blocks[i] if ref_blocks is not None else None, model.config, shared)
         if shared is not None and shared.completed_at(i):
             _finish_shared(shared, i, block, blocks, prefix, cache, specs, report, bspecs, brows)
+        progress.phase("save")
         blocks[i] = block.to("cpu")
         cache.save_block(i, blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
         if shared is not None:
@@ -298,5 +300,6 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     phases["blocks"] = total - sum(phases.values())
     return {"modules": specs, "rows": report, "cache": cache, "seconds": total,
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+            "block_phase_seconds": {k: round(v, 3) for k, v in progress.profile.items()},
             "calibration_tokens": int(main.ids.numel()), "calibration_streams": summary(streams),
             "device": str(device), "resumed_from_block": start}

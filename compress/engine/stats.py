@@ -198,6 +198,14 @@ def attach(needs: set[str], modules: dict[str, nn.Module], owner: dict[str, str]
     return [COLLECTORS[n](modules, owner) for n in sorted(needs - MODEL_STATS)]
 
 
+def stop_before(module: nn.Module):
+    """A forward pre-hook that ends the block's forward when ``module`` is called: its input statistics (pre-hooks
+    registered before this one) are complete, and nothing it or later modules compute is needed."""
+    def hook(m, args):
+        raise StopForward
+    return module.register_forward_pre_hook(hook)
+
+
 def stop_after(module: nn.Module):
     """A forward hook that ends the block's forward once ``module`` has run (its statistics are complete)."""
     def hook(m, args, output):

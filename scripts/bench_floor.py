@@ -1,0 +1,175 @@
+"""How close lrc's compression is to the compute floor (issue 13, goal 1), measured in one process.
+
+The floor is what the physics of the method needs, timed here with plain torch on the same model, calibration tokens
+and threads, with no lrc machinery:
+  * forward: one pass of the calibration tokens through every decoder block (batches of the recipe's batch size);
+  * Grams: ``XᵀX`` of every distinct Linear input over all tokens (fp32 products, fp64 sum, as lrc accumulates);
+  * decompositions: what SVD-LLM needs at its cheapest sizes, fp64: for an m×n weight with m ≤ n the output Gram
+    ``W H Wᵀ`` and its eigh (m×m); with m > n one eigh of H (n×n) per shared input, then ``Sᵀ Wᵀ W S`` and its
+    eigh (n×n).
+The sequential scheme (q,k,v → o → gate,up → down, each group's statistics from the block as compressed so far)
+needs more forward work by construction: each group's statistics pass runs the block up to that group's input, and
+the outputs come from one more full pass. Its floor replaces "forward" by those prefix passes, timed the same way.
+
+Then lrc compresses the same model with the same recipe in this process, and the ratios are printed with the raw
+times and lrc's own per-phase profile (report ``block_phase_seconds``):
+
+    python scripts/bench_floor.py                                   # the README's main job (svd-llm 0.8, selfgen)
+    python scripts/bench_floor.py --one-pass                        # sequential: false, propagate: original
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compress.api import compress_model, with_overrides  # noqa: E402
+from compress.calibration import calibration_tokens  # noqa: E402
+from compress.engine.capture import StopForward, capture_block_inputs  # noqa: E402
+from compress.models import cache_root, load_model  # noqa: E402
+from compress.plan import find_blocks, linear_units  # noqa: E402
+from compress.recipe import load_recipe  # noqa: E402
+
+
+def _inputs(block):
+    """Pre-hooks that keep every Linear's input per batch; Linears fed the same tensor share one list."""
+    seen: dict[str, list] = {}
+    handles = []
+    for name, mod in linear_units(block):
+        def hook(m, args, n=name):
+            seen.setdefault(n, []).append(args[0])
+        handles.append(mod.register_forward_pre_hook(hook))
+    return seen, handles
+
+
+def _groups(seen: dict[str, list]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    for name, xs in seen.items():
+        home = next((g for g in groups if seen[g[0]][0] is xs[0]), None)
+        (home.append(name) if home else groups.append([name]))
+    return groups
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+@torch.no_grad()
+def _prefix_passes(block, x, kwargs, batch: int, groups: list[list[str]]) -> float:
+    """Time of the sequential scheme's statistics passes: for each group, the block run until that group's first
+    module is called (no statistics, no decomposition: only the forward work the scheme cannot avoid)."""
+    mods = dict(block.named_modules())
+    total = 0.0
+    for g in groups:
+        def stop(m, args):
+            raise StopForward
+        h = mods[g[0]].register_forward_pre_hook(stop)
+        t = time.perf_counter()
+        for s in range(0, x.shape[0], batch):
+            try:
+                block(x[s: s + batch], **kwargs)
+            except StopForward:
+                pass
+        total += time.perf_counter() - t
+        h.remove()
+    return total
+
+
+@torch.no_grad()
+def floor(model, ids: torch.Tensor, batch: int, sequential: bool) -> dict:
+    _, blocks = find_blocks(model)
+    x = torch.empty(ids.shape[0], ids.shape[1], model.config.hidden_size)
+    kw = capture_block_inputs(model, blocks, ids, x, batch, "cpu")
+    t = dict(forward=0.0, grams=0.0, decompositions=0.0, sequential_prefixes=0.0)
+    for i, block in enumerate(blocks):
+        seen, handles = _inputs(block)
+        y = torch.empty_like(x)
+
+        def fwd():
+            for s in range(0, x.shape[0], batch):
+                out = block(x[s: s + batch], **kw[i])
+                y[s: s + batch] = out[0] if isinstance(out, (tuple, list)) else out
+        _, dt = _timed(fwd)
+        t["forward"] += dt
+        for h in handles:
+            h.remove()
+        groups = _groups(seen)
+        if sequential:
+            t["sequential_prefixes"] += _prefix_passes(block, x, kw[i], batch, groups)
+        grams, dt = _timed(lambda: {g[0]: sum((xb.reshape(-1, xb.shape[-1]).T @ xb.reshape(-1, xb.shape[-1])).double()
+                                              for xb in seen[g[0]]) for g in groups})
+        t["grams"] += dt
+        mods = dict(linear_units(block))
+
+        def decompose():
+            for g in groups:
+                H, root = grams[g[0]], None
+                for name in g:
+                    W = mods[name].weight.double()
+                    m, n = W.shape
+                    if m <= n:
+                        torch.linalg.eigh(W @ H @ W.T)
+                    else:
+                        if root is None:
+                            lam, Q = torch.linalg.eigh(H)
+                            root = Q * lam.clamp_min(0).sqrt()
+                        WS = W @ root
+                        torch.linalg.eigh(WS.T @ WS)
+        _, dt = _timed(decompose)
+        t["decompositions"] += dt
+        x = y
+    return {k: round(v, 2) for k, v in t.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "svd-llm.yaml"))
+    p.add_argument("--calib", default="selfgen")
+    p.add_argument("--one-pass", action="store_true", help="sequential: false, propagate: original")
+    p.add_argument("--jsonl", type=Path)
+    a = p.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    recipe = with_overrides(load_recipe(a.recipe), a.recipe, calibration__dataset=a.calib, engine__device="cpu")
+    if a.one_pass:
+        recipe = with_overrides(recipe, a.recipe, engine__sequential=False, engine__propagate="original")
+    model, tok, _ = load_model(a.model, recipe.model.dtype)
+    ids = calibration_tokens(model, tok, recipe.calibration, cache_root(), recipe.engine.batch_size)
+    sequential = recipe.engine.sequential
+    fl = floor(model, ids, recipe.engine.batch_size, sequential)
+    base = fl["grams"] + fl["decompositions"]
+    floor_one = fl["forward"] + base
+    floor_seq = fl["forward"] + fl["sequential_prefixes"] + base  # prefixes, then the outputs' full pass
+    net = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ.setdefault("LRC_CACHE", str(cache_root()))
+        report = compress_model(net, recipe, tok, cache_dir=cache)
+    blocks = report["phase_seconds"]["blocks"]
+    res = {"bench": "floor", "model": a.model, "setting": "one-pass" if a.one_pass else "default",
+           "tokens": int(ids.numel()), "threads": torch.get_num_threads(), "floor": fl,
+           "floor_one_forward_s": round(floor_one, 2), "lrc_blocks_s": round(blocks, 2),
+           "lrc_block_phases": report["block_phase_seconds"], "ratio_to_one_forward_floor": round(blocks / floor_one, 3),
+           "load_average": round(os.getloadavg()[0], 2)}
+    if sequential:
+        res["floor_sequential_s"] = round(floor_seq, 2)
+        res["ratio_to_sequential_floor"] = round(blocks / floor_seq, 3)
+    print(json.dumps(res, indent=2))
+    if a.jsonl:
+        with open(a.jsonl, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
