@@ -125,3 +125,34 @@ def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: f
             "params_before": row.params_before, "params_after": row.params_after, "rel_error": error,
             **({"storage_bytes": new.storage_bytes()} if new is not None and hasattr(new, "storage_bytes") else {}),
             **fields, "seconds": round(seconds, 4), "note": note}
+
+
+def replace_group(group, rel, collectors, get, put, method, stage, eng, originals, extra, shared, specs,
+                  report) -> None:
+    """Decompose (or compensate) every module of ``group`` from the statistics ``collectors`` gathered, and install
+    each replacement with ``put(name, module)``; ``get(name)`` is the module there now. Report rows and module specs
+    go to ``report`` and ``specs``; a module of a shared-dictionary group is stashed until its group is complete."""
+    from .memory import release
+    from .shared import is_shared
+
+    gram = next(c for c in collectors if c.name == "input_gram")
+    for n in group:
+        if not gram.tokens(n):  # e.g. an expert the router never chose: nothing to decompose it from
+            report.append(untouched(rel[n], "received no calibration token (an expert never routed to?); left as is"))
+            continue
+        stats = {c.name: c.result(n) for c in collectors}
+        stats.update((extra or {}).get(rel[n].name, {}))
+        if shared is not None and is_shared(rel[n]):  # fitted with its group's last layer (shared.py)
+            shared.stash(rel[n], get(n), stats["input_gram"])
+            continue
+        if rel[n].compensation:
+            new, info = compensate(get(n), originals[n], stats, rel[n], method.config.rtol)
+        else:
+            new, info = decompose(method, get(n), stats, rel[n], stage, eng.dense_damping)
+        report.append(info)
+        if new is not None:
+            old = get(n)
+            put(n, new)
+            if not rel[n].compensation:  # a compensated module keeps the old one as its base
+                release([p.data for p in old.parameters()])
+            specs[rel[n].name] = lowrank_spec(new)

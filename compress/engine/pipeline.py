@@ -24,11 +24,12 @@ from ..plan import find_blocks, make_plan
 from ..progress import Progress
 from ..recipe import Recipe
 from .cache import RunCache, model_fingerprint
-from .decompose import compensate, decompose, effective_weight, lowrank_spec, untouched
+from .decompose import effective_weight, replace_group
 from .lazy import LazyBlocks
-from .memory import release, trim
+from .lockstep import compress_lockstep, lockstep_applies
+from .memory import trim
 from .passes import run_pass
-from .shared import SharedGroups, is_shared
+from .shared import SharedGroups
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, block_groups
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
@@ -59,6 +60,9 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
     source = dict(reference.named_modules()) if reference is not None else modules  # where W comes from
     originals = {r.name.removeprefix(prefix): effective_weight(source[r.name.removeprefix(prefix)]).to(device)
                  for r in rows if r.compensation}  # this block's W, kept until its stages are done
+    if lockstep_applies(rows, recipe, streams, dense_io, shared, config):  # one forward per batch (lockstep.py)
+        return compress_lockstep(block, index, prefix, rows, recipe, main, outs[main.name], device, progress,
+                                 groups, originals, extra)
     dense_block = copy.deepcopy(block) if dense_io else None
     dense = (dense_block, *dense_io) if dense_io else None
     owner = {n: g[0] for g in groups for n in g}
@@ -110,28 +114,8 @@ def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, p
             if record:
                 written.add(stream.name)
             progress.phase(f"decompose {len(group)} module(s)")
-            gram = next(c for c in collectors if c.name == "input_gram")
-            for n in group:
-                if not gram.tokens(n):  # e.g. an expert the router never chose: nothing to decompose it from
-                    report.append(untouched(rel[n], "received no calibration token (an expert never routed "
-                                                    "to?); left as is"))
-                    continue
-                stats = {c.name: c.result(n) for c in collectors}
-                stats.update((extra or {}).get(rel[n].name, {}))
-                if shared is not None and is_shared(rel[n]):  # fitted with its group's last layer (shared.py)
-                    shared.stash(rel[n], modules[n], stats["input_gram"])
-                    continue
-                if rel[n].compensation:
-                    new, info = compensate(modules[n], originals[n], stats, rel[n], method.config.rtol)
-                else:
-                    new, info = decompose(method, modules[n], stats, rel[n], stage, eng.dense_damping)
-                report.append(info)
-                if new is not None:
-                    old = modules[n]
-                    block.set_submodule(n, new)
-                    if not rel[n].compensation:  # a compensated module keeps the old one as its base
-                        release([p.data for p in old.parameters()])
-                    specs[rel[n].name] = lowrank_spec(new)
+            replace_group(group, rel, collectors, modules.__getitem__, block.set_submodule, method, stage, eng,
+                          originals, extra, shared, specs, report)
             del collectors
     for s in streams:
         if s.name not in written:
