@@ -5,8 +5,8 @@ and threads, with no lrc machinery:
   * forward: one pass of the calibration tokens through every decoder block (batches of the recipe's batch size);
   * Grams: ``XᵀX`` of every distinct Linear input over all tokens (fp32 products, fp64 sum, as lrc accumulates);
   * decompositions: what SVD-LLM needs at its cheapest sizes, fp64: for an m×n weight with m ≤ n the output Gram
-    ``W H Wᵀ`` and its eigh (m×m); with m > n one eigh of H (n×n) per shared input, then ``Sᵀ Wᵀ W S`` and its
-    eigh (n×n).
+    ``W H Wᵀ``, its eigh (m×m) and the factor ``U_rᵀ W``; with m > n one eigh of H (n×n) per shared input, then
+    ``Sᵀ Wᵀ W S``, its eigh (n×n), ``U_r = W S V_r Σ_r⁻¹`` and ``U_rᵀ W`` (r: the recipe's ratio, rank formula).
 The sequential scheme (q,k,v → o → gate,up → down, each group's statistics from the block as compressed so far)
 needs more forward work by construction: each group's statistics pass runs the block up to that group's input, and
 the outputs come from one more full pass. Its floor replaces "forward" by those prefix passes, timed the same way.
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from compress.api import compress_model, with_overrides  # noqa: E402
 from compress.calibration import calibration_tokens  # noqa: E402
 from compress.engine.capture import StopForward, capture_block_inputs  # noqa: E402
+from compress.linalg import rank_for_ratio  # noqa: E402
 from compress.models import cache_root, load_model  # noqa: E402
 from compress.plan import find_blocks, linear_units  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
@@ -88,7 +89,7 @@ def _prefix_passes(block, x, kwargs, batch: int, groups: list[list[str]]) -> flo
 
 
 @torch.no_grad()
-def floor(model, ids: torch.Tensor, batch: int, sequential: bool) -> dict:
+def floor(model, ids: torch.Tensor, batch: int, sequential: bool, ratio: float) -> dict:
     _, blocks = find_blocks(model)
     x = torch.empty(ids.shape[0], ids.shape[1], model.config.hidden_size)
     kw = capture_block_inputs(model, blocks, ids, x, batch, "cpu")
@@ -119,14 +120,18 @@ def floor(model, ids: torch.Tensor, batch: int, sequential: bool) -> dict:
                 for name in g:
                     W = mods[name].weight.double()
                     m, n = W.shape
+                    r = rank_for_ratio(m, n, ratio)
                     if m <= n:
-                        torch.linalg.eigh(W @ H @ W.T)
+                        _, U = torch.linalg.eigh(W @ H @ W.T)
+                        U = U[:, -r:]
                     else:
                         if root is None:
                             lam, Q = torch.linalg.eigh(H)
                             root = Q * lam.clamp_min(0).sqrt()
                         WS = W @ root
-                        torch.linalg.eigh(WS.T @ WS)
+                        lam, V = torch.linalg.eigh(WS.T @ WS)
+                        U = (WS @ V[:, -r:]) / lam[-r:].clamp_min(1e-300).sqrt()
+                    U.T @ W
         _, dt = _timed(decompose)
         t["decompositions"] += dt
         x = y
@@ -148,7 +153,7 @@ def main() -> None:
     model, tok, _ = load_model(a.model, recipe.model.dtype)
     ids = calibration_tokens(model, tok, recipe.calibration, cache_root(), recipe.engine.batch_size)
     sequential = recipe.engine.sequential
-    fl = floor(model, ids, recipe.engine.batch_size, sequential)
+    fl = floor(model, ids, recipe.engine.batch_size, sequential, recipe.stages[0].param_ratio)
     base = fl["grams"] + fl["decompositions"]
     floor_one = fl["forward"] + base
     floor_seq = fl["forward"] + fl["sequential_prefixes"] + base  # prefixes, then the outputs' full pass

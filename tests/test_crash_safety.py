@@ -190,8 +190,10 @@ def test_block_files_are_flushed_before_the_block_is_marked_done(tiny_model_dir,
                  progress=False)
     marked = events.index(("replace", "block_1.json"))
     before = {name for kind, name in events[:marked] if kind == "fsync"}
-    assert {"block_1.safetensors.tmp", "acts_2.bin", "kwargs.pt.tmp"} <= before | {"kwargs.pt.tmp"}
-    assert "acts_2.bin" in before and "block_1.safetensors.tmp" in before
+    assert "block_1.safetensors.tmp" in before  # the result is on disk before the block counts as done
+    # the next block's inputs are not forced to disk (a killed process leaves them in the page cache; after a
+    # machine crash their checksum in block_1.json is checked by --resume: test_resume_detects_damaged_cache_files)
+    assert "acts_2.bin" not in before
 
 
 def test_cli_resume_is_byte_identical(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

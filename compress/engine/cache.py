@@ -4,7 +4,8 @@ Layout of ``<cache>/runs/<fingerprint>/``: ``acts_<i>.bin`` (raw memmap, samples
 block i's inputs; ``kwargs.pt`` the non-hidden-state arguments of every block (masks, positions, rotary tables; one
 copy per distinct set, ``capture.BlockKwargs.state()``);
 ``block_<i>.safetensors`` + ``block_<i>.json`` the compressed block and its report rows. The JSON is written last
-(fsynced, atomic rename) after every file the next block needs is flushed to disk, so its presence marks block i
+(fsynced, atomic rename) after the block's weights are flushed to disk (the next block's inputs stay in the page
+cache: a killed process loses nothing, a crashed machine is caught by their checksums), so its presence marks block i
 finished; it records the size and SHA-256 of those files (the block's weights, the next block's inputs, the kwargs),
 and ``--resume`` checks them, so a truncated or corrupted file is reported, never used; ``dense_<i>.bin`` holds the dense model's
 activations when ``engine.objective`` is ``dense``, and ``stage<k>_<i>.bin`` + ``kwargs_stage<k>.pt`` the stream of a
@@ -121,13 +122,14 @@ class RunCache:
         return i
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
-        """Write block ``i``'s weights, flush them and the next block's input files, then mark it finished with
-        a JSON that records the size and checksum of every file a resume at block ``i + 1`` reads."""
+        """Write block ``i``'s weights and flush them, then mark it finished with a JSON that records the size and
+        checksum of every file a resume at block ``i + 1`` reads."""
         st = self.dir / f"block_{i}.safetensors"
-        save_tensors(st, tensors)
-        needed = [st, *sorted(self.dir.glob(f"*_{i + 1}.bin")), *sorted(self.dir.glob("kwargs*.pt"))]
-        for path in needed:
-            fsync_file(path)
+        save_tensors(st, tensors)  # flushed to disk: the result
+        acts = sorted(self.dir.glob(f"*_{i + 1}.bin"))
+        needed = [st, *acts, *sorted(self.dir.glob("kwargs*.pt"))]
+        # the next block's inputs are not forced to disk: a crashed process leaves them whole in the page cache; a
+        # crashed machine may not, and then their recorded checksum tells ``--resume`` (the run starts over)
         info = {**info, "files": {p.name: digest(p) for p in needed}}
         tmp = self.dir / f"block_{i}.json.tmp"
         with open(tmp, "w") as f:
