@@ -236,10 +236,12 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     to_device(streams, device)
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
-        if lazy is not None:  # the allocation pre-pass reads the dense blocks
+        sweep = lazy is not None and any(st.allocator == "sensitivity" for st in recipe.stages)
+        if sweep:  # the sensitivity sweep runs the whole model
             lazy.load_all()
         spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, main.x_in, shape, dtype,
-                                     main.dev_kwargs, device, progress, extra, main.ids, ref_blocks)
+                                     main.dev_kwargs, device, progress, extra, main.ids, ref_blocks,
+                                     None if sweep else lazy)
         if lazy is not None:
             lazy.unload_all()
         apply_global_allocation(plan, recipe, spectra)

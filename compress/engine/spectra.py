@@ -129,7 +129,7 @@ def _sweeper(model, ids, recipe, progress):
 
 
 def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dtype, kwargs, device, progress,
-                       extra, ids, ref_blocks=None) -> dict[str, torch.Tensor]:
+                       extra, ids, ref_blocks=None, lazy=None) -> dict[str, torch.Tensor]:
     """What the global allocators read, per matrix (cached as ``spectra.safetensors`` in the run): singular values,
     or for ``sensitivity`` the calibration perplexity at each candidate ratio (also kept under
     ``$LRC_CACHE/sensitivity``, keyed by model, calibration tokens and method, as it is the expensive one)."""
@@ -156,7 +156,7 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
                                       SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"):
             sweep = (lambda module, spectrum, row: stored[row.name])
         progress.phase(f"spectra for allocation, block {i + 1}/{len(blocks)}")
-        block.to(device)
+        block = lazy.load(i, device) if lazy is not None else block.to(device)
         if data_free:
             modules = dict(block.named_modules())
             spectra.update({r.name: torch.linalg.svdvals(modules[r.name.removeprefix(f"{prefix}.{i}.")]
@@ -174,7 +174,7 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
                 cache.acts_path(i, "spectra").unlink(missing_ok=True)
             x_in = x_out
         if sweep_key is None:
-            block.to("cpu")
+            lazy.unload(i) if lazy is not None else block.to("cpu")
     if sweep_key is not None:
         model.to("cpu")
         _store_sweep(sweep_key, {r.name: spectra[r.name] for r in rows
