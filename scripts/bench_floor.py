@@ -138,6 +138,22 @@ def floor(model, ids: torch.Tensor, batch: int, sequential: bool, ratio: float) 
     return {k: round(v, 2) for k, v in t.items()}
 
 
+def markdown(rows: list[dict]) -> str:
+    """One row per measured setting: the floor's parts, lrc's block loop and its phases, the ratios."""
+    lines = ["| setting | forward | Grams | decompositions | floor | lrc blocks | lrc / floor | sequential prefixes | "
+             "lrc / sequential floor | lrc phases (load / statistics / decompose / propagate / save) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        f, ph = r["floor"], r["lrc_block_phases"]
+        phases = " / ".join(f"{ph.get(k, 0):.1f}" for k in ("load", "statistics", "decompose", "propagate", "save"))
+        seq = (f"{f['sequential_prefixes']:.1f} s | {r['ratio_to_sequential_floor']:.2f}×"
+               if "floor_sequential_s" in r else "– | –")
+        lines.append(f"| {r['setting']} ({r['model']}, {r['tokens']} tokens) | {f['forward']:.1f} s | {f['grams']:.1f} s | "
+                     f"{f['decompositions']:.1f} s | {r['floor_one_forward_s']:.1f} s | {r['lrc_blocks_s']:.1f} s | "
+                     f"**{r['ratio_to_one_forward_floor']:.2f}×** | {seq} | {phases} s |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")

@@ -6,7 +6,7 @@ forward: ``sequential: false``, ``propagate: original``) on a few calibration wi
 on disk, the checkpoint's, the wall time and the process's peak RSS (its report's ``peak_rss_gib``, Linux VmHWM,
 which includes writing the checkpoint).
 
-    python scripts/bench_scale.py                      # default: 47 blocks of width 2048, about 8.2 GiB of fp32
+    python scripts/bench_scale.py                      # default: 190 blocks of width 1024, 8.06 GiB of fp32
     python scripts/bench_scale.py --layers 4 --keep    # a quick try
 """
 from __future__ import annotations
@@ -68,13 +68,23 @@ def make_model(path: Path, a) -> int:
     return total
 
 
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | parameters | fp32 weights | checkpoint | shards | peak RSS | weights / peak RSS | compress time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['layers']} blocks × (hidden {r['hidden']}, MLP {r['intermediate']}) | {r['params']:,} | "
+                     f"{r['model_gib']:.2f} GiB | {r['checkpoint_gib']:.2f} GiB | {r['shards']} | "
+                     f"{r['peak_rss_gib']:.2f} GiB | {r['model_over_peak_rss']:.1f}× | {r['compress_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=47)
+    p.add_argument("--layers", type=int, default=190)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)

@@ -24,8 +24,10 @@ sys.path.insert(0, str(HERE))
 import bench_compress  # noqa: E402
 import bench_cospadi  # noqa: E402
 import bench_eora  # noqa: E402
+import bench_floor  # noqa: E402
 import bench_modegpt  # noqa: E402
 import bench_quality  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_stories260k  # noqa: E402
 
 
@@ -105,6 +107,8 @@ SECTIONS = {
     "cospadi": lambda: bench_modegpt.markdown(rows("cospadi-smollm2.jsonl"), bench_modegpt.TASKS),
     "cospadi-curve": lambda: bench_cospadi.markdown_curve(rows("cospadi-curve.jsonl")),
     "cospadi-large": lambda: bench_cospadi.markdown_large(rows("cospadi-large.jsonl")),
+    "floor": lambda: bench_floor.markdown(rows("floor-smollm2.jsonl")),
+    "scale": lambda: bench_scale.markdown(rows("scale.jsonl")),
 }
 
 
