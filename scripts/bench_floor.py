@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from compress.api import compress_model, with_overrides  # noqa: E402
 from compress.calibration import calibration_tokens  # noqa: E402
 from compress.engine.capture import StopForward, capture_block_inputs  # noqa: E402
+from compress.engine.lockstep import enabled as lockstep_enabled  # noqa: E402
 from compress.linalg import rank_for_ratio  # noqa: E402
 from compress.models import cache_root, load_model  # noqa: E402
 from compress.plan import find_blocks, linear_units  # noqa: E402
@@ -178,7 +179,10 @@ def main() -> None:
         os.environ.setdefault("LRC_CACHE", str(cache_root()))
         report = compress_model(net, recipe, tok, cache_dir=cache)
     blocks = report["phase_seconds"]["blocks"]
-    res = {"bench": "floor", "model": a.model, "setting": "one-pass" if a.one_pass else "default",
+    setting = "one-pass" if a.one_pass else "default"
+    if sequential and not lockstep_enabled():
+        setting += " (prefix passes)"
+    res = {"bench": "floor", "model": a.model, "setting": setting,
            "tokens": int(ids.numel()), "threads": torch.get_num_threads(), "floor": fl,
            "floor_one_forward_s": round(floor_one, 2), "lrc_blocks_s": round(blocks, 2),
            "lrc_block_phases": report["block_phase_seconds"], "ratio_to_one_forward_floor": round(blocks / floor_one, 3),
