@@ -145,3 +145,31 @@ def test_named_arc_set_goes_through_datasets_in_hub_layout(monkeypatch, tmp_path
     ids = calibration_tokens(None, tokenizer, CalibrationConfig(dataset="arcset", samples=4, seq_len=16),
                              tmp_path / "cache")
     assert ids.shape == (4, 16)
+
+
+def test_selfgen_samples_with_the_cache_as_without(tmp_path):
+    """The KV-cache sampler draws the same tokens as recomputing every prefix from scratch with the same generator;
+    output is (samples, seq_len), starts with BOS, never holds EOS, and is the same twice for a seed."""
+    from conftest import STORIES, needs_shared
+
+    needs_shared()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.calibration import selfgen
+    from compress.recipe import CalibrationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    cfg = CalibrationConfig(dataset="selfgen", samples=5, seq_len=12, seed=3)
+    ids = selfgen(model, tok, cfg, 8)
+    assert ids.shape == (5, 12) and ids.dtype == torch.long
+    assert (ids[:, 0] == tok.bos_token_id).all() and not (ids == tok.eos_token_id).any()
+    assert torch.equal(ids, selfgen(model, tok, cfg, 8))
+    g = torch.Generator().manual_seed(3)
+    ref = torch.full((5, 12), tok.bos_token_id, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(1, 12):
+            logp = torch.log_softmax(model(ref[:, :t]).logits[:, -1].float(), -1)
+            logp[:, tok.eos_token_id] = -torch.inf
+            ref[:, t] = (logp - torch.empty_like(logp).exponential_(generator=g).log_()).argmax(-1)
+    assert torch.equal(ids, ref)
