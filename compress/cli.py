@@ -205,6 +205,9 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="dense model: also report KL(dense‖model) and top-1 agreement"),
     batch_size: int = typer.Option(4, help="windows (perplexity) or requests (zero-shot) per forward"),
     request_cache: bool = typer.Option(True, help="reuse lm-eval answers cached for these exact weights"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
+    device_map: Optional[str] = typer.Option(None, help="let accelerate place a model larger than one device "
+                                                        "(auto: GPUs, then CPU, then disk); overrides --device"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
 ) -> None:
     """Paper-style perplexity (GPTQ / SVD-LLM protocol), KL to a dense model, and lm-eval zero-shot accuracy.
@@ -221,7 +224,7 @@ def eval_cmd(
                           ([] if tasks else ["wikitext2"]), tasks=split(tasks), limit=limit, data_dir=data_dir,
                           seq_len=seq_len, stride=stride, max_windows=max_windows, bos=bos, batch_size=batch_size,
                           request_cache=request_cache)
-        results = evaluate(model, cfg, reference)
+        results = evaluate(model, cfg, reference, device=device, device_map=device_map)
     except LrcError as e:
         _fail(e)
     for table in results_tables(results, model):
@@ -242,19 +245,22 @@ def bench(
     seq_lens: str = typer.Option("128,512", help="prefill sequence lengths (batch 1)"),
     decode_batches: str = typer.Option("1,8", help="decode batch sizes"),
     decode_tokens: int = typer.Option(32, help="new tokens per decode run"),
-    repeats: int = typer.Option(5, help="timed runs per measurement (median; one warm-up first)"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    repeats: int = typer.Option(7, help="timed rounds per measurement, models interleaved (median and spread; "
+                                        "one warm-up each first, not timed)"),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads, pinned for the run [default: torch's]"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
 ) -> None:
     """Real cost on this device: parameters, size on disk, memory, prefill and decode tokens/s, speed-ups."""
     from .eval.bench import bench_table, run_bench
 
     try:
-        for name, value in (("--decode-tokens", decode_tokens), ("--repeats", repeats)):
+        for name, value in (("--decode-tokens", decode_tokens), ("--repeats", repeats), ("--threads", threads or 1)):
             if value < 1:
                 raise LrcError(f"{name}: must be at least 1; got {value}")
         results = run_bench(model, reference, _int_list(seq_lens, "--seq-lens"),
-                            _int_list(decode_batches, "--decode-batches"), decode_tokens, repeats, device)
+                            _int_list(decode_batches, "--decode-batches"), decode_tokens, repeats, device,
+                            threads=threads)
     except LrcError as e:
         _fail(e)
     out.print(bench_table(results))

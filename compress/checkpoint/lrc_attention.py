@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .lrc_fast import FAST_PATH, FusedWeights, fusable, plain
 from .lrc_layers import _float_dtype
 
 
@@ -17,10 +19,14 @@ class LrcAttention(nn.Module):
     ``sliding_window``...) and per-head ``q_norm``/``k_norm``; ``LrcAttention(base, spec)`` is also an instance of the
     base's class (transformers finds attention modules by class for ``output_attentions``). ``rope_index``
     (``num_kv_heads x qk_dim``) holds per KV group the kept dims of the original head, ``[p_1..p_m, p_1+d/2..p_m+d/2]``:
-    closed under ``rotate_half``'s pairs, so RoPE with cos/sin gathered there is exact (identity at full size)."""
+    closed under ``rotate_half``'s pairs, so RoPE with cos/sin gathered there is exact (identity at full size).
+
+    With ``fast`` and ``fuse`` (``lrc_fast.py``; ``modeling_lrc.set_fast_path``) q/k/v, when they are plain Linears,
+    are applied as one GEMM without autograd, their weights row blocks of one buffer (``lrc_fast.FusedWeights``)."""
 
     _lrc_base_class = None  # set on the subclasses made by _attention_class
     _lrc_eager = None  # the base family's eager_attention_forward
+    fast, fuse, _fused = FAST_PATH, False, None  # fuse: on when a checkpoint loads (set_fast_path)
 
     def __new__(cls, base: nn.Module, *args, **kwargs):
         if cls._lrc_base_class is None:
@@ -82,11 +88,11 @@ class LrcAttention(nn.Module):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         shape = hidden_states.shape[:-1]
-        query = self.q_proj(hidden_states).view(*shape, -1, self.qk_dim)
-        key = self.k_proj(hidden_states).view(*shape, -1, self.qk_dim)
+        query, key, value = self._qkv(hidden_states)
+        query, key = query.view(*shape, -1, self.qk_dim), key.view(*shape, -1, self.qk_dim)
         query = (query if self.q_norm is None else self.q_norm(query)).transpose(1, 2)
         key = (key if self.k_norm is None else self.k_norm(key)).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(*shape, -1, self.vo_dim).transpose(1, 2)
+        value = value.view(*shape, -1, self.vo_dim).transpose(1, 2)
         cos, sin = position_embeddings  # (batch, seq, head_dim)
         if self.qk_dim == self.head_dim:
             cos_k, sin_k = cos_q, sin_q = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -101,6 +107,22 @@ class LrcAttention(nn.Module):
                                     dropout=0.0 if not self.training else self.attention_dropout,
                                     sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(output.reshape(*shape, -1).contiguous()), weights
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q_proj(x), k_proj(x), v_proj(x))``, as one GEMM when the fast path allows it."""
+        projections = self._modules["q_proj"], self._modules["k_proj"], self._modules["v_proj"]
+        if self.fuse and self.fast and fusable(x) and all(plain(m) for m in projections):
+            if self._fused is None:
+                self._fused = FusedWeights()
+            fused = self._fused.get(projections)
+            if fused is not None:
+                weight, bias, bounds = fused
+                out = F.linear(x, weight, bias)
+                return tuple(out[..., start:stop] for start, stop in bounds)
+        return tuple(m(x) for m in projections)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_fused": None}  # a copy's parameters are its own again
 
     def __reduce_ex__(self, protocol):
         """Pickle by base class: the class is made at run time and cannot be found by its name."""

@@ -10,12 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lrc_fast import FAST_PATH, first_output, plain
+
 
 class LowRankLinear(nn.Module):
     """``y = second(first(x))``: ``first`` is ``B`` (rank x in, no bias), ``second`` is ``A`` (out x rank, bias).
 
     Stores ``rank * (in + out)`` weights instead of ``in * out``. Drop-in for ``nn.Linear`` (same in/out features).
+
+    With ``fast`` (default unless ``LRC_FAST_PATH=0``) the forward applies the factors' parameters with ``F.linear``
+    directly (the factors' module calls cost more than the product at batch 1), and with ``fuse`` the first factor
+    goes through ``lrc_fast.first_output``: one GEMM with the modules that receive the same input tensor. Factors
+    that are no plain hook-free ``nn.Linear`` (a PEFT wrapper, a hook) are always called as modules.
     """
+
+    # fusion is switched on per instance when a checkpoint loads (``modeling_lrc.set_fast_path``): modules the
+    # compressor builds and runs never fuse, so compression results do not depend on it
+    fast, fuse, _group, _group_index = FAST_PATH, False, None, None
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -29,7 +40,14 @@ class LowRankLinear(nn.Module):
         return self.second.weight @ self.first.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+        first, second = self._modules["first"], self._modules["second"]
+        if not (self.fast and plain(first) and plain(second)):
+            return second(first(x))
+        h = first_output(self, x, first._parameters["weight"])
+        return F.linear(h, second._parameters["weight"], second._parameters["bias"])
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_group": None, "_group_index": None}  # a copy finds its own group
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -38,7 +56,10 @@ class LowRankLinear(nn.Module):
 
 class CompensatedLinear(nn.Module):
     """``y = base(x) + lora_B(lora_A(x))``: a compressed module plus a low-rank residual path (EoRA). The residual
-    uses PEFT's names and shapes (``lora_A`` rank x in, ``lora_B`` out x rank, scaling 1)."""
+    uses PEFT's names and shapes (``lora_A`` rank x in, ``lora_B`` out x rank, scaling 1). With ``fast`` the residual
+    path applies its parameters directly, as ``LowRankLinear`` does."""
+
+    fast = FAST_PATH
 
     def __init__(self, base: nn.Module, rank: int, device=None, dtype=None):
         super().__init__()
@@ -53,7 +74,10 @@ class CompensatedLinear(nn.Module):
         return base + self.lora_B.weight @ self.lora_A.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(x))
+        a, b = self._modules["lora_A"], self._modules["lora_B"]
+        if not (self.fast and plain(a) and plain(b)):
+            return self.base(x) + b(a(x))
+        return self.base(x) + F.linear(F.linear(x, a._parameters["weight"]), b._parameters["weight"])
 
 
 class DictLinear(nn.Module):
@@ -141,12 +165,11 @@ class DictLinear(nn.Module):
     @property
     def dict_weight(self) -> torch.Tensor:
         """The ``atoms x in_features`` dictionary ``D^T`` (this module's or its owner's)."""
-        if self.shared_from is None:
-            return self.dictionary.weight
-        if self._owner is None:
+        owner = self if self.shared_from is None else self._owner[0] if self._owner is not None else None
+        if owner is None:
             raise RuntimeError(f"DictLinear shares the dictionary of {self.shared_from!r} but is not linked to it "
                                "(call link(owner); lrc checkpoints: link_shared)")
-        return self._owner[0].dictionary.weight
+        return owner._modules["dictionary"]._parameters["weight"]
 
     @property
     def exec_path(self) -> str:
@@ -170,15 +193,14 @@ class DictLinear(nn.Module):
         return self.coefficients() @ self.dict_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias, dictionary = self._parameters["bias"], self.dict_weight
         if self._wants_grad():
             coeff = self.coefficients()
             if self.exec_path == "factored":
-                return F.linear(F.linear(x, self.dict_weight), coeff, self.bias)
-            return F.linear(x, coeff @ self.dict_weight, self.bias)
-        path, weight = self._current_plan()
-        if path == "factored":
-            return F.linear(F.linear(x, self.dict_weight), weight, self.bias)
-        return F.linear(x, weight, self.bias)
+                return F.linear(F.linear(x, dictionary), coeff, bias)
+            return F.linear(x, coeff @ dictionary, bias)
+        path, weight = self._current_plan(dictionary)
+        return F.linear(F.linear(x, dictionary), weight, bias) if path == "factored" else F.linear(x, weight, bias)
 
     def storage_bytes(self) -> int:
         """Bytes this module writes to a checkpoint: values, mask, bias and the dictionary if it owns it."""
@@ -191,7 +213,8 @@ class DictLinear(nn.Module):
 
     def _wants_grad(self) -> bool:
         return torch.is_grad_enabled() and (self.training or any(
-            t is not None and t.requires_grad for t in (self.values, self.bias, self.dict_weight)))
+            t is not None and t.requires_grad for t in (self._parameters["values"], self._parameters["bias"],
+                                                        self.dict_weight)))
 
     def _support(self) -> torch.Tensor:
         """``support()``, cached until ``mask`` changes."""
@@ -200,16 +223,20 @@ class DictLinear(nn.Module):
                 self._index = (_stamp((self.mask,)), _unpack_support(self.mask, self.atoms, self.nnz))
         return self._index[1]
 
-    def _current_plan(self) -> tuple[str, torch.Tensor]:
-        """``(exec_path, C)`` for the factored path, ``(exec_path, W~)`` for the dense one; cached."""
-        sources = (self.values, self.mask, self.dict_weight)
-        if self._plan is None or not _fresh(self._plan[0], sources):
+    def _current_plan(self, dictionary: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """``(exec_path, C)`` for the factored path, ``(exec_path, W~)`` for the dense one; cached, the weight stored
+        in the layout ``lrc_fast.prefer_layout`` picks (column-major when it has more rows than columns)."""
+        sources = (self._parameters["values"], self._buffers["mask"], dictionary)
+        plan = self._plan
+        if plan is None or not _fresh(plan[0], sources):
             with torch.no_grad(), torch.inference_mode(False):  # plain tensors, usable in any later mode
                 weight = self.coefficients()
                 if self.exec_path == "dense":
-                    weight = weight @ self.dict_weight
-            self._plan = (_stamp(sources), self.exec_path, weight)
-        return self._plan[1:]
+                    weight = weight @ dictionary
+                if weight.shape[0] > weight.shape[1]:
+                    weight = weight.t().contiguous().t()
+            self._plan = plan = (_stamp(sources), self.exec_path, weight)
+        return plan[1], plan[2]
 
     def _apply(self, fn, *args, **kwargs):
         self.reset_plan()  # .to(), .half(), .cuda(): the cache would stay behind
@@ -247,16 +274,16 @@ _PENDING_OWNERS = "lrc.DictLinear.pending_owners"  # deepcopy memo key: owner id
 
 
 def _stamp(tensors) -> tuple:
-    """What identifies the contents of ``tensors`` for a cache: object, version, storage, device, dtype."""
-    return tuple((weakref.ref(t), *_state(t)) for t in tensors)
-
-
-def _state(t: torch.Tensor) -> tuple:
-    return (0 if t.is_inference() else t._version), t.data_ptr(), t.device, t.dtype
+    """What identifies the contents of ``tensors`` for a cache: object (weakly), version, storage address; a dtype or
+    device change (``.data`` assigned, ``_apply``) gives a new address."""
+    return tuple((weakref.ref(t), 0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
 
 def _fresh(stamp: tuple, tensors) -> bool:
-    return all(ref() is t and tuple(rest) == _state(t) for (ref, *rest), t in zip(stamp, tensors))
+    for (ref, version, ptr), t in zip(stamp, tensors):
+        if ref() is not t or ptr != t.data_ptr() or version != (0 if t.is_inference() else t._version):
+            return False
+    return True
 
 
 def _check_support(index: torch.Tensor, values: torch.Tensor, atoms: int) -> None:

@@ -1,8 +1,9 @@
 """Self-contained loader for lrc checkpoints (imports only torch and transformers).
 
-lrc copies this file into every compressed checkpoint, with the two it imports relatively: ``lrc_layers.py`` (the
-Linear-like modules) and ``lrc_attention.py`` (MoDeGPT's attention); transformers' remote-code loader copies relative
-imports along with the file. ``config.json`` has ``model_type: "lrc"``, so plain
+lrc copies this file into every compressed checkpoint, with the three it imports relatively: ``lrc_layers.py`` (the
+Linear-like modules), ``lrc_attention.py`` (MoDeGPT's attention) and ``lrc_fast.py`` (their execution fast path, set
+up by ``set_fast_path`` once ``from_pretrained`` has loaded the weights); transformers' remote-code loader copies
+relative imports along with the file. ``config.json`` has ``model_type: "lrc"``, so plain
 transformers refuses the checkpoint unless ``trust_remote_code=True`` lets it run this file (with the base model type
 it would build a dense model, re-initialise every factorised weight and return garbage). ``auto_map`` names:
 
@@ -35,10 +36,11 @@ import functools
 from torch import nn
 
 from .lrc_attention import LrcAttention
+from .lrc_fast import FAST_PATH, FUSE, prefer_layout
 from .lrc_layers import CompensatedLinear, DictLinear, LowRankLinear, _float_dtype
 
 __all__ = ["AUTO_MAP", "CompensatedLinear", "DictLinear", "LRC_FORMAT_VERSION", "LowRankLinear", "LrcAttention",
-           "MODULE_TYPES", "apply_structure", "build_module", "link_shared"]
+           "MODULE_TYPES", "apply_structure", "build_module", "link_shared", "set_fast_path"]
 
 LRC_FORMAT_VERSION = 2
 AUTO_MAP = {"AutoConfig": "modeling_lrc.LrcConfig", "AutoModel": "modeling_lrc.LrcModel",
@@ -122,6 +124,33 @@ def _find_dict_linear(model: nn.Module, name: str, prefix: str) -> DictLinear:
         raise ValueError(f"lrc checkpoint: {name!r} is no dictionary module of this model (shared dictionaries link "
                          f"a DictLinear to the DictLinear that owns the dictionary)")
     return module
+
+
+def set_fast_path(model: nn.Module, fast: bool = True, fuse: bool = True, layout: bool = True) -> nn.Module:
+    """Switch the execution fast path (``lrc_fast.py``) of every lrc module in ``model``; outputs are the same up to
+    float round-off either way. ``fast``: factors applied directly instead of module calls (``LowRankLinear``,
+    ``CompensatedLinear``, ``LrcAttention``'s q/k/v); ``fuse`` (with ``fast``): one GEMM for the modules that receive
+    the same input tensor; ``layout``: low-rank factors with more outputs than inputs stored column-major (the same
+    values: ``lrc_fast.prefer_layout``). ``from_pretrained`` applies the defaults (``LRC_FAST_PATH``, ``LRC_FUSE``)."""
+    for m in model.modules():
+        if isinstance(m, (LowRankLinear, CompensatedLinear, LrcAttention)):
+            m.fast = fast
+        if isinstance(m, (LowRankLinear, LrcAttention)):
+            m.fuse = fast and fuse
+        if isinstance(m, LowRankLinear) and m._group is not None and not m.fuse:
+            m._group.dissolve()
+        for factor in _factors(m):
+            prefer_layout(factor, layout)
+    return model
+
+
+def _factors(module: nn.Module) -> list:
+    """The factor Linears of an lrc module: those whose layout ``set_fast_path`` chooses."""
+    if isinstance(module, LowRankLinear):
+        return [module.first, module.second]
+    if isinstance(module, CompensatedLinear):
+        return [module.lora_A, module.lora_B]
+    return []
 
 
 def upgrade_section(section: dict, model_type: str | None = None) -> dict:
@@ -233,8 +262,10 @@ def _classes() -> dict:
 
         @classmethod
         def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-            if cls._lrc_base is not None:
-                return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            if cls._lrc_base is not None:  # the weights are loaded: lay out the factors for the kernels
+                loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+                set_fast_path(loaded[0] if isinstance(loaded, tuple) else loaded, FAST_PATH, FUSE, FAST_PATH)
+                return loaded
             if isinstance(config, PretrainedConfig):
                 target = cls._compressed_for(config)
             else:

@@ -16,7 +16,8 @@ from .modeling_lrc import AUTO_MAP, LRC_FORMAT_VERSION
 
 MODELING_FILE = Path(__file__).with_name("modeling_lrc.py")
 # the checkpoint's remote code: the entry file and the modules it imports relatively
-REMOTE_CODE = [MODELING_FILE, MODELING_FILE.with_name("lrc_layers.py"), MODELING_FILE.with_name("lrc_attention.py")]
+REMOTE_CODE = [MODELING_FILE, *(MODELING_FILE.with_name(f"{n}.py") for n in ("lrc_layers", "lrc_attention",
+                                                                             "lrc_fast"))]
 
 
 def base_of(model) -> tuple[str, str]:

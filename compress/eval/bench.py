@@ -1,13 +1,22 @@
 """``lrc bench``: the real cost of a model on this device, dense and compressed side by side in one process.
 
 Reported per model: parameters (total, and in the decoder-block Linears), checkpoint size on disk, weight memory,
-prefill tokens/s at a few sequence lengths (batch 1), decode tokens/s at batch 1 and 8 (greedy, KV cache), each the
-median of ``repeats`` timed runs after one warm-up, and peak device memory on CUDA. The FLOP-ideal speed-up is the
-ratio of the Linear multiply-adds per token (decoder-block Linears + lm_head; attention scores excluded), what a
-perfectly efficient kernel would gain.
+prefill tokens/s at a few sequence lengths (batch 1), decode tokens/s at batch 1 and 8 (greedy, KV cache), and peak
+device memory on CUDA. The FLOP-ideal speed-up is the ratio of the Linear multiply-adds per token (decoder-block
+Linears + lm_head; attention scores excluded) that the forward EXECUTES (``checkpoint/units.py``): what a perfectly
+efficient kernel would gain.
+
+Protocol (timings on a shared machine drift by tens of percent between minutes; a ratio of two runs taken seconds
+apart drifts much less): the number of torch threads is pinned (``threads``; reported); per measurement every model
+runs once as warm-up (not timed: first-call allocations, lazily built caches, lrc's fusion groups), then ``repeats``
+rounds (7 by default) time every model once, the order rotating between rounds; the garbage collector is held off
+during a timed run. A model's tokens/s is the median over rounds. The measured speed-up of a model over the reference
+is computed per round (reference time / model time, both timed back to back), so each round gives one ratio; reported
+are their median and spread (min, quartiles, max), and the fraction of the FLOP-ideal the median reaches.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +27,6 @@ from ..checkpoint.units import unit_weights
 from ..models import load_model
 from ..plan import find_blocks, linear_units
 from ..report import unique_parameters
-
 
 def block_linear_params(model) -> int:
     """Weights of every Linear-like unit inside the decoder blocks (``checkpoint/units.py``: a LowRankLinear counts
@@ -46,54 +54,70 @@ def _sync(device) -> None:
 
 def _seconds(fn, device) -> float:
     _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _workloads(seq_lens, decode_batches, decode_tokens: int, vocab: int, device) -> list:
-    """``(kind, size, work tokens, fn(model))`` per measurement, on fixed random inputs (seed 0)."""
+    """``(key, kind, size, work tokens, fn(model))`` per measurement, on fixed random inputs (seed 0)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for L in seq_lens:
         x = torch.randint(0, vocab, (1, L), generator=g).to(device)
-        out.append(("prefill_tokens_per_s", L, L, lambda m, x=x: m(x, use_cache=False)))
+        out.append((f"prefill@{L}", "prefill_tokens_per_s", L, L, lambda m, x=x: m(x, use_cache=False)))
     for b in decode_batches:
         prompt = torch.randint(0, vocab, (b, 16), generator=g).to(device)
-        out.append(("decode_tokens_per_s", b, b * decode_tokens, lambda m, p=prompt: m.generate(
+        out.append((f"decode@b{b}", "decode_tokens_per_s", b, b * decode_tokens, lambda m, p=prompt: m.generate(
             p, attention_mask=torch.ones_like(p), max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
             do_sample=False, pad_token_id=0)))
     return out
 
 
+def spread(values: list[float]) -> dict:
+    """``{median, min, q1, q3, max, n}`` of per-round ratios (quartiles inclusive of the extremes)."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "min": min(values), "q1": q1, "q3": q3, "max": max(values),
+            "n": len(values)}
+
+
 @torch.no_grad()
 def measure_side_by_side(models: dict, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: int = 32,
-                         repeats: int = 5, vocab: int | None = None) -> tuple[dict, dict]:
-    """Tokens/s of every model in ``models`` (role -> model) on the same inputs, runs INTERLEAVED: for each
-    measurement one warm-up each, then ``repeats`` rounds that time every model once (the order alternating between
-    rounds), so a machine whose speed drifts (other tenants, clocks) slows every model alike. Returns
-    ``({role: {prefill_tokens_per_s, decode_tokens_per_s}}, {key: [per-round time ratio first role / role]})``."""
+                         repeats: int = 7, vocab: int | None = None) -> tuple[dict, dict]:
+    """Tokens/s of every model in ``models`` (role -> model) on the same inputs, runs INTERLEAVED (module docstring).
+    Returns ``({role: {prefill_tokens_per_s, decode_tokens_per_s, times_s}}, {role: {key: [per-round ratio]}})``:
+    ``times_s[key]`` are the timed runs in seconds, a ratio is the first role's time over the role's in the same
+    round (every role but the first)."""
     roles = list(models)
     device = next(models[roles[0]].parameters()).device
     vocab = vocab or min(m.config.vocab_size for m in models.values())
-    out = {r: {"prefill_tokens_per_s": {}, "decode_tokens_per_s": {}} for r in roles}
-    ratios: dict = {}
-    for kind, size, work, fn in _workloads(seq_lens, decode_batches, decode_tokens, vocab, device):
+    out = {r: {"prefill_tokens_per_s": {}, "decode_tokens_per_s": {}, "times_s": {}} for r in roles}
+    for key, kind, size, work, fn in _workloads(seq_lens, decode_batches, decode_tokens, vocab, device):
         for r in roles:
-            fn(models[r])  # warm-up
+            fn(models[r])  # warm-up, not timed
         times = {r: [] for r in roles}
         for i in range(repeats):
-            for r in (roles if i % 2 == 0 else roles[::-1]):
+            order = roles[i % len(roles):] + roles[:i % len(roles)]
+            for r in (order if i % 2 == 0 else order[::-1]):
+                gc.collect()
                 times[r].append(_seconds(lambda: fn(models[r]), device))
         for r in roles:
             out[r][kind][size] = work / statistics.median(times[r])
-        key = f"{kind.split('_')[0]}@{'' if kind.startswith('prefill') else 'b'}{size}"
-        ratios[key] = [a / b for a, b in zip(times[roles[0]], times[roles[-1]])]
+            out[r]["times_s"][key] = times[r]
+    first = out[roles[0]]["times_s"]
+    ratios = {r: {key: [a / b for a, b in zip(first[key], t)] for key, t in out[r]["times_s"].items()}
+              for r in roles[1:]}
     return out, ratios
 
 
-def measure(model, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: int = 32, repeats: int = 5,
+def measure(model, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: int = 32, repeats: int = 7,
             vocab: int | None = None) -> dict:
     """Tokens/s of one model (``measure_side_by_side`` with one role)."""
     out = measure_side_by_side({"model": model}, seq_lens, decode_batches, decode_tokens, repeats, vocab)[0]["model"]
@@ -111,14 +135,27 @@ def describe(model, path: str | None) -> dict:
             "checkpoint_bytes": disk_bytes(path)}
 
 
+def speedups(reference: dict, model: dict, ratios: dict) -> dict:
+    """The comparison of ``model`` with ``reference`` (``describe`` dicts): FLOP-ideal speed-up, and per measurement
+    the measured speed-up's ``spread`` and the fraction of the FLOP-ideal its median reaches."""
+    ideal = reference["linear_macs_per_token"] / model["linear_macs_per_token"]
+    measured = {k: spread(v) for k, v in ratios.items()}
+    return {"flop_ideal_speedup": ideal, "measured_speedup": {k: v["median"] for k, v in measured.items()},
+            "speedup_spread": measured,
+            "fraction_of_ideal": {k: v["median"] / ideal for k, v in measured.items()}}
+
+
 def run_bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512), decode_batches=(1, 8),
-          decode_tokens: int = 32, repeats: int = 5, device: str = "auto", dtype: str = "float32") -> dict:
-    """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``."""
+              decode_tokens: int = 32, repeats: int = 7, device: str = "auto", dtype: str = "float32",
+              threads: int | None = None) -> dict:
+    """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``'s protocol.
+    ``threads``: torch's intra-op threads for the whole run (default: the current number, pinned)."""
     from ..engine.pipeline import resolve_device
 
     dev = resolve_device(device)
+    torch.set_num_threads(threads or torch.get_num_threads())
     results = {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats,
-               "decode_tokens": decode_tokens, "models": {}}
+               "decode_tokens": decode_tokens, "interleaved": True, "models": {}}
     models, paths = {}, {}
     for role, spec in (("reference", reference), ("model", model_spec)):
         if spec is not None:
@@ -133,11 +170,7 @@ def run_bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512)
     if dev.type == "cuda":  # both models are resident: the peak is the pair's
         results["peak_device_memory_gib_both"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if reference:
-        m, r = results["models"]["model"], results["models"]["reference"]
-        results["flop_ideal_speedup"] = r["linear_macs_per_token"] / m["linear_macs_per_token"]
-        # median over rounds of (reference time / model time), each round timing both back to back
-        results["measured_speedup"] = {k: statistics.median(v) for k, v in ratios.items()}
-        results["interleaved"] = True
+        results.update(speedups(results["models"]["reference"], results["models"]["model"], ratios["model"]))
     return results
 
 
@@ -146,7 +179,7 @@ def bench_table(results: dict):
 
     models = results["models"]
     table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, interleaved runs, "
-                        f"median of {results['repeats']})")
+                        f"median of {results['repeats']}; speed-ups per round: median [min-max])")
     table.add_column("")
     for role in models:
         table.add_column(f"{role}: {models[role]['name']}")
@@ -166,6 +199,12 @@ def bench_table(results: dict):
         table.add_row(label, *(fmt(d) for d in models.values()))
     if "flop_ideal_speedup" in results:
         table.add_row("FLOP-ideal speed-up", "", f"{results['flop_ideal_speedup']:.3f}x")
-        for k, v in results["measured_speedup"].items():
-            table.add_row(f"measured speed-up {k}", "", f"{v:.3f}x")
+        for k, v in results["speedup_spread"].items():
+            table.add_row(f"measured speed-up {k}", "", f"{format_spread(v)}, "
+                                                        f"{results['fraction_of_ideal'][k]:.0%} of ideal")
     return table
+
+
+def format_spread(v: dict) -> str:
+    """``1.083x [1.050-1.102]``: the median ratio and its range over the rounds."""
+    return f"{v['median']:.3f}x [{v['min']:.3f}-{v['max']:.3f}]"
