@@ -143,8 +143,11 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         if recipe.eval is not None:
             from .eval.run import evaluate_model
 
-            written = load(tmp, dtype=recipe.model.dtype)
-            reference = load_model(model, recipe.model.dtype)[0] if recipe.eval.kl else None
+            from .engine.pipeline import resolve_device
+
+            device = resolve_device(recipe.engine.device)  # evaluated where it was compressed
+            written = load(tmp, dtype=recipe.model.dtype).to(device)
+            reference = load_model(model, recipe.model.dtype)[0].to(device) if recipe.eval.kl else None
             t1 = time.perf_counter()
             report["eval"] = evaluate_model(written, tokenizer, recipe.eval, reference, progress=progress)
             report["eval_seconds"] = round(time.perf_counter() - t1, 3)

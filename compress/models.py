@@ -128,18 +128,20 @@ def is_lrc_checkpoint(path: str) -> bool:
     return cfg.is_file() and "lrc" in json.loads(cfg.read_text())
 
 
-def load_model(spec: str, dtype: str = "float32"):
-    """Load ``(model, tokenizer, resolved_path)`` for any supported MODEL argument, on the CPU, in eval mode."""
+def load_model(spec: str, dtype: str = "float32", device_map: str | dict | None = None):
+    """Load ``(model, tokenizer, resolved_path)`` for any supported MODEL argument, in eval mode: on the CPU, or
+    placed by accelerate with ``device_map`` (``auto``: over the GPUs, then the CPU, then disk)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
+    placed = {} if device_map is None else {"device_map": device_map}
     try:
         if is_lrc_checkpoint(path):
             from .checkpoint import load
 
-            model = load(path, dtype=dtype)
+            model = load(path, dtype=dtype, **placed)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise LrcError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None

@@ -55,6 +55,17 @@ def needs_shared(path: Path = STORIES):
                                                         "beside the repository) is absent in this clone")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, where torch sees no CUDA device (CI's CPU machine), unless
+    ``LRC_TEST_DEVICE`` names another device for them (``cpu``: the checks themselves tested where no GPU exists)."""
+    if torch.cuda.is_available() or os.environ.get("LRC_TEST_DEVICE", "cuda") != "cuda":
+        return
+    skip = pytest.mark.skip(reason="no CUDA device: GPU tests run on a GPU machine (pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_corpus(n_rows: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))).capitalize() + "."

@@ -9,7 +9,7 @@ is the largest block, its statistics and the calibration activations, plus a con
 (issue 13), and a model larger than RAM can be compressed.
 
 A forward pre-hook on every block materialises it on first use when something runs the whole model (self-generated
-calibration, the Fisher pass): such a pass needs every block anyway, and ``unload_all`` gives them back afterwards.
+calibration): such a pass needs every block anyway, and ``unload_all`` gives them back afterwards.
 
 Checkpoints whose tensor names are not the model's own (transformers converts some legacy layouts while loading) and
 models that are not plain local safetensors directories load eagerly instead (``lazy_model`` returns None).

@@ -32,14 +32,23 @@ from .passes import run_pass
 from .shared import SharedGroups
 from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
 from .stats import CrossGram, DenseInputs, attach, block_groups
+from .stream import Host
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
 from .units import compress_units
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when torch sees a device, else the CPU. A CUDA device that is not there is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LrcError(f"device {name!r}: not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise LrcError(f"device {name!r}: torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'}"
+                       " CUDA device(s) here (torch " + torch.__version__ + "); use cpu or auto")
+    return device
 
 
 def after_block(i: int) -> None:
@@ -187,11 +196,7 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     extra: dict = {}
     if needs_fisher(recipe):  # on the dense model, before any finished block is restored
         t_f = time.perf_counter()
-        if lazy is not None:  # the whole-model pass needs every block
-            lazy.load_all()
-        sums = fisher_stats(model, streams, plan, recipe, cache, device, progress)
-        if lazy is not None:
-            lazy.unload_all()
+        sums = fisher_stats(model, prefix, blocks, streams, plan, recipe, cache, Host(blocks, device, lazy), progress)
         phases["fisher"] = time.perf_counter() - t_f
         for key, v in sums.items():
             name, kind = key.rsplit(".", 1)
@@ -236,14 +241,8 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     to_device(streams, device)
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
-        sweep = lazy is not None and any(st.allocator == "sensitivity" for st in recipe.stages)
-        if sweep:  # the sensitivity sweep runs the whole model
-            lazy.load_all()
         spectra = allocation_spectra(model, blocks, prefix, plan, recipe, cache, main.x_in, shape, dtype,
-                                     main.dev_kwargs, device, progress, extra, main.ids, ref_blocks,
-                                     None if sweep else lazy)
-        if lazy is not None:
-            lazy.unload_all()
+                                     main.dev_kwargs, device, progress, extra, main.ids, ref_blocks, lazy)
         apply_global_allocation(plan, recipe, spectra)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:

@@ -7,6 +7,8 @@ Both results are cached in the run directory so an interrupted run resumes witho
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..allocation import SPECTRUM, allocate_global
@@ -15,9 +17,11 @@ from ..compensation import residual_spectrum
 from ..methods import METHODS
 from .cache import load_tensors, save_tensors
 from .decompose import effective_weight
-from .fisher import fisher_sums
+from .fisher import fisher_sums_streamed
 from .passes import run_pass
 from .stats import attach, block_groups
+from .stream import Host
+from .sweep import Sweep
 
 
 def fisher_stages(recipe) -> set[int]:
@@ -29,8 +33,9 @@ def needs_fisher(recipe) -> bool:
     return bool(fisher_stages(recipe))
 
 
-def fisher_stats(model, streams, plan, recipe, cache, device, progress) -> dict[str, torch.Tensor]:
-    """Fisher row/column sums of the Fisher stages' modules, each from its stage's calibration stream."""
+def fisher_stats(model, prefix, blocks, streams, plan, recipe, cache, host, progress) -> dict[str, torch.Tensor]:
+    """Fisher row/column sums of the Fisher stages' modules, each from its stage's calibration stream, one block
+    on the device at a time (``fisher_sums_streamed``; ``host``: ``stream.Host``)."""
     stages = fisher_stages(recipe)
     out: dict[str, torch.Tensor] = {}
     for s in streams:
@@ -42,7 +47,8 @@ def fisher_stats(model, streams, plan, recipe, cache, device, progress) -> dict[
         if sums is None:
             names = [r.name for r in plan if r.stage in mine]
             progress.phase("fisher (backward passes)")
-            sums = fisher_sums(model, s.ids, names, device, batch_size=1, progress=progress)
+            sums = fisher_sums_streamed(model, prefix, blocks, s.ids, names, host, cache, recipe.engine.batch_size,
+                                        progress)
             cache.save_tensors(key, sums)
         out.update(sums)
     return out
@@ -61,8 +67,8 @@ def _influence(x_in, x_out, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None, reference=None
-                   ) -> dict[str, torch.Tensor]:
+def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None,
+                   reference=None) -> dict[str, torch.Tensor]:
     """Spectra (or, for ``sensitivity`` stages, the perplexity sweep) of the block's rows on dense inputs."""
     rel = {r.name.removeprefix(prefix): r for r in rows}
     if not rel:  # only the block's outputs are needed (the next block's inputs, block influence)
@@ -80,7 +86,7 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
     finally:
         for c in collectors:
             c.remove()
-    out = {}
+    out, pending = {}, []
     source = dict(reference.named_modules()) if reference is not None else modules
     for n, r in rel.items():
         # no token reached it (an expert never routed to): the plain spectrum of its weights (or residual) stands
@@ -100,32 +106,13 @@ def _block_spectra(block, prefix, rows, recipe, x_in, x_out, kwargs, device, ext
         stats = {c.name: c.result(n) for c in collectors}
         stats.update(extra.get(r.name, {}))
         spectrum = methods[r.stage].spectrum(W, stats)
-        out[r.name] = spectrum.sigma.cpu() if kind == "method" else sweep(modules[n], spectrum, r)
+        if kind == "method":
+            out[r.name] = spectrum.sigma.cpu()
+        else:
+            pending.append((modules[n], spectrum, r))
+    if pending:  # every candidate of the block through the blocks after it together
+        out.update(sweep(index, block, x_in, pending))
     return out
-
-
-def _sweeper(model, ids, recipe, progress):
-    """``sweep(module, spectrum, row)``: calibration ppl of the whole model with only ``module`` at each candidate
-    ratio of its stage (ASVD STRS), the weight restored afterwards."""
-    from ..allocation.sensitivity import SensitivityOptions, rank_at
-
-    def sweep(module, spectrum, row) -> torch.Tensor:
-        stage = recipe.stages[row.stage]
-        opts = SensitivityOptions.model_validate(stage.allocator_options)
-        x = ids[: opts.samples].to(next(model.parameters()).device)
-        original = module.weight.data.clone()
-        ppls = []
-        try:
-            for ratio in sorted(opts.ratios):
-                A, B = spectrum.factors(min(rank_at(row, ratio, stage.align), int(spectrum.sigma.numel())))
-                module.weight.data.copy_((A @ B).to(original.dtype))
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
-                ppls.append(float(torch.exp(loss.double())))
-        finally:
-            module.weight.data.copy_(original)
-        progress.phase(f"sensitivity {row.name}")
-        return torch.tensor(ppls, dtype=torch.float64)
-    return sweep
 
 
 def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dtype, kwargs, device, progress,
@@ -141,42 +128,36 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
     influence = any(SPECTRUM.get(s.allocator) == "influence" for s in recipe.stages)
     if not rows and not influence:
         return {}
-    sweep_key = _sweep_key(model, ids, recipe) if any(SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"
-                                                      for r in rows) else None
-    stored = _load_sweep(sweep_key) if sweep_key else None
-    sweep = _sweeper(model, ids, recipe, progress) if sweep_key else None
-    if sweep is not None:
-        model.to(device)  # the sweep runs the whole model
+    sweep_key = _sweep_key(model, ids, recipe, lazy) if any(SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"
+                                                             for r in rows) else None
+    sweep = Sweep(model, prefix, blocks, Host(blocks, device, lazy), ids, kwargs, recipe, progress,
+                  _load_sweep(sweep_key) if sweep_key else None) if sweep_key else None
     spectra: dict[str, torch.Tensor] = {}
     data_free = not influence and all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
     x_in = x0
-    for i, block in enumerate(blocks):
-        brows = [r for r in rows if r.block == i]
-        if stored is not None and all(r.name in stored for r in brows if
-                                      SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"):
-            sweep = (lambda module, spectrum, row: stored[row.name])
-        progress.phase(f"spectra for allocation, block {i + 1}/{len(blocks)}")
-        block = lazy.load(i, device) if lazy is not None else block.to(device)
-        if data_free:
-            modules = dict(block.named_modules())
-            spectra.update({r.name: torch.linalg.svdvals(modules[r.name.removeprefix(f"{prefix}.{i}.")]
-                                                         .weight.detach().double()).cpu() for r in brows})
-        else:
-            x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
-            ref = ref_blocks[i].to(device) if ref_blocks is not None else None
-            spectra.update(_block_spectra(block, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs[i], device,
-                                          extra, sweep, ref))
-            if influence:
-                spectra[influence_key(i)] = _influence(x_in, x_out, recipe.engine.batch_size)
-            if ref is not None:
-                ref_blocks[i].to("cpu")
-            if i > 0:
-                cache.acts_path(i, "spectra").unlink(missing_ok=True)
-            x_in = x_out
-        if sweep_key is None:
+    with sweep if sweep is not None else contextlib.nullcontext():
+        for i, block in enumerate(blocks):
+            brows = [r for r in rows if r.block == i]
+            progress.phase(f"spectra for allocation, block {i + 1}/{len(blocks)}")
+            block = lazy.load(i, device) if lazy is not None else block.to(device)
+            if data_free:
+                modules = dict(block.named_modules())
+                spectra.update({r.name: torch.linalg.svdvals(modules[r.name.removeprefix(f"{prefix}.{i}.")]
+                                                             .weight.detach().double()).cpu() for r in brows})
+            else:
+                x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
+                ref = ref_blocks[i].to(device) if ref_blocks is not None else None
+                spectra.update(_block_spectra(block, i, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs[i],
+                                              device, extra, sweep, ref))
+                if influence:
+                    spectra[influence_key(i)] = _influence(x_in, x_out, recipe.engine.batch_size)
+                if ref is not None:
+                    ref_blocks[i].to("cpu")
+                if i > 0:
+                    cache.acts_path(i, "spectra").unlink(missing_ok=True)
+                x_in = x_out
             lazy.unload(i) if lazy is not None else block.to("cpu")
     if sweep_key is not None:
-        model.to("cpu")
         _store_sweep(sweep_key, {r.name: spectra[r.name] for r in rows
                                  if SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"})
     cache.acts_path(len(blocks), "spectra").unlink(missing_ok=True)
@@ -184,12 +165,12 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
     return spectra
 
 
-def _sweep_key(model, ids, recipe) -> str:
+def _sweep_key(model, ids, recipe, lazy=None) -> str:
     import hashlib
 
     from .cache import model_fingerprint
 
-    h = hashlib.sha256(model_fingerprint(model).encode())
+    h = hashlib.sha256(model_fingerprint(model, lazy.state_items() if lazy is not None else None).encode())
     h.update(ids.numpy().tobytes())
     for si, st in enumerate(recipe.stages):
         if st.allocator == "sensitivity":

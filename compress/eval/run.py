@@ -90,11 +90,20 @@ def preflight(cfg: EvalConfig) -> None:
         check_tasks(cfg.tasks, resolve_data_dir(cfg.data_dir))
 
 
-def evaluate(model_spec: str, cfg: EvalConfig, reference: str | None = None, dtype: str = "float32") -> dict:
-    """Load MODEL (and REFERENCE), run ``cfg``; results of an lrc checkpoint are merged into its report."""
+def evaluate(model_spec: str, cfg: EvalConfig, reference: str | None = None, dtype: str = "float32",
+             device: str = "auto", device_map: str | None = None) -> dict:
+    """Load MODEL (and REFERENCE) on ``device`` (``auto``: CUDA when present), run ``cfg``; results of an lrc
+    checkpoint are merged into its report. ``device_map`` (e.g. ``auto``) instead lets accelerate place the model
+    over the GPUs, the CPU and disk as it fits, for models larger than one device."""
+    from ..engine.pipeline import resolve_device
+
     preflight(cfg)
-    model, tokenizer, path = load_model(model_spec, dtype)
-    ref = load_model(reference, dtype)[0] if reference else None
+    dev = resolve_device(device)
+    model, tokenizer, path = load_model(model_spec, dtype, device_map=device_map)
+    ref = load_model(reference, dtype, device_map=device_map)[0] if reference else None
+    if device_map is None:
+        model = model.to(dev)
+        ref = ref.to(dev) if ref is not None else None
     out = {"model": model_spec, "reference": reference, **evaluate_model(model, tokenizer, cfg, ref)}
     if is_lrc_checkpoint(path):
         merge_into_report(Path(path), out)
