@@ -160,13 +160,13 @@ def windows_from_ids(ids: torch.Tensor, samples: int, seq_len: int, seed: int, s
 def selfgen(model, tokenizer, cfg: CalibrationConfig, batch_size: int, max_tokens: int = 2**15) -> torch.Tensor:
     """Sample ``samples`` sequences of ``seq_len`` tokens from the model itself, starting at BOS (seeded).
 
-    Ancestral sampling at temperature 1 with EOS excluded, the KV cache kept between steps and only the last position
-    through the head; as many sequences per chunk as fit ``max_tokens`` cached positions (not the engine's batch
-    size: a step costs about the same for 8 sequences as for 32). Draws use one generator seeded once, by the
-    exponential-race form of categorical sampling (``argmax p / E``, E ~ Exp(1)), which is exact and cheaper than
-    ``multinomial`` over a large vocabulary.
+    Ancestral sampling at temperature 1 with EOS excluded, the KV cache kept between steps (written in place:
+    ``sampling.preallocated_cache``) and only the last position through the head; as many sequences per chunk as fit
+    ``max_tokens`` cached positions (not the engine's batch size: a step costs about the same for 8 sequences as for
+    32). Each draw is exact, by the inverse CDF with one uniform number per sequence from one generator seeded once
+    (``sampling.sample_categorical``).
     """
-    from transformers import DynamicCache
+    from .sampling import preallocated_cache, sample_categorical
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -178,16 +178,12 @@ def selfgen(model, tokenizer, cfg: CalibrationConfig, batch_size: int, max_token
         for i in range(0, cfg.samples, chunk):
             n = min(chunk, cfg.samples - i)
             seq = torch.full((n, cfg.seq_len), start, dtype=torch.long)
-            cache, cur = DynamicCache(), seq[:, :1].to(device)
+            cache, cur = preallocated_cache(cfg.seq_len), seq[:, :1].to(device)
             for t in range(1, cfg.seq_len):
                 if t % 32 == 1:  # minutes on a large model: keep the log alive
                     active().phase(f"selfgen {i + n}/{cfg.samples} samples, token {t}/{cfg.seq_len}")
                 logits = model(input_ids=cur, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                logp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
-                if eos is not None:
-                    logp[:, eos] = -torch.inf
-                race = torch.empty_like(logp).exponential_(generator=g).log_()
-                seq[:, t] = (logp - race).argmax(-1)
+                seq[:, t] = sample_categorical(logits[:, -1], g, eos).cpu()
                 cur = seq[:, t: t + 1].to(device)
             out.append(seq)
     return torch.cat(out)
@@ -208,7 +204,7 @@ def calibration_tokens(model, tokenizer, cfg: CalibrationConfig, cache_dir: Path
     sources = cfg.sources()
     model_id = getattr(model.config, "_name_or_path", "") if cfg.dataset == "selfgen" and not cfg.mix else ""
     if model_id:
-        model_id += "|sampler 2"  # KV-cache exponential-race sampler (tokens differ from the generate() ones)
+        model_id += "|sampler 3"  # inverse-CDF draws, in-place KV cache (tokens differ from earlier samplers')
     ident = ";".join(describe_source(s) for s in sources)
     key = hashlib.sha256(f"{ident}|{vocab}|{cfg.samples}|{cfg.seq_len}|{cfg.seed}|{model_id}"
                          .encode()).hexdigest()[:16]
