@@ -11,6 +11,10 @@ In one process, interleaved (``compress/eval/bench.py``: pinned threads, one war
 order rotates, ratio per round), the roles
 
 - ``dense``: the reference, ``compress.models.load_model("smollm2")``;
+- ``no-linears``: dense with every decoder-block Linear's product replaced by zeros of its output shape: the time of
+  the rest of the forward (attention scores, norms, RoPE, the head, generate's loop), from which the *attainable*
+  speed-up follows (Amdahl: the block Linears' share of dense time shrinks by their multiply-add ratio, dense /
+  model, and the rest, the head included, stays);
 - ``fast``: the checkpoint as it loads (lrc's execution fast path: ``compress/checkpoint/lrc_fast.py``);
 - ``nofuse``: the same without fusing the modules that share an input (``set_fast_path(fuse=False)``);
 - ``plain``: the same without any fast path (``set_fast_path(fast=False, layout=False)``: factors called as
@@ -88,11 +92,55 @@ def dense_layout(model):
     return model
 
 
+class _Free(torch.nn.Module):
+    """A Linear whose product costs nothing: zeros of the output shape (for the attainable speed-up)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_linears(model):
+    """``model`` with every decoder-block Linear replaced by ``_Free``: what the rest of the forward costs."""
+    from compress.plan import find_blocks
+
+    for block in find_blocks(model)[1]:
+        for name, m in list(block.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                owner, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(owner) if owner else block, leaf, _Free(m.out_features))
+    return model
+
+
+def attainable(t_dense: float, t_rest: float, block_ratio: float) -> float:
+    """The speed-up when the block Linears' time shrinks by ``block_ratio`` (their multiply-adds, dense / model) and
+    the rest of the forward, the head included, stays (Amdahl)."""
+    return t_dense / (t_rest + (t_dense - t_rest) / block_ratio)
+
+
+def add_attainable(rows: list[dict]) -> None:
+    """Attainable speed-ups of every compressed role from the dense and no-linears medians of the same run."""
+    by_role = {r["role"]: r for r in rows}
+    t = {k: _median(v) for k, v in by_role["dense"]["times_s"].items()}
+    rest = {k: _median(v) for k, v in by_role["no-linears"]["times_s"].items()}
+    head = by_role["dense"]["head_macs_per_token"]
+    for row in rows:
+        if row["role"] in ("dense", "no-linears"):
+            continue
+        ratio = (by_role["dense"]["linear_macs_per_token"] - head) / (row["linear_macs_per_token"] - head)
+        row["block_linear_ideal"] = ratio
+        row["attainable_speedup"] = {k: attainable(t[k], rest[k], ratio) for k in t}
+        row["fraction_of_attainable"] = {k: row["measured_speedup"][k] / row["attainable_speedup"][k] for k in t}
+
+
 def roles(config: str, path: Path, dense, layout_reference: bool) -> dict:
     from compress.checkpoint.modeling_lrc import set_fast_path
     from compress.models import load_model
 
-    models = {"dense": dense}
+    models = {"dense": dense, "no-linears": without_linears(load_model("smollm2")[0])}
     if layout_reference:
         models["dense-layout"] = dense_layout(load_model("smollm2")[0])
     models["fast"] = load_model(str(path))[0]
@@ -117,10 +165,12 @@ def run(config: str, path: Path, dense, args) -> list[dict]:
                "repeats": args.repeats, "decode_tokens": args.decode_tokens, "revision": revision(),
                "loadavg_before": load, "other_cpu_share": share, "wall_s": wall,
                "linear_macs_per_token": describe(model, None)["linear_macs_per_token"],
+               "head_macs_per_token": model.get_output_embeddings().weight.numel(),
                "times_s": speeds[role]["times_s"]}
-        if role != "dense":
+        if role not in ("dense", "no-linears"):
             row.update(speedups(ref, describe(model, None), ratios[role]))
         rows.append(row)
+    add_attainable(rows)
     return rows
 
 
@@ -135,14 +185,48 @@ def table(rows: list[dict]) -> str:
             lines.append(f"  {'dense (ms)':13s}{'':>7s}" + "".join(f"{1e3 * _median(row['times_s'][k]):>27.1f}"
                                                                      for k in keys))
             continue
+        if row["role"] == "no-linears":
+            lines.append(f"  {'no-lin. (ms)':13s}{'':>7s}" + "".join(f"{1e3 * _median(row['times_s'][k]):>27.1f}"
+                                                                       for k in keys))
+            continue
         cells = []
         for k in keys:
             s = row["speedup_spread"][k]
             cells.append(f"{s['median']:.3f} [{s['min']:.2f}-{s['max']:.2f}] {row['fraction_of_ideal'][k]:4.0%}")
         lines.append(f"  {row['role']:13s}{row['flop_ideal_speedup']:7.3f}" + "".join(f"{c:>27s}" for c in cells))
+        lines.append(f"  {'  attainable':13s}{'':7s}" + "".join(
+            f"{row['attainable_speedup'][k]:.3f} ({row['fraction_of_attainable'][k]:.0%} reached)".rjust(27)
+            for k in keys))
     lines.append("\ncells: speed-up over dense, median [min-max] over the rounds, and the median's fraction of the "
-                 "FLOP-ideal (ideal: dense / model Linear multiply-adds per token)")
+                 "FLOP-ideal (ideal: dense / model Linear multiply-adds per token, head included). attainable: the "
+                 "speed-up if the block Linears' time shrank by their multiply-add ratio and the rest of the forward "
+                 "(no-linears: dense with every block Linear's product replaced by zeros; the head is in it) stayed; "
+                 "the share of it the median reached.")
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    """docs/benchmarks.md's speed table (``scripts/render_tables.py``) from the --jsonl rows of the latest run of
+    each configuration."""
+    latest: dict = {}
+    for row in rows:
+        latest.setdefault(row["config"], {})[row["role"]] = row
+    keys = list(next(iter(latest.values()))["dense"]["times_s"])
+    out = ["| config | role | FLOP-ideal | " + " | ".join(keys) + " |", "|---|---|---:|" + "---:|" * len(keys)]
+    for config, by_role in latest.items():
+        for role in ("dense", "no-linears"):
+            out.append(f"| {config} | {role} (ms) | | " + " | ".join(
+                f"{1e3 * _median(by_role[role]['times_s'][k]):.1f}" for k in keys) + " |")
+        for role, row in by_role.items():
+            if role in ("dense", "no-linears"):
+                continue
+            cells = []
+            for k in keys:
+                s = row["speedup_spread"][k]
+                cells.append(f"{s['median']:.3f}× [{s['min']:.2f}–{s['max']:.2f}], {row['fraction_of_ideal'][k]:.0%} / "
+                             f"{row['fraction_of_attainable'][k]:.0%}")
+            out.append(f"| {config} | {role} | {row['flop_ideal_speedup']:.3f}× | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _median(values: list[float]) -> float:

@@ -28,6 +28,8 @@ import bench_floor  # noqa: E402
 import bench_modegpt  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_scale  # noqa: E402
+import bench_selfgen  # noqa: E402
+import bench_speed  # noqa: E402
 import bench_stories260k  # noqa: E402
 
 
@@ -109,6 +111,8 @@ SECTIONS = {
     "cospadi-large": lambda: bench_cospadi.markdown_large(rows("cospadi-large.jsonl")),
     "floor": lambda: bench_floor.markdown(rows("floor-smollm2.jsonl")),
     "scale": lambda: bench_scale.markdown(rows("scale.jsonl")),
+    "speed": lambda: bench_speed.markdown(rows("speed-smollm2.jsonl")),
+    "selfgen": lambda: bench_selfgen.markdown(rows("selfgen-smollm2.jsonl")),
 }
 
 

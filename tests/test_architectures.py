@@ -150,8 +150,8 @@ def test_allocation_prepass_runs_each_block_with_its_own_arguments(model_dir, to
     outs: list[torch.Tensor] = []
     original = spectra._block_spectra
 
-    def spy(block, prefix, rows, recipe, x_in, x_out, *args, **kwargs):
-        result = original(block, prefix, rows, recipe, x_in, x_out, *args, **kwargs)
+    def spy(block, index, prefix, rows, recipe, x_in, x_out, *args, **kwargs):
+        result = original(block, index, prefix, rows, recipe, x_in, x_out, *args, **kwargs)
         outs.append(x_out.clone())
         return result
 

@@ -300,3 +300,17 @@ def test_pickle_deepcopy_and_compressing_again():
     second = LrcAttention.from_base(first, 8, 6, rope_index=pair_index(8, seed=51))
     assert type(second) is type(first) and second.sliding_window == first.sliding_window == 4096
     assert second.spec()["qk_dim"] == 8 and second.rope_index.shape == (KV, 8)
+
+
+@pytest.mark.parametrize("qk, vo", [(10, 4), (4, 12)])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_unequal_head_sizes_are_exact_in_every_kernel(qk, vo, impl):
+    """q/k heads of one size and v heads of another: SDPA gets the smaller zero-padded to the larger (its fused CPU
+    path needs one head size; zero columns add nothing to a product), eager takes them as they are; both give the
+    masked dense model's logits, also through the KV cache."""
+    model = dense("llama", impl)
+    reference = copy.deepcopy(model)
+    mask_layer(reference, 0, qk_index=pair_index(qk, seed=1), vo_index=subset(vo, 2))
+    compress_layer(model, 0, qk_index=pair_index(qk, seed=1), vo_index=subset(vo, 2))
+    assert torch.allclose(logits(model, X), logits(reference, X), atol=1e-5, rtol=0)
+    assert torch.equal(generate(model, X[:1]), generate(reference, X[:1]))

@@ -102,10 +102,18 @@ class LrcAttention(nn.Module):
         query, key = (query * cos_q) + (_rotate_half(query) * sin_q), (key * cos_k) + (_rotate_half(key) * sin_k)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, type(self)._lrc_eager)
+        impl = self.config._attn_implementation
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, type(self)._lrc_eager)
+        pad = self.qk_dim - self.vo_dim if impl not in (None, "eager") else 0
+        if pad > 0:  # fused kernels (SDPA's flash path) need one head size: zero columns change no product
+            value = F.pad(value, (0, pad))
+        elif pad < 0:
+            query, key = F.pad(query, (0, -pad)), F.pad(key, (0, -pad))
         output, weights = interface(self, query, key, value, attention_mask, scaling=self.scaling,
                                     dropout=0.0 if not self.training else self.attention_dropout,
                                     sliding_window=self.sliding_window, **kwargs)
+        if pad > 0:
+            output = output[..., :self.vo_dim]
         return self.o_proj(output.reshape(*shape, -1).contiguous()), weights
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

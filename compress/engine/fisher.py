@@ -11,8 +11,37 @@ whole); the engine runs ``fisher_sums_streamed``: the same sums with one decoder
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+
+@contextmanager
+def _reducing(params, weights: dict, acc: dict):
+    """Within the block only ``weights`` (parameter -> module name) of ``params`` require grad, and each one's
+    gradient is squared and reduced into ``acc``'s row and column sums the moment it accumulates, then dropped (no
+    full gradient outlives its own reduction). Flags are restored and gradients cleared on exit."""
+    flags = {p: p.requires_grad for p in params}
+
+    def reduce(param):
+        g2, name = param.grad.double().square(), weights[param]
+        acc[f"{name}.fisher_out"] += g2.sum(1).cpu()
+        acc[f"{name}.fisher_in"] += g2.sum(0).cpu()
+        param.grad = None
+
+    handles = []
+    try:
+        for p in flags:
+            p.requires_grad_(p in weights)
+        handles = [p.register_post_accumulate_grad_hook(reduce) for p in weights]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 def fisher_sums(model: nn.Module, ids: torch.Tensor, names: list[str], device: torch.device,
@@ -25,42 +54,25 @@ def fisher_sums(model: nn.Module, ids: torch.Tensor, names: list[str], device: t
     weights = {modules[n].weight: n for n in names}
     acc = {f"{n}.{k}": torch.zeros(modules[n].weight.shape[i], dtype=torch.float64)
            for n in names for k, i in (("fisher_out", 0), ("fisher_in", 1))}
-    flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     had_ckpt = bool(getattr(model, flag, False))
-    handles = []
-
-    def reduce(param):
-        g2 = param.grad.double().square()
-        name = weights[param]
-        acc[f"{name}.fisher_out"] += g2.sum(1).cpu()
-        acc[f"{name}.fisher_in"] += g2.sum(0).cpu()
-        param.grad = None  # dropped immediately: no full gradient outlives its own reduction
-
     home = next(model.parameters()).device
     try:
-        for p in model.parameters():
-            p.requires_grad_(p in weights)
-        handles = [p.register_post_accumulate_grad_hook(reduce) for p in weights]
-        model.to(device)
-        model.eval()  # no dropout: the Fisher of the deployed model
-        if checkpointing:
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-            model.train()  # transformers only checkpoints in training mode; these models have no dropout at p>0
-        for s in range(0, ids.shape[0], batch_size):
-            x = ids[s : s + batch_size].to(device)
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
-            if progress is not None:
-                progress.phase(f"fisher {min(s + batch_size, ids.shape[0])}/{ids.shape[0]}")
+        with _reducing(list(model.parameters()), weights, acc):
+            model.to(device)
+            model.eval()  # no dropout: the Fisher of the deployed model
+            if checkpointing:
+                (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+                model.train()  # transformers only checkpoints in training mode; these models have no dropout at p>0
+            for s in range(0, ids.shape[0], batch_size):
+                x = ids[s : s + batch_size].to(device)
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                loss.backward()
+                if progress is not None:
+                    progress.phase(f"fisher {min(s + batch_size, ids.shape[0])}/{ids.shape[0]}")
     finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
         if checkpointing and not had_ckpt:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.train(was_training)
@@ -117,38 +129,19 @@ def fisher_sums_streamed(model: nn.Module, prefix: str, blocks: nn.ModuleList, i
         block, mine = host.load(j), f"{prefix}.{j}."
         modules = dict(block.named_modules())
         targeted = {n.removeprefix(mine): n for n in names if n.startswith(mine)}
-        flags = {p: p.requires_grad for p in block.parameters()}
         weights = {modules[rel].weight: full for rel, full in targeted.items()}
-        for full, rel in ((f, r) for r, f in targeted.items()):
+        for rel, full in targeted.items():
             w = modules[rel].weight
             acc.setdefault(f"{full}.fisher_out", torch.zeros(w.shape[0], dtype=torch.float64))
             acc.setdefault(f"{full}.fisher_in", torch.zeros(w.shape[1], dtype=torch.float64))
-
-        def reduce(param):
-            g2, name = param.grad.double().square(), weights[param]
-            acc[f"{name}.fisher_out"] += g2.sum(1).cpu()
-            acc[f"{name}.fisher_in"] += g2.sum(0).cpu()
-            param.grad = None
-
-        handles = []
-        try:
-            for p in flags:
-                p.requires_grad_(p in weights)
-            handles = [p.register_post_accumulate_grad_hook(reduce) for p in weights]
-            x_j = store(j)
-            with torch.enable_grad():
-                for d in range(n_seq):
-                    inp = x_j[d:d + 1].to(device, copy=True).requires_grad_(j > 0)
-                    out, _ = hidden(block(inp, **kwargs[j]))
-                    out.backward(grad[d:d + 1].to(device, out.dtype))
-                    if j > 0:
-                        grad[d:d + 1] = inp.grad.to("cpu", dtype)
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-                p.grad = None
+        x_j = store(j)
+        with _reducing(list(block.parameters()), weights, acc), torch.enable_grad():
+            for d in range(n_seq):
+                inp = x_j[d:d + 1].to(device, copy=True).requires_grad_(j > 0)
+                out, _ = hidden(block(inp, **kwargs[j]))
+                out.backward(grad[d:d + 1].to(device, out.dtype))
+                if j > 0:
+                    grad[d:d + 1] = inp.grad.to("cpu", dtype)
         host.unload(j)
         cache.acts_path(j + 1, "fisher").unlink(missing_ok=True)
         if progress is not None:

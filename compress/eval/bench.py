@@ -179,7 +179,7 @@ def bench_table(results: dict):
 
     models = results["models"]
     table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, interleaved runs, "
-                        f"median of {results['repeats']}; speed-ups per round: median [min-max])")
+                        f"median of {results['repeats']}; speed-ups per round: median \\[min-max])")
     table.add_column("")
     for role in models:
         table.add_column(f"{role}: {models[role]['name']}")
