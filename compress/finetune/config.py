@@ -1,0 +1,30 @@
+"""What ``lrc finetune`` trains and how (issue 14). Defaults follow the recovery settings of the papers where they
+give one: SVD-LLM updates its factors LoRA-style with AdamW (methods.md §4); WeLore fine-tunes only the low-rank
+components, the matrices it factorised (methods.md §3b), which is ``train: lrc`` here."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(..., description="training text: a calib/ set name or a local .txt/.jsonl/.parquet file")
+    steps: int = Field(200, gt=0, description="optimizer steps")
+    train: Literal["lrc", "residual", "all"] = Field(
+        "lrc", description="lrc: only lrc's replacement modules (WeLore's LRC-only); residual: only the EoRA "
+                           "residual paths; all: every parameter (for comparison)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(10, ge=0, description="linear warm-up steps, then cosine decay to 0")
+    batch_size: int = Field(4, gt=0, description="windows per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    seq_len: int = Field(256, gt=1, description="tokens per packed window")
+    holdout: int = Field(8, ge=0, description="windows held out of training, their loss reported")
+    eval_every: int = Field(50, gt=0, description="steps between held-out evaluations")
+    save_every: int = Field(50, gt=0, description="steps between resumable training states")
+    checkpointing: bool = Field(False, description="gradient checkpointing (less memory, one more forward)")
+    seed: int = Field(0, description="window order and held-out split")
+    max_windows: int | None = Field(None, gt=0, description="use at most this many windows of the text")

@@ -1,0 +1,111 @@
+"""The training loop of ``lrc finetune``: causal-LM loss on packed windows, AdamW over the trained parameters only,
+linear warm-up then cosine decay, gradient accumulation, held-out loss every ``eval_every`` steps, and a resumable
+state every ``save_every`` steps (trained parameters, optimizer, schedule, step; written to a temporary file and
+renamed, so a crash leaves the previous state whole). The window order is a function of the step number
+(``data.batch_at``), so a resumed run trains on exactly the batches the interrupted one would have."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .config import FinetuneConfig
+from .data import batch_at
+from .params import freeze_all_but
+
+STATE_FILE = "finetune_state.pt"
+
+
+def schedule(cfg: FinetuneConfig):
+    """Learning-rate factor per step: linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``steps``."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / (cfg.warmup + 1)
+        span = max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+    return factor
+
+
+@torch.no_grad()
+def held_out_loss(model, windows: torch.Tensor, batch_size: int, device) -> float | None:
+    """Token-weighted mean causal-LM loss over ``windows`` (None without any)."""
+    if windows.numel() == 0:
+        return None
+    was = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for s in range(0, windows.shape[0], batch_size):
+        x = windows[s:s + batch_size].to(device)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += float(model(input_ids=x, labels=x, use_cache=False).loss) * n
+        tokens += n
+    model.train(was)
+    return total / tokens
+
+
+def _save_state(path: Path, trained: dict, optimizer, scheduler, step: int, curve: list) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in trained.items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "curve": curve}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, trained: dict, optimizer, scheduler) -> tuple[int, list]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if set(state["params"]) != set(trained):
+        from ..errors import LrcError
+
+        raise LrcError(f"{path}: the saved training state is for other parameters; remove it to start over")
+    with torch.no_grad():
+        for n, p in trained.items():
+            p.copy_(state["params"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), list(state["curve"])
+
+
+def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Tensor, cfg: FinetuneConfig,
+          device, state_dir: Path, resume: bool = False, log=None, stop_at: int | None = None) -> dict:
+    """Train ``trained`` (name -> parameter of ``model``) in place; return the training record for the report.
+    ``log(step, loss, held_out, tokens_per_s)`` is called after every step; ``stop_at`` ends the run after that
+    step without finishing it (tests inject a crash with it)."""
+    freeze_all_but(model, trained)
+    params = list(trained.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+    state_path = Path(state_dir) / STATE_FILE
+    step, curve = (_load_state(state_path, trained, optimizer, scheduler) if resume and state_path.is_file()
+                   else (0, []))
+    if cfg.checkpointing:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.to(device).train()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    first = step
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for a in range(cfg.grad_accum):
+            x = batch_at(train_windows, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed).to(device)
+            loss = model(input_ids=x, labels=x, use_cache=False).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        held = held_out_loss(model, held_out, cfg.batch_size, device) if (
+            step % cfg.eval_every == 0 or step == cfg.steps) else None
+        curve.append({"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                      **({"held_out_loss": held} if held is not None else {})})
+        if log is not None:
+            log(step, loss_sum, held, tokens_per_step / (time.perf_counter() - t0))
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            _save_state(state_path, trained, optimizer, scheduler, step, curve)
+        if stop_at is not None and step >= stop_at:
+            return {"interrupted_at": step}
+    model.eval()
+    return {"steps": cfg.steps, "resumed_from": first or None, "tokens": cfg.steps * tokens_per_step,
+            "curve": curve}
