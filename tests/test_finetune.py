@@ -87,3 +87,5 @@ def test_bad_data_is_one_line(checkpoint, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["finetune", str(checkpoint), "--data", str(short), "--out",
                                       str(tmp_path / "out"), "--train", "everything"])
     assert result.exit_code != 0 and "train" in result.output
+    with pytest.raises(LrcError, match="finetune.data: .*missing.txt: file not found"):
+        finetune(str(checkpoint), FinetuneConfig(data=str(tmp_path / "missing.txt")), tmp_path / "out", device="cpu")

@@ -47,6 +47,10 @@ def finetune(model_spec: str, cfg: FinetuneConfig, out: str | Path, resume: bool
     dev = resolve_device(device)
     path = resolve_model_path(model_spec)
     try:  # the data is checked before the model loads: a bad file fails in a second
+        if is_lrc_checkpoint(path):
+            from ..checkpoint.load import load_config
+
+            load_config(path)  # registers lrc's config class: the tokenizer reads config.json without remote code
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise LrcError(f"{model_spec}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None

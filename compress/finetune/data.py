@@ -15,7 +15,11 @@ def packed_windows(tokenizer, data: str, seq_len: int, max_windows: int | None =
     data when it does not fill one window."""
     if data == "selfgen":
         raise LrcError("finetune.data: selfgen is calibration only; give a text set or a local file")
-    text = "\n\n".join(r for r in load_rows(CalibrationSource(dataset=data)) if r.strip())
+    try:
+        rows = load_rows(CalibrationSource(dataset=data))
+    except LrcError as err:
+        raise LrcError(f"finetune.data: {err}".replace("calibration file", "file")) from None
+    text = "\n\n".join(r for r in rows if r.strip())
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     n = ids.numel() // seq_len
     if n == 0:
