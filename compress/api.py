@@ -125,6 +125,10 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         from .eval.run import preflight
 
         preflight(recipe.eval)  # fail on a missing eval file now, not after the compression
+    if recipe.finetune is not None and recipe.finetune.data != "selfgen":
+        from .finetune.data import check_source
+
+        check_source(recipe.finetune.data)  # likewise a missing training file
     path = resolve_model_path(model)
     loaded = None if is_lrc_checkpoint(path) else lazy_model(path, DTYPES[recipe.model.dtype])
     if loaded is not None:
@@ -133,6 +137,8 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         (net, lazy), tokenizer = loaded, AutoTokenizer.from_pretrained(path)
     else:
         (net, tokenizer, _), lazy = load_model(model, recipe.model.dtype), None
+    from .finish import finish
+
     report = compress_model(net, recipe, tokenizer, cache_dir, resume, progress, keep_cache=True, lazy=lazy)
     report["model"], report["total_seconds"] = model, round(time.perf_counter() - t0, 3)
     cache_dir_run = Path(report["run_cache"])
@@ -140,18 +146,7 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
     with atomic_dir(out, overwrite=True) as tmp:
         save_checkpoint_streamed(net, tokenizer, tmp, blocks)
         del net
-        if recipe.eval is not None:
-            from .eval.run import evaluate_model
-
-            from .engine.pipeline import resolve_device
-
-            device = resolve_device(recipe.engine.device)  # evaluated where it was compressed
-            written = load(tmp, dtype=recipe.model.dtype).to(device)
-            reference = load_model(model, recipe.model.dtype)[0].to(device) if recipe.eval.kl else None
-            t1 = time.perf_counter()
-            report["eval"] = evaluate_model(written, tokenizer, recipe.eval, reference, progress=progress)
-            report["eval_seconds"] = round(time.perf_counter() - t1, 3)
-            del reference, written
+        finish(tmp, model, tokenizer, recipe, report, out, resume, progress)
         (tmp / "lrc_recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False))
         report["peak_rss_gib"] = round(peak_rss_gib(), 3)  # the checkpoint written (and evaluated) included
         write_report(tmp, report)
@@ -184,7 +179,8 @@ def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = 
 
     budget = {"rank": rank} if rank is not None else {"param_ratio": param_ratio}
     recipe = parse_recipe({"name": "eora", "calibration": calibration or {}, "model": {"dtype": dtype},
-                           "stages": [{"method": "eora", **budget, "allocator": allocator}]}, "lrc compensate")
+                           "stages": [{"method": "eora", **budget, "allocator": allocator}], "samples": 0},
+                          "lrc compensate")
     out = Path(out)
     check_out(out, overwrite)
     reference, _, _ = load_model(dense, dtype)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import LrcError
 from .models import model_context
-from .progress import active
 from .recipe import CalibrationConfig, CalibrationSource
+from .selfgen import chat_rows, selfgen  # noqa: F401  (selfgen: lrc's public name for it)
 
 CALIB_DIR = Path(os.environ.get("LRC_CALIB_DIR", Path(__file__).resolve().parent.parent / "calib"))
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -157,38 +157,6 @@ def windows_from_ids(ids: torch.Tensor, samples: int, seq_len: int, seed: int, s
     return ids[: slots * seq_len].view(slots, seq_len)[chosen].clone()
 
 
-def selfgen(model, tokenizer, cfg: CalibrationConfig, batch_size: int, max_tokens: int = 2**15) -> torch.Tensor:
-    """Sample ``samples`` sequences of ``seq_len`` tokens from the model itself, starting at BOS (seeded).
-
-    Ancestral sampling at temperature 1 with EOS excluded, the KV cache kept between steps (written in place:
-    ``sampling.preallocated_cache``) and only the last position through the head; as many sequences per chunk as fit
-    ``max_tokens`` cached positions (not the engine's batch size: a step costs about the same for 8 sequences as for
-    32). Each draw is exact, by the inverse CDF with one uniform number per sequence from one generator seeded once
-    (``sampling.sample_categorical``).
-    """
-    from .sampling import preallocated_cache, sample_categorical
-
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    g = torch.Generator().manual_seed(cfg.seed)
-    chunk = max(1, min(cfg.samples, max_tokens // cfg.seq_len))
-    device = model.get_input_embeddings().weight.device
-    out = []
-    with torch.inference_mode():
-        for i in range(0, cfg.samples, chunk):
-            n = min(chunk, cfg.samples - i)
-            seq = torch.full((n, cfg.seq_len), start, dtype=torch.long)
-            cache, cur = preallocated_cache(cfg.seq_len), seq[:, :1].to(device)
-            for t in range(1, cfg.seq_len):
-                if t % 32 == 1:  # minutes on a large model: keep the log alive
-                    active().phase(f"selfgen {i + n}/{cfg.samples} samples, token {t}/{cfg.seq_len}")
-                logits = model(input_ids=cur, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                seq[:, t] = sample_categorical(logits[:, -1], g, eos).cpu()
-                cur = seq[:, t: t + 1].to(device)
-            out.append(seq)
-    return torch.cat(out)
-
-
 def _windows(tokenizer, src: CalibrationSource, samples: int, cfg: CalibrationConfig) -> torch.Tensor:
     text = "\n\n".join(r for r in load_rows(src) if r.strip())
     if not text.strip():
@@ -203,8 +171,8 @@ def calibration_tokens(model, tokenizer, cfg: CalibrationConfig, cache_dir: Path
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
     sources = cfg.sources()
     model_id = getattr(model.config, "_name_or_path", "") if cfg.dataset == "selfgen" and not cfg.mix else ""
-    if model_id:
-        model_id += "|sampler 3"  # inverse-CDF draws, in-place KV cache (tokens differ from earlier samplers')
+    if model_id:  # inverse-CDF draws, in-place KV cache (tokens differ from earlier samplers'); chat rows
+        model_id += f"|sampler 3|chat {chat_rows(tokenizer, cfg.samples, cfg.selfgen_chat)}"
     ident = ";".join(describe_source(s) for s in sources)
     key = hashlib.sha256(f"{ident}|{vocab}|{cfg.samples}|{cfg.seq_len}|{cfg.seed}|{model_id}"
                          .encode()).hexdigest()[:16]

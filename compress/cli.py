@@ -144,6 +144,10 @@ def compress(
 
         for table in results_tables(report["eval"], str(out_dir)):
             out.print(table)
+    if report.get("samples"):
+        from .eval.samples import samples_table
+
+        out.print(samples_table(report["samples"]))
     out.print(f"wrote {out_dir} (lrc_report.json, lrc_modules.csv, lrc_recipe.yaml)")
 
 
@@ -203,6 +207,8 @@ def eval_cmd(
     max_windows: Optional[int] = typer.Option(None, help="score only the first N windows (quick looks)"),
     bos: bool = typer.Option(False, help="prepend BOS to every window (and score its first token)"),
     reference: Optional[str] = typer.Option(None, help="dense model: also report KL(dense‖model) and top-1 agreement"),
+    chat: bool = typer.Option(False, help="answer 20 fixed chat prompts (instruct models): non-empty replies, "
+                                          "and with --reference the KL over the dense model's replies"),
     batch_size: int = typer.Option(4, help="windows (perplexity) or requests (zero-shot) per forward"),
     request_cache: bool = typer.Option(True, help="reuse lm-eval answers cached for these exact weights"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
@@ -221,8 +227,9 @@ def eval_cmd(
     split = (lambda v: [x for x in (v or "").split(",") if x])
     try:
         cfg = parse_model(EvalConfig, "lrc eval", ppl=split(ppl) if ppl is not None else
-                          ([] if tasks else ["wikitext2"]), tasks=split(tasks), limit=limit, data_dir=data_dir,
+                          ([] if tasks or chat else ["wikitext2"]), tasks=split(tasks), limit=limit, data_dir=data_dir,
                           seq_len=seq_len, stride=stride, max_windows=max_windows, bos=bos, batch_size=batch_size,
+                          chat=chat,
                           request_cache=request_cache)
         results = evaluate(model, cfg, reference, device=device, device_map=device_map)
     except LrcError as e:
@@ -266,53 +273,6 @@ def bench(
     out.print(bench_table(results))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
-
-
-@app.command()
-def finetune(
-    model: str = typer.Argument(..., help="an lrc checkpoint (with --train all: any model)"),
-    data: str = typer.Option(..., help="training text: a calib/ set or a local .txt/.jsonl/.parquet file"),
-    out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
-    steps: int = typer.Option(200, help="optimizer steps"),
-    train: str = typer.Option("lrc", help="lrc: only lrc's compressed modules (WeLore); residual: only EoRA paths; all"),
-    lr: float = typer.Option(1e-4, help="peak learning rate (AdamW; warm-up, then cosine decay)"),
-    warmup: int = typer.Option(10, help="warm-up steps"),
-    batch_size: int = typer.Option(4, help="windows per micro-batch"),
-    grad_accum: int = typer.Option(1, help="micro-batches per step"),
-    seq_len: int = typer.Option(256, help="tokens per packed window"),
-    holdout: int = typer.Option(8, help="windows held out of training; their loss is reported"),
-    eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
-    save_every: int = typer.Option(50, help="steps between resumable states"),
-    checkpointing: bool = typer.Option(False, help="gradient checkpointing"),
-    seed: int = typer.Option(0, help="window order and held-out split"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
-    resume: bool = typer.Option(False, help="continue an interrupted run of the same command"),
-    overwrite: bool = typer.Option(False, help="replace an existing output directory"),
-) -> None:
-    """Recovery training of a compressed model: causal-LM loss on packed windows of local text, only the chosen
-    parameters trained (the rest frozen, without gradients or optimizer state). Writes a checkpoint of the same
-    structure; its report records the training and the held-out loss before and after."""
-    from .finetune import FinetuneConfig
-    from .finetune import finetune as run
-    from .recipe import parse_model
-
-    def log(step, loss, held, tps):
-        if step == 1 or step % eval_every == 0 or step == steps:
-            extra = f", held-out loss {held:.4f}" if held is not None else ""
-            err.print(f"step {step}/{steps}: loss {loss:.4f}{extra}, {tps:.0f} tokens/s", highlight=False)
-
-    try:
-        cfg = parse_model(FinetuneConfig, "lrc finetune", data=data, steps=steps, train=train, lr=lr, warmup=warmup,
-                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, holdout=holdout,
-                          eval_every=eval_every, save_every=save_every, checkpointing=checkpointing, seed=seed)
-        report = run(model, cfg, out_dir, resume=resume, overwrite=overwrite, device=device, log=log)
-    except LrcError as e:
-        _fail(e)
-    ft = report["finetune"]
-    if ft["held_out_loss_before"] is not None:
-        out.print(f"held-out loss {ft['held_out_loss_before']:.4f} -> {ft['held_out_loss_after']:.4f}")
-    out.print(f"{ft['trained_params']:,} of {ft['total_params']:,} parameters trained, {ft['seconds']:.0f} s")
-    out.print(f"wrote {out_dir}")
 
 
 @app.command()
@@ -377,6 +337,11 @@ def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint director
         from .report import summary_table
 
         out.print(summary_table(json.loads(rep.read_text())))
+
+
+from .finetune.command import finetune  # noqa: E402  (its own file: the command is long)
+
+app.command()(finetune)
 
 
 def main() -> None:

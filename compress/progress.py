@@ -19,7 +19,7 @@ from rich.progress import Progress as _RichProgress
 # "spectra for allocation, block i/n" and "sensitivity <matrix>", selfgen runs inside "calibration tokens", and the
 # Fisher pass counts its samples; each is one phase with one line, not a line per step
 FAMILIES = {"calibration": "calibration tokens", "selfgen": "calibration tokens", "capture": "capture",
-            "fisher": "fisher", "spectra": "allocation", "sensitivity": "allocation"}
+            "fisher": "fisher", "spectra": "allocation", "sensitivity": "allocation", "finetune": "finetune"}
 ERROR_TYPES = ("lowrank", "compensated")  # report rows whose rel_error measures a change (a dense row's is 0)
 
 _active: Progress | None = None

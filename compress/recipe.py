@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LrcError
+from .finetune.config import FinetuneConfig
 from .methods import METHODS
 
 DEFAULT_TARGETS = None  # None = every nn.Linear inside the decoder blocks (never embeddings or lm_head)
@@ -49,6 +50,9 @@ class CalibrationConfig(_Strict):
     samples: int = Field(32, gt=0)
     seq_len: int = Field(256, gt=1)
     seed: int = 0
+    selfgen_chat: float | None = Field(None, ge=0, le=1, description=(
+        "selfgen: share of the samples that are chat-formatted (a bundled user turn, the model's own reply, packed; "
+        "needs a chat template); default: all when the tokenizer has a chat template, else none"))
     text_field: str | None = Field(None, description="field holding the text in a local .jsonl/.parquet")
     format: TextFormat = Field("auto", description=_FORMAT_HELP)
     mix: list[CalibrationSource] | None = Field(None, min_length=1, description="several sources, by weight "
@@ -204,6 +208,8 @@ class EvalConfig(_Strict):
     max_windows: int | None = Field(None, gt=0, description="score only the first N windows")
     bos: bool = Field(False, description="prepend BOS to every window")
     kl: bool = Field(False, description="in a recipe: KL(dense‖compressed) and top-1 agreement to the input model")
+    chat: bool = Field(False, description="answer 20 fixed chat prompts (instruct models): the fraction of non-empty "
+                                          "replies, and with a reference the KL over its replies")
     tasks: list[str] = Field(default_factory=list, description="lm-eval zero-shot tasks shipped with lrc")
     limit: int | None = Field(None, gt=0, description="zero-shot: first N documents per task")
     data_dir: str | None = Field(None, description="zero-shot data directory (default $LRC_DATA_DIR)")
@@ -228,7 +234,12 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     stages: list[StageConfig] = Field(min_length=1)
+    finetune: FinetuneConfig | None = Field(None, description="recovery training after the stages, before eval "
+                                                              "(the options of lrc finetune; compress/finetune)")
     eval: EvalConfig | None = Field(None, description="evaluate the compressed model before it is written")
+    samples: int = Field(3, ge=0, le=4, description="fixed prompts answered greedily by the compressed and "
+                                                              "the dense model, shown in the summary, report and card; "
+                                                              "0: none (it loads both models whole)")
 
     @model_validator(mode="after")
     def _stage_calibration(self):

@@ -131,6 +131,12 @@ def summary_table(report: dict) -> Table:
                       " ".join(f"{f:.2f}" for f in fr) + ")")
     if errs:
         table.add_row("weighted rel. error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    ft = report.get("finetune")
+    if ft:
+        held = (f", held-out loss {ft['held_out_loss_before']:.4f} → {ft['held_out_loss_after']:.4f}"
+                if ft.get("held_out_loss_before") is not None else "")
+        table.add_row("fine-tuned", f"{ft['steps']} steps on {ft['config']['data']} ({ft['config']['loss']} loss, "
+                                    f"train {ft['config']['train']}){held}, {ft['seconds']:.0f} s")
     ph = report.get("phase_seconds", {})
     detail = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in ph.items())
     table.add_row("wall time", f"{report.get('seconds', 0):.1f} s on {report.get('device', '?')}"

@@ -12,16 +12,20 @@ from __future__ import annotations
 import torch
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator, banned: int | None = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator, banned: int | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` (rows x vocab), drawn from ``softmax(logits)`` with token ``banned``
-    excluded (its probability set to 0 and the rest renormalised): the inverse CDF at ``u ~ U[0, total)``, one
-    uniform number per row from ``generator`` (on the CPU).
+    excluded (its probability set to 0 and the rest renormalised; only in the ``rows`` a boolean mask selects, when
+    given): the inverse CDF at ``u ~ U[0, total)``, one uniform number per row from ``generator`` (on the CPU).
 
     The cumulative sum is taken in float64, so the probability of every token is its own to about 1e-16. With
     ``right=True`` the search never returns a token of probability 0."""
     p = torch.softmax(logits.float(), -1).double()
     if banned is not None:
-        p[:, banned] = 0
+        if rows is None:
+            p[:, banned] = 0
+        else:
+            p[rows.to(p.device), banned] = 0
     cdf = p.cumsum_(-1)
     u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(p.shape[-1] - 1)
@@ -63,3 +67,11 @@ def preallocated_cache(capacity: int):
 
     cache.layer_class_to_replicate = PreallocatedLayer
     return cache
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword a model's forward takes its KV cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}

@@ -103,7 +103,7 @@ def main() -> None:
         "name": "svd-llm one-pass", "calibration": {"dataset": str(SHARED / "data" / "calib" / "wiki_passages.jsonl"),
                                                      "samples": a.samples, "seq_len": a.seq_len},
         "engine": {"device": "cpu", "batch_size": a.samples, "sequential": False, "propagate": "original"},
-        "stages": [{"method": "svd-llm", "param_ratio": a.ratio}]}))
+        "stages": [{"method": "svd-llm", "param_ratio": a.ratio}], "samples": 0}))  # generation loads it whole
     lrc = Path(sys.executable).with_name("lrc")
     t1 = time.perf_counter()
     subprocess.run([str(lrc), "compress", str(model), "--recipe", str(recipe), "--out", str(out), "--cache-dir",

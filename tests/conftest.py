@@ -124,7 +124,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return make
 
 
-def tiny_recipe(corpus: Path, method: str = "svd-llm", samples: int = 8, seq_len: int = 32, **stage):
+def tiny_recipe(corpus: Path, method: str = "svd-llm", samples: int = 8, seq_len: int = 32, generations: int = 0,
+                **stage):
     if not any(k in stage for k in ("param_ratio", "rank", "energy")):
         stage["param_ratio"] = 0.6
     engine = {"device": "cpu", "batch_size": 3}
@@ -132,7 +133,7 @@ def tiny_recipe(corpus: Path, method: str = "svd-llm", samples: int = 8, seq_len
         if key in stage:
             engine[key] = stage.pop(key)
     return parse_recipe({"calibration": {"dataset": str(corpus), "samples": samples, "seq_len": seq_len},
-                         "engine": engine, "stages": [{"method": method, **stage}]})
+                         "engine": engine, "stages": [{"method": method, **stage}], "samples": generations})
 
 
 # a fresh interpreter that cannot import lrc loads a checkpoint through its own remote code and saves the logits of

@@ -209,3 +209,43 @@ def test_preallocated_cache_gives_the_dynamic_caches_logits(tiny_model_dir):
         assert cache.get_seq_length() == 10
     assert type(cache.layers[0]).__name__ == "PreallocatedLayer"  # the in-place cache was the one used
     assert torch.allclose(outs[0], outs[1], atol=1e-6, rtol=0)
+
+
+def test_chat_formatted_selfgen_packs_conversations(tokenizer):
+    """With a chat template, the chat share of the rows are conversations: a bundled user turn rendered by the
+    template, the model's reply up to its end of turn, then the next conversation; plain rows stay BOS + text
+    without EOS. A model that nearly always ends its turn at once shows the packing."""
+    import copy
+    from types import SimpleNamespace
+
+    from compress.recipe import CalibrationConfig
+    from compress.selfgen import INSTRUCTIONS, chat_rows, selfgen
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>{% endif %}")
+
+    class Eager(torch.nn.Module):  # logits favour EOS (e^10 : 1 against each other token)
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(len(tok), 4)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, input_ids, **kwargs):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[..., tok.eos_token_id] = 10.0
+            return SimpleNamespace(logits=logits)
+
+    cfg = CalibrationConfig(dataset="selfgen", samples=4, seq_len=96, seed=1, selfgen_chat=0.5)
+    assert chat_rows(tok, 4, 0.5) == 2 and chat_rows(tok, 4, None) == 4 and chat_rows(tokenizer, 4, None) == 0
+    ids = selfgen(Eager(), tok, cfg, 8)
+    assert ids.shape == (4, 96)
+    for r in (0, 1):  # conversations, each ended by EOS, back to back
+        text = tok.decode(ids[r])
+        turns = [t for t in INSTRUCTIONS if t in text]
+        assert len(turns) >= 1 and int((ids[r] == tok.eos_token_id).sum()) >= 2
+    for r in (2, 3):
+        assert ids[r, 0] == tok.bos_token_id and not (ids[r] == tok.eos_token_id).any()
+    assert torch.equal(ids, selfgen(Eager(), tok, cfg, 8))  # seeded

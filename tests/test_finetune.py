@@ -13,7 +13,7 @@ from compress.errors import LrcError
 from compress.finetune import FinetuneConfig, finetune
 from compress.finetune.loop import STATE_FILE
 from compress.finetune.params import select
-from conftest import tiny_recipe
+from conftest import STORIES, WORDS, needs_shared, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,15 @@ def test_only_lrc_modules_train(checkpoint, corpus_file, tmp_path, monkeypatch):
 
 
 def test_optimizer_state_covers_only_trained_parameters(checkpoint, corpus_file, tmp_path, monkeypatch):
-    from compress.finetune import _state_dir
+    from pathlib import Path
+
+    from compress.finetune import state_dir
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     cfg = _cfg(corpus_file, train="lrc")
     assert finetune(str(checkpoint), cfg, tmp_path / "out", device="cpu", stop_at=3) == {"interrupted_at": 3}
     assert not (tmp_path / "out").exists()  # nothing half-written
-    state = torch.load(_state_dir(str(checkpoint), cfg) / STATE_FILE, weights_only=False)
+    state = torch.load(state_dir(str(Path(checkpoint).resolve()), cfg) / STATE_FILE, weights_only=False)
     n = len(select(compress.load(checkpoint), "lrc"))
     assert state["step"] == 2 and len(state["params"]) == n and len(state["optimizer"]["state"]) == n
 
@@ -89,3 +91,101 @@ def test_bad_data_is_one_line(checkpoint, tmp_path, monkeypatch):
     assert result.exit_code != 0 and "train" in result.output
     with pytest.raises(LrcError, match="finetune.data: .*missing.txt: file not found"):
         finetune(str(checkpoint), FinetuneConfig(data=str(tmp_path / "missing.txt")), tmp_path / "out", device="cpu")
+
+
+def test_distill_loss_is_the_kl_divergence():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    from compress.finetune.loop import distill_loss
+
+    p, q = torch.softmax(b, -1), torch.softmax(a, -1)
+    brute = sum(float((p[i, j] * (p[i, j] / q[i, j]).log()).sum()) for i in range(2) for j in range(5)) / 10
+    assert abs(float(distill_loss(a, b)) - brute) < 1e-5
+    assert float(distill_loss(b, b)) == pytest.approx(0, abs=1e-6)
+
+
+@needs_shared()
+def test_distillation_moves_the_model_towards_its_teacher(tmp_path, monkeypatch):
+    """loss distill on the real stories260k at 0.4 kept: the teacher defaults to the model the checkpoint was
+    compressed from, and the KL to it falls."""
+    from compress.finetune.data import packed_windows
+    from compress.finetune.loop import distill_loss
+    from compress.models import load_model
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    text = tmp_path / "stories.txt"
+    teacher, tok, _ = load_model(str(STORIES))
+    text.write_text("\n\n".join(WORDS[i % len(WORDS)] + " " + " ".join(WORDS[(i * 7 + j) % len(WORDS)]
+                                                                     for j in range(60)) for i in range(60)))
+    ckpt = tmp_path / "ckpt"
+    api.compress(str(STORIES), tiny_recipe(text, param_ratio=0.4, samples=16, seq_len=64), ckpt,
+                 cache_dir=tmp_path / "c", progress=False, return_model=False)
+    cfg = FinetuneConfig(data=str(text), loss="distill", steps=10, lr=1e-3, warmup=1, batch_size=4, seq_len=64,
+                         holdout=4)
+    report = finetune(str(ckpt), cfg, tmp_path / "out", device="cpu")
+    assert report["finetune"]["teacher"] == str(STORIES) and report["finetune"]["loss"] == "distill"
+    x = packed_windows(tok, str(text), 64)[-4:]
+    with torch.no_grad():
+        t = teacher(x).logits
+        kl = [float(distill_loss(compress.load(d)(x).logits, t)) for d in (ckpt, tmp_path / "out")]
+    assert kl[1] < 0.8 * kl[0]
+
+
+def test_sequential_factors_train_u_then_v(checkpoint, corpus_file, tmp_path):
+    """SVD-LLM's order: the first half of the steps moves only the U factors (second), the second half the V's."""
+    from compress.finetune.data import packed_windows, split
+    from compress.finetune.loop import train
+
+    model = compress.load(checkpoint)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(checkpoint)
+    windows, held = split(packed_windows(tok, str(corpus_file), 32), 2, 0)
+    trained = select(model, "lrc")
+    start = {n: p.detach().clone() for n, p in trained.items()}
+    cfg = _cfg(corpus_file, steps=4, factors="sequential", save_every=1)
+    assert train(model, trained, windows, held, cfg, "cpu", tmp_path, stop_at=2) == {"interrupted_at": 2}
+    moved = {n for n, p in trained.items() if not torch.equal(p, start[n])}
+    assert moved and moved == {n for n in trained if ".second." in n}
+    train(model, trained, windows, held, cfg, "cpu", tmp_path, resume=True)
+    assert all(not torch.equal(p, start[n]) for n, p in trained.items())
+
+
+def test_selfgen_training_text_comes_from_the_teacher(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    cfg = FinetuneConfig(data="selfgen", selfgen_samples=6, seq_len=24, holdout=2, steps=2, batch_size=2)
+    ft = finetune(str(checkpoint), cfg, tmp_path / "out", device="cpu")["finetune"]
+    assert ft["train_windows"] == 4 and ft["held_out_windows"] == 2 and ft["teacher"]
+    assert len(list((tmp_path / "lrc" / "tokens").glob("*.safetensors"))) == 1  # cached like calibration tokens
+
+
+def test_recipe_section_finetunes_before_the_checkpoint_is_written(tiny_model_dir, corpus_file, tmp_path,
+                                                                   monkeypatch):
+    """A recipe's finetune section trains the compressed model inside lrc compress; the summary, report and card
+    show it and the sample generations (dense beside compressed)."""
+    from compress.publish.card import model_card
+    from compress.report import summary_table
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    model = str(tiny_model_dir("llama"))
+    recipe = tiny_recipe(corpus_file, param_ratio=0.5, generations=2)
+    tuned = recipe.model_copy(update={"finetune": _cfg(corpus_file, steps=3)})
+    _, plain = api.compress(model, recipe, tmp_path / "plain", cache_dir=tmp_path / "c", progress=False)
+    _, report = api.compress(model, tuned, tmp_path / "tuned", cache_dir=tmp_path / "c", progress=False)
+    ft = report["finetune"]
+    assert ft["steps"] == 3 and ft["held_out_loss_after"] < ft["held_out_loss_before"] and "finetune" not in plain
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(".first." in k or ".second." in k for k in changed)
+    rows = report["samples"]["rows"]
+    assert len(rows) == 2 and all(set(r) == {"prompt", "compressed", "dense"} for r in rows)
+    card = model_card(tmp_path / "tuned", "me/tiny")
+    assert "## Fine-tuning" in card and "## Sample generations" in card and rows[0]["prompt"] in card
+    assert any("fine-tuned" in str(c) for c in summary_table(report).columns[0]._cells)
+    assert type(compress.load(tmp_path / "tuned").model.layers[0].mlp.up_proj).__name__ == "LowRankLinear"
+
+
+def test_recipe_with_missing_training_text_fails_before_compressing(tiny_model_dir, corpus_file, tmp_path):
+    recipe = tiny_recipe(corpus_file).model_copy(update={"finetune": FinetuneConfig(data=str(tmp_path / "no.txt"))})
+    with pytest.raises(LrcError, match="finetune.data: .*no.txt: file not found"):
+        api.compress(str(tiny_model_dir("llama")), recipe, tmp_path / "out", cache_dir=tmp_path / "c",
+                     progress=False)
+    assert not (tmp_path / "out").exists()

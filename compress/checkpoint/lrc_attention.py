@@ -83,8 +83,10 @@ class LrcAttention(nn.Module):
                 "vo_dim": self.vo_dim, "bias": {n: getattr(self, f"{n}_proj").bias is not None for n in "qkvo"}}
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] = None,
-                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
-        """As ``LlamaAttention.forward`` (``**kwargs`` go to the attention function), with the kept head dims."""
+                attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None, **kwargs):
+        """As ``LlamaAttention.forward`` (``**kwargs`` go to the attention function), with the kept head dims. The
+        KV cache arrives as ``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier)."""
+        past_key_values = cache if cache is not None else past_key_values
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         shape = hidden_states.shape[:-1]

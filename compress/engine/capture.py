@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DROP_KWARGS = {"past_key_value", "past_key_values", "use_cache", "output_attentions", "layer_past"}
+DROP_KWARGS = {"past_key_value", "past_key_values", "cache", "use_cache", "output_attentions", "layer_past"}
 
 
 class StopForward(Exception):

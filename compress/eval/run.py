@@ -61,6 +61,11 @@ def _evaluate(model, tokenizer, cfg: EvalConfig, reference, bar: Progress) -> di
             bar.phase(f"KL to the reference on {source}")
             out["kl"][source] = kl_to_reference(model, reference, ids, L, cfg.stride, cfg.max_windows,
                                                 cfg.batch_size, bos_id).to_dict()
+    if cfg.chat:
+        from .chat import chat_eval
+
+        bar.phase("chat prompts")
+        out["chat"] = chat_eval(model, tokenizer, reference)
     if cfg.tasks:
         from .zeroshot import zero_shot
 
@@ -153,5 +158,18 @@ def results_tables(results: dict, title: str) -> list:
                           fmt(e, "acc_norm_stderr"))
         m = zs["mean"]
         table.add_row("mean", "", fmt(m, "acc"), "", fmt(m, "acc_norm"), "", style="bold")
+        tables.append(table)
+    chat = results.get("chat")
+    if chat:
+        kl = f", mean KL to the dense replies {chat['mean_kl']:.4f}" if "mean_kl" in chat else ""
+        table = Table(title=f"chat ({chat['prompts']} fixed prompts, greedy, {chat['max_new_tokens']} tokens): "
+                            f"{chat['non_empty']:.0%} non-empty{kl}: {title}")
+        table.add_column("prompt")
+        table.add_column("reply")
+        if "mean_kl" in chat:
+            table.add_column("dense reply")
+        for s in chat["samples"][:4]:
+            table.add_row(s["prompt"], s["reply"] or "(empty)", *([s["reference"] or "(empty)"] if "mean_kl" in chat
+                                                                  else []))
         tables.append(table)
     return tables

@@ -1,8 +1,9 @@
 """``lrc finetune``: recovery training of a compressed checkpoint (issue 14; WeLore's LRC-only fine-tuning, methods.md
-§3b; SVD-LLM's factor update, §4). ``finetune(checkpoint, cfg, out)`` loads the model, trains the chosen parameters
-on packed windows of local text (``loop.train``) and writes a checkpoint of the same structure to ``out``
-(atomically), its report carrying the training record (data, steps, tokens, loss curve, held-out loss before and
-after, trained parameters, peak memory)."""
+§4; SVD-LLM's factor update, §3b). ``finetune(checkpoint, cfg, out)`` loads the model, trains the chosen parameters
+(``train_model``: causal-LM or distillation loss on packed windows of local or self-generated text, ``loop.train``)
+and writes a checkpoint of the same structure to ``out`` (atomically), its report carrying the training record
+(data, steps, tokens, loss curve, held-out loss before and after, trained parameters, peak memory). A recipe's
+``finetune`` section runs ``train_model`` on the compressed model before it is written (``api.compress``)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,15 +14,80 @@ from pathlib import Path
 
 from .config import FinetuneConfig
 
-__all__ = ["FinetuneConfig", "finetune"]
+__all__ = ["FinetuneConfig", "finetune", "train_model"]
 
 
-def _state_dir(path: str, cfg: FinetuneConfig) -> Path:
-    """Where an interrupted run's training state waits for ``--resume``: one per checkpoint and configuration."""
+def state_dir(key: str, cfg: FinetuneConfig) -> Path:
+    """Where an interrupted run's training state waits for ``--resume``: one per output and configuration."""
     from ..models import cache_root
 
-    key = hashlib.sha256(f"{Path(path).resolve()}|{cfg.model_dump_json()}".encode()).hexdigest()[:16]
-    return cache_root() / "finetune" / key
+    digest = hashlib.sha256(f"{key}|{cfg.model_dump_json()}".encode()).hexdigest()[:16]
+    return cache_root() / "finetune" / digest
+
+
+def source_model(path: Path) -> str | None:
+    """The model an lrc checkpoint was compressed from, as its report records it (None when unknown)."""
+    rep = Path(path) / "lrc_report.json"
+    return json.loads(rep.read_text()).get("model") if rep.is_file() else None
+
+
+def _windows(tokenizer, cfg: FinetuneConfig, teacher):
+    from ..calibration import calibration_tokens
+    from ..models import cache_root
+    from ..recipe import CalibrationConfig
+    from .data import packed_windows
+
+    if cfg.data != "selfgen":
+        return packed_windows(tokenizer, cfg.data, cfg.seq_len, cfg.max_windows)
+    calib = CalibrationConfig(dataset="selfgen", samples=cfg.selfgen_samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    return calibration_tokens(teacher, tokenizer, calib, cache_root())  # cached: a compress run's are reused
+
+
+def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teacher_spec: str | None = None,
+                resume: bool = False, log=None, stop_at: int | None = None, dtype: str = "float32") -> dict:
+    """Train ``model`` in place as ``cfg`` says; return the training record for the report (``{"interrupted_at":
+    step}`` when ``stop_at`` ended it early). ``teacher_spec``: the dense model (``cfg.teacher`` wins), needed by
+    ``loss: distill`` and ``data: selfgen``."""
+    from ..errors import LrcError
+    from ..models import load_model
+    from .data import split
+    from .loop import held_out_loss, train
+    from .params import select
+
+    teacher = None
+    if cfg.data != "selfgen":  # a bad file fails in a second, before any model loads
+        windows = _windows(tokenizer, cfg, None)
+    if cfg.loss == "distill" or cfg.data == "selfgen":
+        spec = cfg.teacher or teacher_spec
+        if spec is None:
+            raise LrcError(f"finetune.teacher: {'loss distill' if cfg.loss == 'distill' else 'data selfgen'} needs "
+                           "the dense model and none is recorded; give --teacher")
+        teacher = load_model(spec, dtype)[0].to(device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if cfg.data == "selfgen":
+        windows = _windows(tokenizer, cfg, teacher)
+    if cfg.loss != "distill":
+        teacher = None
+    train_windows, held = split(windows, cfg.holdout, cfg.seed)
+    trained = select(model, cfg.train)
+    model.to(device)
+    t0 = time.perf_counter()
+    before = held_out_loss(model, held, cfg.batch_size, device)
+    state.mkdir(parents=True, exist_ok=True)
+    record = train(model, trained, train_windows, held, cfg, device, state, resume, log, stop_at, teacher=teacher)
+    if "interrupted_at" in record:
+        return record
+    after = held_out_loss(model, held, cfg.batch_size, device)
+    n_trained = sum(p.numel() for p in trained.values())
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"config": cfg.model_dump(), "teacher": (cfg.teacher or teacher_spec) if teacher is not None or
+            cfg.data == "selfgen" else None, "train_windows": int(train_windows.shape[0]),
+            "held_out_windows": int(held.shape[0]), "trained_params": n_trained, "total_params": n_total,
+            "optimizer_state_params": 2 * n_trained, "held_out_loss_before": before, "held_out_loss_after": after,
+            "seconds": round(time.perf_counter() - t0, 2), "device": str(device), **record}
 
 
 def finetune(model_spec: str, cfg: FinetuneConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -38,45 +104,33 @@ def finetune(model_spec: str, cfg: FinetuneConfig, out: str | Path, resume: bool
     from ..models import is_lrc_checkpoint, load_model, resolve_model_path
     from ..output import atomic_dir, check_out
     from ..report import peak_rss_gib, write_report
-    from .data import packed_windows, split
-    from .loop import held_out_loss, train
-    from .params import select
 
     out = Path(out)
     check_out(out, overwrite)
     dev = resolve_device(device)
     path = resolve_model_path(model_spec)
-    try:  # the data is checked before the model loads: a bad file fails in a second
-        if is_lrc_checkpoint(path):
+    lrc = is_lrc_checkpoint(path)
+    try:
+        if lrc:
             from ..checkpoint.load import load_config
 
             load_config(path)  # registers lrc's config class: the tokenizer reads config.json without remote code
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise LrcError(f"{model_spec}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
-    windows = packed_windows(tokenizer, cfg.data, cfg.seq_len, cfg.max_windows)
-    train_windows, held = split(windows, cfg.holdout, cfg.seed)
+    if cfg.data != "selfgen":
+        from .data import packed_windows
+
+        packed_windows(tokenizer, cfg.data, cfg.seq_len, cfg.max_windows)  # a bad file fails before the model loads
     model = load_model(model_spec)[0]
-    trained = select(model, cfg.train)
-    model.to(dev)
-    t0 = time.perf_counter()
-    before = held_out_loss(model, held, cfg.batch_size, dev)
-    state_dir = _state_dir(path, cfg)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    record = train(model, trained, train_windows, held, cfg, dev, state_dir, resume, log, stop_at)
+    state = state_dir(str(Path(path).resolve()), cfg)
+    record = train_model(model, tokenizer, cfg, dev, state, source_model(path) if lrc else model_spec, resume, log,
+                         stop_at)
     if "interrupted_at" in record:
         return record
-    after = held_out_loss(model, held, cfg.batch_size, dev)
-    n_trained = sum(p.numel() for p in trained.values())
-    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    lrc = is_lrc_checkpoint(path)
     report = json.loads((Path(path) / "lrc_report.json").read_text()) if lrc and \
         (Path(path) / "lrc_report.json").is_file() else {"modules": []}
-    report["finetune"] = {
-        "from": model_spec, "config": cfg.model_dump(), "train_windows": int(train_windows.shape[0]),
-        "held_out_windows": int(held.shape[0]), "trained_params": n_trained, "total_params": n_total,
-        "optimizer_state_params": 2 * n_trained, "held_out_loss_before": before, "held_out_loss_after": after,
-        "seconds": round(time.perf_counter() - t0, 2), "device": str(dev), **record}
+    report["finetune"] = {"from": model_spec, **record}
     model.cpu()
     with atomic_dir(out, overwrite) as tmp:
         if lrc:
@@ -87,5 +141,5 @@ def finetune(model_spec: str, cfg: FinetuneConfig, out: str | Path, resume: bool
             tokenizer.save_pretrained(tmp)
         report["finetune"]["peak_rss_gib"] = round(peak_rss_gib(), 3)
         write_report(tmp, report)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
     return report

@@ -1,6 +1,6 @@
 """What ``lrc finetune`` trains and how (issue 14). Defaults follow the recovery settings of the papers where they
-give one: SVD-LLM updates its factors LoRA-style with AdamW (methods.md §4); WeLore fine-tunes only the low-rank
-components, the matrices it factorised (methods.md §3b), which is ``train: lrc`` here."""
+give one: SVD-LLM updates its factors LoRA-style with AdamW (methods.md §3b); WeLore fine-tunes only the low-rank
+components, the matrices it factorised (methods.md §4), which is ``train: lrc`` here."""
 from __future__ import annotations
 
 from typing import Literal
@@ -11,7 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(..., description="training text: a calib/ set name or a local .txt/.jsonl/.parquet file")
+    data: str = Field(..., description="training text: a calib/ set name, a local .txt/.jsonl/.parquet file, or "
+                                       "selfgen (sequences the teacher samples itself, chat-formatted for an instruct "
+                                       "model: compress/selfgen.py)")
+    loss: Literal["lm", "distill"] = Field(
+        "lm", description="lm: causal-LM loss on the text; distill: KL(teacher ‖ model) per token, the teacher "
+                          "(the dense model) held frozen beside the model")
+    teacher: str | None = Field(None, description="dense model for loss distill and data selfgen (default: the model "
+                                                  "the checkpoint was compressed from, as its report records it)")
+    selfgen_samples: int = Field(64, gt=0, description="data selfgen: sequences sampled (held-out ones included)")
+    factors: Literal["joint", "sequential"] = Field(
+        "joint", description="joint: every trained parameter every step; sequential: SVD-LLM's order (methods.md "
+                             "§3b): the low-rank modules' output factors U for the first half of the steps, then "
+                             "their input factors V (other trained parameters throughout)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: forward under bf16 autocast (weights and optimizer stay fp32); auto: bf16 on "
+                            "CUDA, fp32 elsewhere")
     steps: int = Field(200, gt=0, description="optimizer steps")
     train: Literal["lrc", "residual", "all"] = Field(
         "lrc", description="lrc: only lrc's replacement modules (WeLore's LRC-only); residual: only the EoRA "

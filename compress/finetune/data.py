@@ -13,8 +13,6 @@ from ..recipe import CalibrationSource
 def packed_windows(tokenizer, data: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """``(windows, seq_len)`` token ids of ``data`` (a calib/ set or a local file); a one-line error naming the
     data when it does not fill one window."""
-    if data == "selfgen":
-        raise LrcError("finetune.data: selfgen is calibration only; give a text set or a local file")
     try:
         rows = load_rows(CalibrationSource(dataset=data))
     except LrcError as err:
@@ -50,3 +48,17 @@ def batch_at(train: torch.Tensor, micro: int, batch_size: int, seed: int) -> tor
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         rows.append(int(order[offset]))
     return train[rows]
+
+
+def check_source(data: str) -> None:
+    """A one-line error for training text that does not exist (a missing file, an unknown set), before any work."""
+    from pathlib import Path
+
+    from ..calibration import LOCAL_SUFFIXES, named_sets
+
+    if data.endswith(LOCAL_SUFFIXES):
+        if not Path(data).is_file():
+            raise LrcError(f"finetune.data: {data}: file not found")
+    elif data != "selfgen" and data not in named_sets():
+        raise LrcError(f"finetune.data: unknown set {data!r}; use one of {sorted(named_sets()) + ['selfgen']} or a "
+                       "local .txt/.jsonl/.parquet file")

@@ -2,7 +2,14 @@
 linear warm-up then cosine decay, gradient accumulation, held-out loss every ``eval_every`` steps, and a resumable
 state every ``save_every`` steps (trained parameters, optimizer, schedule, step; written to a temporary file and
 renamed, so a crash leaves the previous state whole). The window order is a function of the step number
-(``data.batch_at``), so a resumed run trains on exactly the batches the interrupted one would have."""
+(``data.batch_at``), so a resumed run trains on exactly the batches the interrupted one would have.
+
+``loss: distill`` replaces the LM loss with the mean over tokens of KL(teacher ‖ model) of the next-token
+distributions (temperature 1, the forward KL of knowledge distillation), the teacher's logits computed per micro-batch
+without gradients. ``factors: sequential`` trains the low-rank modules' U factors (``second``) for the first half of
+the steps and their V factors (``first``) for the second, SVD-LLM's order (methods.md §3b): the parameters outside
+the phase hold ``requires_grad=False``, so AdamW (which skips parameters without a gradient) leaves them and their
+moments untouched, and one optimizer serves both phases and a resume."""
 from __future__ import annotations
 
 import math
@@ -14,7 +21,7 @@ import torch
 
 from .config import FinetuneConfig
 from .data import batch_at
-from .params import freeze_all_but
+from .params import factor_phases, freeze_all_but
 
 STATE_FILE = "finetune_state.pt"
 
@@ -46,6 +53,29 @@ def held_out_loss(model, windows: torch.Tensor, batch_size: int, device) -> floa
     return total / tokens
 
 
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ model) between the next-token distributions (rows of the last axis)."""
+    p = torch.log_softmax(teacher_logits.float(), -1)
+    q = torch.log_softmax(logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+def autocast(cfg: FinetuneConfig, device):
+    """bf16 autocast for ``precision: bf16`` (``auto``: on CUDA); a no-op context otherwise."""
+    dev = torch.device(device)
+    on = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
+
+
+def _step_loss(model, x: torch.Tensor, teacher, cfg: FinetuneConfig, device) -> torch.Tensor:
+    with autocast(cfg, device):
+        if teacher is None:
+            return model(input_ids=x, labels=x, use_cache=False).loss
+        with torch.no_grad():
+            t = teacher(input_ids=x, use_cache=False).logits
+        return distill_loss(model(input_ids=x, use_cache=False).logits, t)
+
+
 def _save_state(path: Path, trained: dict, optimizer, scheduler, step: int, curve: list) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in trained.items()},
@@ -68,10 +98,13 @@ def _load_state(path: Path, trained: dict, optimizer, scheduler) -> tuple[int, l
 
 
 def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Tensor, cfg: FinetuneConfig,
-          device, state_dir: Path, resume: bool = False, log=None, stop_at: int | None = None) -> dict:
+          device, state_dir: Path, resume: bool = False, log=None, stop_at: int | None = None, teacher=None) -> dict:
     """Train ``trained`` (name -> parameter of ``model``) in place; return the training record for the report.
     ``log(step, loss, held_out, tokens_per_s)`` is called after every step; ``stop_at`` ends the run after that
     step without finishing it (tests inject a crash with it)."""
+    from ..progress import active
+
+    phases = factor_phases(model, trained) if cfg.factors == "sequential" else None
     freeze_all_but(model, trained)
     params = list(trained.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -85,12 +118,14 @@ def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Ten
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     first = step
     while step < cfg.steps:
+        if phases is not None:
+            freeze_all_but(model, phases[0] if step < cfg.steps // 2 else phases[1])
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for a in range(cfg.grad_accum):
             x = batch_at(train_windows, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed).to(device)
-            loss = model(input_ids=x, labels=x, use_cache=False).loss / cfg.grad_accum
+            loss = _step_loss(model, x, teacher, cfg, device) / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
         optimizer.step()
@@ -100,12 +135,14 @@ def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Ten
             step % cfg.eval_every == 0 or step == cfg.steps) else None
         curve.append({"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
                       **({"held_out_loss": held} if held is not None else {})})
+        tps = tokens_per_step / (time.perf_counter() - t0)
+        active().phase(f"finetune step {step}/{cfg.steps}: loss {loss_sum:.4f}, {tps:.0f} tokens/s")
         if log is not None:
-            log(step, loss_sum, held, tokens_per_step / (time.perf_counter() - t0))
+            log(step, loss_sum, held, tps)
         if step % cfg.save_every == 0 and step < cfg.steps:
             _save_state(state_path, trained, optimizer, scheduler, step, curve)
         if stop_at is not None and step >= stop_at:
             return {"interrupted_at": step}
     model.eval()
-    return {"steps": cfg.steps, "resumed_from": first or None, "tokens": cfg.steps * tokens_per_step,
+    return {"loss": cfg.loss, "steps": cfg.steps, "resumed_from": first or None, "tokens": cfg.steps * tokens_per_step,
             "curve": curve}

@@ -46,3 +46,17 @@ def freeze_all_but(model: nn.Module, trained: dict[str, nn.Parameter]) -> None:
     keep = {id(p) for p in trained.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
+
+
+def factor_phases(model: nn.Module, trained: dict[str, nn.Parameter]) -> tuple[dict, dict]:
+    """SVD-LLM's sequential update (methods.md §3b): ``(first phase, second phase)`` subsets of ``trained``. The
+    first holds the low-rank modules' output factors U (``second``), the second their input factors V (``first``);
+    every other trained parameter is in both."""
+    u, v = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            u |= {id(p) for p in module.second.parameters()}
+            v |= {id(p) for p in module.first.parameters()}
+    if not u:
+        raise LrcError("finetune.factors: sequential needs low-rank modules among the trained parameters")
+    return ({n: p for n, p in trained.items() if id(p) not in v}, {n: p for n, p in trained.items() if id(p) not in u})

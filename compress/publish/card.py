@@ -80,8 +80,12 @@ def model_card(checkpoint: Path, repo_id: str, base_model: str | None = None) ->
              + f" with lrc {report.get('lrc_version', '')}: {stages}.", ""]
     if report.get("targeted"):
         lines += ["## Parameters", "", *_accounting(report), ""]
+    if report.get("finetune"):
+        lines += ["## Fine-tuning", "", _finetuned(report["finetune"]), ""]
     if report.get("eval"):
         lines += ["## Evaluation", "", *_eval_tables(report["eval"])]
+    if report.get("samples"):
+        lines += ["## Sample generations", "", *_samples(report["samples"])]
     lines += ["## Use", "", "The compressed modules are defined in `modeling_lrc.py`, shipped in this repository:", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
@@ -100,6 +104,29 @@ def model_card(checkpoint: Path, repo_id: str, base_model: str | None = None) ->
                   f"{report.get('device', '?')}, peak RSS {report.get('peak_rss_gib', 0):.2f} GiB. Per-module ranks, "
                   "parameters and errors: `lrc_modules.csv`.", ""]
     return "\n".join(lines)
+
+
+def _finetuned(ft: dict) -> str:
+    cfg = ft.get("config", {})
+    what = {"lrc": "only the compressed modules' parameters (the rest frozen)", "residual": "only the EoRA residual "
+            "paths", "all": "every parameter"}.get(cfg.get("train"), cfg.get("train"))
+    loss = (f"distillation (KL to `{ft.get('teacher')}`'s next-token distributions)" if cfg.get("loss") == "distill"
+            else "causal-LM loss")
+    held = (f"; held-out loss {ft['held_out_loss_before']:.4f} → {ft['held_out_loss_after']:.4f}"
+            if ft.get("held_out_loss_before") is not None else "")
+    return (f"After compression the model was fine-tuned on `{cfg.get('data')}` for {ft.get('steps')} steps "
+            f"({ft.get('tokens', 0):,} tokens), {loss}, training {what}{held}.")
+
+
+def _samples(samples: dict) -> list[str]:
+    cell = (lambda t: (t or "(empty)").replace("|", "\\|").replace("\n", " "))
+    dense = any("dense" in r for r in samples["rows"])
+    lines = [f"Greedy, {samples['max_new_tokens']} new tokens, {samples['kind']} prompts:", "",
+             "| prompt | this model |" + (" original |" if dense else ""), "|---|---|" + ("---|" if dense else "")]
+    for r in samples["rows"]:
+        lines.append(f"| {cell(r['prompt'])} | {cell(r['compressed'])} |" + (f" {cell(r.get('dense'))} |" if dense
+                                                                            else ""))
+    return lines + [""]
 
 
 def _calib(cal: dict) -> str:

@@ -1,0 +1,93 @@
+"""Does an instruct model still answer? (issue 14). Twenty fixed chat prompts, written for lrc and found in no
+calibration or training set it ships or reads, are answered greedily through the tokenizer's chat template (64 new
+tokens). Reported: the fraction of non-empty replies (after removing special tokens and whitespace) and, against a
+dense reference, the mean KL(dense ‖ model) over the tokens of the dense model's own replies (teacher-forced: both
+models read the prompt and the dense reply; every reply token, its end-of-turn included, is one position)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LrcError
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain in one paragraph why the sky looks blue.",
+    "Write a haiku about a rainy Monday morning.",
+    "How many legs does a spider have?",
+    "Translate 'good morning, my friend' into Spanish.",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a small bakery that sells sourdough bread.",
+    "Summarize the story of Cinderella in two sentences.",
+    "What should I pack for a weekend hiking trip?",
+    "Why do we need to sleep?",
+    "Write a short thank-you note to a neighbour who watered my plants.",
+    "What is 15 multiplied by 4?",
+    "Name three animals that live in the ocean.",
+    "How do I boil an egg so the yolk stays soft?",
+    "What does a librarian do during a typical day?",
+    "Give me a simple recipe for a green salad.",
+    "Explain what a computer keyboard is used for.",
+    "What are two benefits of riding a bicycle to work?",
+    "Describe the colour orange to someone who has never seen it.",
+]
+
+
+def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise LrcError("chat evaluation needs a tokenizer with a chat template (an instruct model)")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for p in prompts]
+
+
+@torch.no_grad()
+def replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[list[int]]:
+    """Greedy replies (token ids up to and including the first end token, else ``max_new_tokens``), one prompt at a
+    time (no padding: exactly what a user's single chat turn gets)."""
+    device = model.get_input_embeddings().weight.device
+    eos = {t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None}
+    eos |= set().union(*(e if isinstance(e, (list, tuple)) else [e] for e in list(eos)))
+    out = []
+    for ids in _prompt_ids(tokenizer, prompts):
+        x = torch.tensor([ids], device=device)
+        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)[0, len(ids):].tolist()
+        end = next((k + 1 for k, t in enumerate(gen) if t in eos), len(gen))
+        out.append(gen[:end])
+    return out
+
+
+@torch.no_grad()
+def reply_kl(model, reference, tokenizer, prompts: list[str], reference_replies: list[list[int]]) -> float:
+    """Mean KL(reference ‖ model) per reply token, teacher-forced on the reference's replies."""
+    total, count = 0.0, 0
+    for ids, reply in zip(_prompt_ids(tokenizer, prompts), reference_replies):
+        if not reply:
+            continue
+        seq = torch.tensor([ids + reply])
+        positions = slice(len(ids) - 1, len(ids) - 1 + len(reply))  # the logits that predict the reply tokens
+        p = F.log_softmax(reference(seq.to(reference.device)).logits[0, positions].float(), -1)
+        q = F.log_softmax(model(seq.to(model.device)).logits[0, positions].float(), -1).to(p.device)
+        total += float((p.exp() * (p - q)).sum())
+        count += len(reply)
+    return total / max(count, 1)
+
+
+def chat_eval(model, tokenizer, reference=None, prompts: list[str] | None = None, max_new_tokens: int = 64) -> dict:
+    """``{"prompts", "non_empty", "mean_kl" (with a reference), "samples": [{prompt, reply, reference}]}``."""
+    prompts = prompts or PROMPTS
+    mine = replies(model, tokenizer, prompts, max_new_tokens)
+    text = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in mine]
+    out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+           "non_empty": sum(bool(t) for t in text) / len(prompts)}
+    samples = [{"prompt": p, "reply": t} for p, t in zip(prompts, text)]
+    if reference is not None:
+        ref = replies(reference, tokenizer, prompts, max_new_tokens)
+        out["mean_kl"] = reply_kl(model, reference, tokenizer, prompts, ref)
+        out["reference_non_empty"] = sum(bool(tokenizer.decode(r, skip_special_tokens=True).strip())
+                                         for r in ref) / len(prompts)
+        for s, r in zip(samples, ref):
+            s["reference"] = tokenizer.decode(r, skip_special_tokens=True).strip()
+    out["samples"] = samples
+    return out
