@@ -148,6 +148,7 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         del net
         finish(tmp, model, tokenizer, recipe, report, out, resume, progress)
         (tmp / "lrc_recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False))
+        report["total_seconds"] = round(time.perf_counter() - t0, 3)  # fine-tuning, evaluation, samples included
         report["peak_rss_gib"] = round(peak_rss_gib(), 3)  # the checkpoint written (and evaluated) included
         write_report(tmp, report)
     if not keep_cache:

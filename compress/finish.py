@@ -40,8 +40,10 @@ def finish(tmp: Path, model_spec: str, tokenizer, recipe, report: dict, out: Pat
         bar = Progress(enabled=progress)
         try:
             record = train_model(written, tokenizer, recipe.finetune, device, state, model_spec, resume, dtype=dtype)
-        finally:
-            bar.close()
+        except BaseException:
+            bar.close()  # after an error, the error is the only line
+            raise
+        bar.done()
         report["finetune"] = {"from": "the compressed model (recipe section finetune)", **record}
         _rewrite(written, tokenizer, tmp)
         shutil.rmtree(state, ignore_errors=True)

@@ -83,7 +83,8 @@ class Progress:
                 self._group = (label, now)
             where, since = self._group
         if now - self._last_line >= self._heartbeat:
-            self._line(f"{where}: {text} ({now - since:.0f} s so far)", now)
+            said = text if text.startswith(where) else f"{where}: {text}"
+            self._line(f"{said} ({now - since:.0f} s so far)", now)
 
     def start_blocks(self, n: int, done: int) -> None:
         if self._rich:

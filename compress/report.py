@@ -139,7 +139,10 @@ def summary_table(report: dict) -> Table:
                                     f"train {ft['config']['train']}){held}, {ft['seconds']:.0f} s")
     ph = report.get("phase_seconds", {})
     detail = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in ph.items())
+    total = report.get("total_seconds")
+    after = f"; {total:.1f} s in all, with the work after the blocks" if total and total > report.get(
+        "seconds", 0) + 5 else ""
     table.add_row("wall time", f"{report.get('seconds', 0):.1f} s on {report.get('device', '?')}"
-                  + (f" ({detail})" if detail else ""))
+                  + (f" ({detail})" if detail else "") + after)
     table.add_row("peak RSS", f"{report['peak_rss_gib']:.2f} GiB")
     return table

@@ -1,12 +1,13 @@
 """Recovery fine-tuning and instruct models (issue 14's benchmark; not a test).
 
-Quality part: the model compressed with svd-llm at each --kept (calibration: 64 x 512 tokens of
-../shared/data/calib/wiki_passages.jsonl, seed 0, the docs' quality protocol), then `lrc finetune` on the same
+Quality part: the model compressed with svd-llm at each --kept (calibration: --calib-samples x --calib-seq-len tokens
+of ../shared/data/calib/wiki_passages.jsonl, seed 0; default 32 x 256, the docs' peer protocol), then `lrc finetune` on the same
 wiki_passages with a fixed token budget (--steps x --batch-size x --seq-len) for each --train (lrc: only the
 factorised modules, WeLore's LRC-only; all: every parameter). Each model, dense included, is evaluated the same way:
 WikiText-2 test perplexity on the first 32 non-overlapping 512-token windows (the training text is not WikiText) and
 arc_easy, piqa, hellaswag, winogrande at --limit 200 (lm-eval, 0-shot). Training rows carry the wall time and peak
-RSS of the `lrc finetune` process. "gap closed" = (ppl before - ppl after) / (ppl before - dense ppl).
+RSS of the `lrc finetune` process. "gap closed" = (ppl before - ppl after) / (ppl before - dense ppl). A
+``WORK/dense-eval.json`` already there (an `lrc eval --json` of the dense model with the same options) is used as is.
 
 Chat part (--chat): the README's main job (svd-llm 0.8, 32 x 256 self-generated calibration) with plain-text
 self-generation (`selfgen_chat: 0`, the main job before issue 14) and chat-formatted (today's default), then the
@@ -52,7 +53,7 @@ def evaluate(model: str, work: Path, name: str, limit: int) -> dict:
     out = work / f"{name}-eval.json"
     if not out.is_file():
         run([LRC, "eval", model, "--ppl", str(WIKI), "--seq-len", "512", "--max-windows", "32", "--tasks", TASKS,
-             "--limit", str(limit), "--no-request-cache", "--json", str(out)])
+             "--limit", str(limit), "--data-dir", str(SHARED / "data"), "--no-request-cache", "--json", str(out)])
     res = json.loads(out.read_text())
     ppl = next(iter(res["perplexity"].values()))["perplexity"]
     tasks = {k: v["acc"] for k, v in res["zero_shot"]["tasks"].items()}
@@ -129,6 +130,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--kept", default="0.8,0.6")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--train", default="lrc,all")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -160,7 +163,8 @@ def main() -> None:
             record("dense", **evaluate(a.model, a.work, "dense", a.limit))
         for kept in [float(k) for k in a.kept.split(",")]:
             base = f"svd-llm-{kept}"
-            ckpt, secs = compress(a.model, a.work, base, recipe(kept, 64, 512), str(CALIB))
+            ckpt, secs = compress(a.model, a.work, base, recipe(kept, a.calib_samples, a.calib_seq_len),
+                                  str(CALIB))
             if base not in done:
                 record(base, kept=kept, compress_seconds=round(secs, 1), **evaluate(str(ckpt), a.work, base, a.limit))
             for train in a.train.split(","):

@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE))
 import bench_compress  # noqa: E402
 import bench_cospadi  # noqa: E402
 import bench_eora  # noqa: E402
+import bench_finetune  # noqa: E402
 import bench_floor  # noqa: E402
 import bench_modegpt  # noqa: E402
 import bench_quality  # noqa: E402
@@ -113,6 +114,7 @@ SECTIONS = {
     "scale": lambda: bench_scale.markdown(rows("scale.jsonl")),
     "speed": lambda: bench_speed.markdown(rows("speed-smollm2.jsonl")),
     "selfgen": lambda: bench_selfgen.markdown(rows("selfgen-smollm2.jsonl")),
+    "finetune": lambda: bench_finetune.markdown(rows("finetune-smollm2.jsonl")),
 }
 
 
