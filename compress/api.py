@@ -37,6 +37,8 @@ def with_overrides(recipe: Recipe, source: str = "recipe", **overrides) -> Recip
         if value is None:
             continue
         section, field = key.split("__")
+        if data.get(section) is None:
+            raise LrcError(f"{source}: has no {section} section for --{section}-{field.replace('_', '-')}")
         data[section][field] = value
         if key == "calibration__dataset":
             data["calibration"]["mix"] = None  # a dataset given on the command line replaces a recipe's mix

@@ -119,6 +119,8 @@ def compress(
     stage_calib: list[str] = typer.Option([], help="INDEX=DATASET: stage INDEX's own calibration set (e.g. "
                                                    "1=ARC-Easy-Dev.jsonl for task-calibrated EoRA); repeatable"),
     device: Optional[str] = typer.Option(None, help="override engine.device (auto, cpu, cuda)"),
+    finetune_data: Optional[str] = typer.Option(None, help="override finetune.data (a recipe with a finetune "
+                                                           "section: set name, local file, selfgen)"),
     cache_dir: Optional[Path] = typer.Option(None, help="activation/token cache (default ~/.cache/lrc or $LRC_CACHE)"),
     keep_cache: bool = typer.Option(False, help="keep the activation cache after success"),
 ) -> None:
@@ -129,7 +131,8 @@ def compress(
 
     try:
         r = api.with_overrides(load_recipe(recipe), str(recipe), calibration__dataset=calib,
-                               calibration__samples=samples, calibration__seq_len=seq_len, engine__device=device)
+                               calibration__samples=samples, calibration__seq_len=seq_len, engine__device=device,
+                               finetune__data=finetune_data)
         r = api.with_stage_calibration(r, stage_calib, str(recipe)) if stage_calib else r
         _, report = api.compress(model, r, out_dir, resume=resume, overwrite=overwrite, cache_dir=cache_dir,
                                  keep_cache=keep_cache, return_model=False)

@@ -166,7 +166,8 @@ def main() -> None:
             ckpt, secs = compress(a.model, a.work, base, recipe(kept, a.calib_samples, a.calib_seq_len),
                                   str(CALIB))
             if base not in done:
-                record(base, kept=kept, compress_seconds=round(secs, 1), **evaluate(str(ckpt), a.work, base, a.limit))
+                timed = {"compress_seconds": round(secs, 1)} if secs else {}  # 0: compressed by an earlier run
+                record(base, kept=kept, **timed, **evaluate(str(ckpt), a.work, base, a.limit))
             for train in a.train.split(","):
                 name = f"{base}-ft-{train}"
                 if name in done:

@@ -189,3 +189,16 @@ def test_recipe_with_missing_training_text_fails_before_compressing(tiny_model_d
         api.compress(str(tiny_model_dir("llama")), recipe, tmp_path / "out", cache_dir=tmp_path / "c",
                      progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_data_override_needs_a_finetune_section(tiny_model_dir, tmp_path):
+    from conftest import ROOT
+
+    recipe = api.with_overrides(compress.recipe.load_recipe(ROOT / "recipes" / "svd-llm-60-ft.yaml"), "r",
+                                finetune__data="my.txt")
+    assert recipe.finetune.data == "my.txt" and recipe.finetune.train == "lrc"
+    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir("llama")), "--recipe",
+                                      str(ROOT / "recipes" / "svd-llm.yaml"), "--finetune-data", "my.txt", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code != 0 and "has no finetune section for --finetune-data" in result.output
+    assert result.output.strip().count("\n") == 0 and not (tmp_path / "out").exists()

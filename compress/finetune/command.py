@@ -36,9 +36,10 @@ def finetune(
     resume: bool = typer.Option(False, help="continue an interrupted run of the same command"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
 ) -> None:
-    """Recovery training of a compressed model: causal-LM loss on packed windows of local text, only the chosen
-    parameters trained (the rest frozen, without gradients or optimizer state). Writes a checkpoint of the same
-    structure; its report records the training and the held-out loss before and after."""
+    """Recovery training of a compressed model on packed windows of local or self-generated text: causal-LM loss, or
+    distillation from the dense model (--loss distill); only the chosen parameters trained (the rest frozen, without
+    gradients or optimizer state). Writes a checkpoint of the same structure; its report records the training and
+    the held-out loss before and after."""
     from ..cli import _fail, out
     from ..progress import Progress
     from ..recipe import parse_model
