@@ -44,10 +44,11 @@ def _windows(tokenizer, cfg: FinetuneConfig, teacher):
 
 
 def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teacher_spec: str | None = None,
-                resume: bool = False, log=None, stop_at: int | None = None, dtype: str = "float32") -> dict:
+                resume: bool = False, log=None, stop_at: int | None = None, dtype: str = "float32",
+                windows=None) -> dict:
     """Train ``model`` in place as ``cfg`` says; return the training record for the report (``{"interrupted_at":
     step}`` when ``stop_at`` ended it early). ``teacher_spec``: the dense model (``cfg.teacher`` wins), needed by
-    ``loss: distill`` and ``data: selfgen``."""
+    ``loss: distill`` and ``data: selfgen``. ``windows``: the packed text when the caller has it already."""
     from ..errors import LrcError
     from ..models import load_model
     from .data import split
@@ -55,7 +56,7 @@ def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teac
     from .params import select
 
     teacher = None
-    if cfg.data != "selfgen":  # a bad file fails in a second, before any model loads
+    if cfg.data != "selfgen" and windows is None:  # a bad file fails in a second, before the teacher loads
         windows = _windows(tokenizer, cfg, None)
     if cfg.loss == "distill" or cfg.data == "selfgen":
         spec = cfg.teacher or teacher_spec
@@ -118,14 +119,11 @@ def finetune(model_spec: str, cfg: FinetuneConfig, out: str | Path, resume: bool
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise LrcError(f"{model_spec}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
-    if cfg.data != "selfgen":
-        from .data import packed_windows
-
-        packed_windows(tokenizer, cfg.data, cfg.seq_len, cfg.max_windows)  # a bad file fails before the model loads
+    windows = _windows(tokenizer, cfg, None) if cfg.data != "selfgen" else None  # bad text fails before the model
     model = load_model(model_spec)[0]
     state = state_dir(str(Path(path).resolve()), cfg)
     record = train_model(model, tokenizer, cfg, dev, state, source_model(path) if lrc else model_spec, resume, log,
-                         stop_at)
+                         stop_at, windows=windows)
     if "interrupted_at" in record:
         return record
     report = json.loads((Path(path) / "lrc_report.json").read_text()) if lrc and \
