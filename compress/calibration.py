@@ -116,6 +116,21 @@ def load_rows(src: CalibrationSource) -> list[str]:
     return rows_from_hub(src.dataset, sets[src.dataset])
 
 
+def check_source(source: str, field: str, split: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    """A one-line error naming ``field`` when ``source`` (a local text file or a calib/ set name, or one of
+    ``extra``) does not exist, before any expensive work. ``split``: the set must have it (``eval`` for
+    perplexity)."""
+    if source.endswith(LOCAL_SUFFIXES):
+        if not Path(source).is_file():
+            raise LrcError(f"{field}: {source}: file not found")
+        return
+    sets = named_sets()
+    known = sorted(k for k, v in sets.items() if split is None or split in v)
+    if source not in extra and source not in known:
+        raise LrcError(f"{field}: unknown {'evaluation ' if split == 'eval' else ''}set {source!r}; use one of "
+                       f"{known + list(extra)} or a local file")
+
+
 def shares(weights: list[float], samples: int) -> list[int]:
     """Split ``samples`` by ``weights`` (largest remainders; every part gets at least one window)."""
     total = sum(weights)

@@ -95,10 +95,11 @@ def selfgen(model, tokenizer, cfg, batch_size: int, max_tokens: int = 2**15) -> 
                     seq[r, 0] = q.popleft()
             banned = torch.tensor([q is None for q in queues])  # plain rows never draw EOS
             cache, cur = preallocated_cache(cfg.seq_len), seq[:, :1].to(device)
+            kw = cache_kwargs(model, cache)
             for t in range(1, cfg.seq_len):
                 if t % 32 == 1:  # minutes on a large model: keep the log alive
                     active().phase(f"selfgen {i + n}/{cfg.samples} samples, token {t}/{cfg.seq_len}")
-                logits = model(input_ids=cur, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
+                logits = model(input_ids=cur, **kw, use_cache=True, logits_to_keep=1).logits
                 drawn = sample_categorical(logits[:, -1], g, eos, None if banned.all() else banned).cpu()
                 for r, q in enumerate(queues):
                     if q is None:

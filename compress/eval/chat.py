@@ -6,9 +6,8 @@ models read the prompt and the dense reply; every reply token, its end-of-turn i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
 from ..errors import LrcError
+from .kl import kl_rows
 
 PROMPTS = [
     "What is the capital of France?",
@@ -67,9 +66,8 @@ def reply_kl(model, reference, tokenizer, prompts: list[str], reference_replies:
             continue
         seq = torch.tensor([ids + reply])
         positions = slice(len(ids) - 1, len(ids) - 1 + len(reply))  # the logits that predict the reply tokens
-        p = F.log_softmax(reference(seq.to(reference.device)).logits[0, positions].float(), -1)
-        q = F.log_softmax(model(seq.to(model.device)).logits[0, positions].float(), -1).to(p.device)
-        total += float((p.exp() * (p - q)).sum())
+        total += float(kl_rows(reference(seq.to(reference.device)).logits[0, positions],
+                               model(seq.to(model.device)).logits[0, positions]).sum())
         count += len(reply)
     return total / max(count, 1)
 

@@ -78,17 +78,10 @@ def _evaluate(model, tokenizer, cfg: EvalConfig, reference, bar: Progress) -> di
 
 def preflight(cfg: EvalConfig) -> None:
     """Check that every perplexity source and zero-shot data file exists, before any expensive work."""
-    from ..calibration import LOCAL_SUFFIXES, named_sets
-    from ..errors import LrcError
+    from ..calibration import check_source
 
-    sets = named_sets()
     for source in cfg.ppl:
-        if source.endswith(LOCAL_SUFFIXES):
-            if not Path(source).is_file():
-                raise LrcError(f"eval.ppl: {source}: file not found")
-        elif "eval" not in sets.get(source, {}):
-            raise LrcError(f"eval.ppl: unknown evaluation set {source!r}; use one of "
-                           f"{sorted(k for k, v in sets.items() if 'eval' in v)} or a local file")
+        check_source(source, "eval.ppl", split="eval")
     if cfg.tasks:
         from .zeroshot import check_tasks, resolve_data_dir
 

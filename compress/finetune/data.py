@@ -52,13 +52,6 @@ def batch_at(train: torch.Tensor, micro: int, batch_size: int, seed: int) -> tor
 
 def check_source(data: str) -> None:
     """A one-line error for training text that does not exist (a missing file, an unknown set), before any work."""
-    from pathlib import Path
+    from ..calibration import check_source as check
 
-    from ..calibration import LOCAL_SUFFIXES, named_sets
-
-    if data.endswith(LOCAL_SUFFIXES):
-        if not Path(data).is_file():
-            raise LrcError(f"finetune.data: {data}: file not found")
-    elif data != "selfgen" and data not in named_sets():
-        raise LrcError(f"finetune.data: unknown set {data!r}; use one of {sorted(named_sets()) + ['selfgen']} or a "
-                       "local .txt/.jsonl/.parquet file")
+    check(data, "finetune.data", extra=("selfgen",))
