@@ -2,7 +2,9 @@
 
 For each case (a recipe on the real stories260k, or any checkpoint directory given with --dir) it prints the SHA-256
 of ``model.safetensors``, ``config.json`` and of the report with its timing and path fields removed
-(``lrc_report.json`` and ``lrc_modules.csv``). ``tests/test_golden.py`` compares the stories260k cases against
+(``lrc_report.json`` and ``lrc_modules.csv``); version strings other libraries stamp (``transformers_version``, the
+report's torch and lm-eval versions) are left out: the lock (``requirements.lock``) pins those, and a pin change that
+moves a weight or a number lrc writes still fails the check, until ``--write`` records the refresh. ``tests/test_golden.py`` compares the stories260k cases against
 ``tests/data/golden-stories260k.json`` (recorded from the code before the method protocol was generalised), and
 ``.ci/run`` compares the README's main job against ``docs/results/golden-main-job.json``.
 
@@ -23,6 +25,10 @@ import tempfile
 from pathlib import Path
 
 VOLATILE = {"seconds", "phase_seconds", "block_phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model"}
+# Version strings stamped by other libraries: what the lock pins (requirements.lock), not what lrc decides. A new
+# transformers writes its own version into config.json although not one weight moves; the fingerprints leave these
+# out, and a pin change that does move a byte lrc writes is caught by the weights, lrc's config or the report.
+STAMPS = {"transformers_version", "torch", "lm_eval_version"}
 CALIB = {"dataset": "selfgen", "samples": 16, "seq_len": 64}
 CASES = {
     "svd-llm": {"stages": [{"method": "svd-llm", "param_ratio": 0.8}]},
@@ -39,11 +45,11 @@ CASES = {
 }
 
 
-def _strip(obj):
+def _strip(obj, drop=VOLATILE | STAMPS):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+        return {k: _strip(v, drop) for k, v in obj.items() if k not in drop}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj]
+        return [_strip(v, drop) for v in obj]
     return obj
 
 
@@ -52,8 +58,12 @@ def _sha(data: bytes) -> str:
 
 
 def fingerprint(directory: Path) -> dict:
-    """Hashes of the weights, the config and the report (timings and paths removed) of a checkpoint directory."""
-    out = {name: _sha((directory / name).read_bytes()) for name in ("model.safetensors", "config.json")}
+    """Hashes of the weights, the config and the report (timings, paths and other libraries' version stamps removed)
+    of a checkpoint directory. The config is hashed as parsed JSON without ``transformers_version`` (every other key,
+    lrc's section included, counts)."""
+    out = {"model.safetensors": _sha((directory / "model.safetensors").read_bytes()),
+           "config.json": _sha(json.dumps(_strip(json.loads((directory / "config.json").read_text()), STAMPS),
+                                          sort_keys=True).encode())}
     report = directory / "lrc_report.json"
     if report.is_file():
         out["lrc_report.json"] = _sha(json.dumps(_strip(json.loads(report.read_text())), sort_keys=True).encode())

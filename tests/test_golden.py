@@ -41,3 +41,25 @@ def test_fingerprint_sees_a_changed_weight(tmp_path):
     model.save_pretrained(tmp_path / "b")
     a, b = golden.fingerprint(tmp_path / "a"), golden.fingerprint(tmp_path / "b")
     assert a["config.json"] == b["config.json"] and a["model.safetensors"] != b["model.safetensors"]
+
+
+def test_fingerprint_ignores_library_version_stamps(tmp_path):
+    """A new transformers stamps its own version into config.json (and the report records torch's): the
+    fingerprints leave those stamps out, but any other change of the config (lrc's section included) still counts."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(STORIES).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "transformers_version" in config
+    base = golden.fingerprint(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "transformers_version": "99.0.0"}, indent=2))
+    assert golden.fingerprint(tmp_path / "a")["config.json"] == base["config.json"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "lrc": {"modules": {"x": {"rank": 3}}}}))
+    assert golden.fingerprint(tmp_path / "a")["config.json"] != base["config.json"]
+    report = {"lrc_version": "0.1.0", "torch": "2.13.0", "modules": [{"name": "m", "rank": 3}]}
+    (tmp_path / "a" / "lrc_report.json").write_text(json.dumps(report))
+    first = golden.fingerprint(tmp_path / "a")["lrc_report.json"]
+    (tmp_path / "a" / "lrc_report.json").write_text(json.dumps({**report, "torch": "9.9.9"}))
+    assert golden.fingerprint(tmp_path / "a")["lrc_report.json"] == first
+    (tmp_path / "a" / "lrc_report.json").write_text(json.dumps({**report, "modules": [{"name": "m", "rank": 4}]}))
+    assert golden.fingerprint(tmp_path / "a")["lrc_report.json"] != first
