@@ -49,15 +49,13 @@ def test_only_lrc_modules_train(checkpoint, corpus_file, tmp_path, monkeypatch):
 
 
 def test_optimizer_state_covers_only_trained_parameters(checkpoint, corpus_file, tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from compress.finetune import state_dir
+    from compress.finetune import run_state
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     cfg = _cfg(corpus_file, train="lrc")
     assert finetune(str(checkpoint), cfg, tmp_path / "out", device="cpu", stop_at=3) == {"interrupted_at": 3}
     assert not (tmp_path / "out").exists()  # nothing half-written
-    state = torch.load(state_dir(str(Path(checkpoint).resolve()), cfg) / STATE_FILE, weights_only=False)
+    state = torch.load(run_state(checkpoint, tmp_path / "out", cfg) / STATE_FILE, weights_only=False)
     n = len(select(compress.load(checkpoint), "lrc"))
     assert state["step"] == 2 and len(state["params"]) == n and len(state["optimizer"]["state"]) == n
 
@@ -202,3 +200,117 @@ def test_finetune_data_override_needs_a_finetune_section(tiny_model_dir, tmp_pat
                                       str(tmp_path / "out")])
     assert result.exit_code != 0 and "has no finetune section for --finetune-data" in result.output
     assert result.output.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+def test_bf16_model_trains_fp32_masters(checkpoint, corpus_file, tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 22 (6): a model held in bf16 (recipe model.dtype bfloat16) trains fp32 master weights with fp32 AdamW
+    state, as FinetuneConfig promises; the model itself, and the checkpoint written from it, stay bf16."""
+    from compress.finetune import train_model
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    model = compress.load(checkpoint, dtype="bfloat16")
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(checkpoint)
+    cfg = _cfg(corpus_file, steps=4, save_every=1, lr=1e-2)
+    state = tmp_path / "state"
+    assert train_model(model, tok, cfg, "cpu", state, stop_at=2) == {"interrupted_at": 2}
+    saved = torch.load(state / STATE_FILE, weights_only=False)
+    assert saved["params"] and {p.dtype for p in saved["params"].values()} == {torch.float32}
+    moments = [s[k] for s in saved["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    # the masters hold what bf16 cannot: updates smaller than a bf16 step accumulate instead of rounding away
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in saved["params"].values())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the model stays in its dtype
+    record = train_model(model, tok, cfg, "cpu", state, resume=True)
+    assert record["resumed_from"] == 2 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # the recipe path: model.dtype bfloat16 and a finetune section write a bf16 checkpoint, trained
+    recipe = tiny_recipe(corpus_file, param_ratio=0.5)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"}),
+                                       "finetune": _cfg(corpus_file, steps=3)})
+    _, report = api.compress(str(tiny_model_dir("llama")), recipe, tmp_path / "tuned", cache_dir=tmp_path / "c",
+                             progress=False)
+    assert report["finetune"]["steps"] == 3
+    weights = load_file(tmp_path / "tuned" / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_state_is_keyed_by_the_output(checkpoint, corpus_file, tmp_path, monkeypatch):
+    """Issue 22 (7): two runs from one checkpoint to different outputs keep separate resumable states; the one that
+    finishes first removes only its own."""
+    from compress.finetune import run_state
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    cfg = _cfg(corpus_file)
+    assert run_state(checkpoint, tmp_path / "a", cfg) != run_state(checkpoint, tmp_path / "b", cfg)
+    assert finetune(str(checkpoint), cfg, tmp_path / "a", device="cpu", stop_at=3) == {"interrupted_at": 3}
+    assert (run_state(checkpoint, tmp_path / "a", cfg) / STATE_FILE).is_file()
+    finetune(str(checkpoint), cfg, tmp_path / "b", device="cpu")  # another output, run to the end
+    assert not run_state(checkpoint, tmp_path / "b", cfg).exists()  # its own state removed...
+    assert (run_state(checkpoint, tmp_path / "a", cfg) / STATE_FILE).is_file()  # ...the other's kept
+    report = finetune(str(checkpoint), cfg, tmp_path / "a", device="cpu", resume=True)
+    assert report["finetune"]["resumed_from"] == 2
+    assert not run_state(checkpoint, tmp_path / "a", cfg).exists()
+
+
+def test_lrc_trains_every_module_lrc_built_modegpt(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """Issue 22 (9): train lrc on a MoDeGPT checkpoint trains what the method built, as the checkpoint records it
+    (lrc.modules): the rebuilt attention and the resized MLP Linears (plain nn.Linear, spec type dense); what lrc
+    left untouched (embeddings, norms, head) stays frozen."""
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    ckpt = tmp_path / "modegpt"
+    recipe = tiny_recipe(corpus_file, "modegpt", param_ratio=0.7, allocator="uniform",
+                         options={"modules": ["mlp", "qk", "vo"]})
+    api.compress(str(tiny_model_dir("llama")), recipe, ckpt, cache_dir=tmp_path / "c", progress=False,
+                 return_model=False)
+    model = compress.load(ckpt)
+    specs = model.config.lrc["modules"]
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up) is torch.nn.Linear and up.out_features < 96  # resized, a plain Linear
+    assert {s["type"] for s in specs.values()} == {"dense", "attention"}
+    trained = select(model, "lrc")
+    built = {f"{name}.{p}" for name in specs for p, _ in model.get_submodule(name).named_parameters()}
+    assert set(trained) == built
+    assert {f"model.layers.{i}.mlp.{m}.weight" for i in range(3) for m in ("gate_proj", "up_proj", "down_proj")} \
+        <= set(trained)
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in trained)
+    report = finetune(str(ckpt), _cfg(corpus_file, steps=2), tmp_path / "out", device="cpu")
+    n_mlp = sum(p.numel() for n, p in trained.items() if ".mlp." in n)
+    assert report["finetune"]["trained_params"] == sum(p.numel() for p in trained.values()) > 2 * n_mlp / 1.5
+    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_default_holdout_is_sized_from_the_text():
+    """Issue 22 (5.2): without --holdout, a tenth of the windows, at least 1 and at most 8 (the main job's 128
+    selfgen windows still hold out 8); an explicit holdout is kept."""
+    from compress.finetune.data import default_holdout, split
+
+    assert [default_holdout(n) for n in (2, 5, 19, 20, 79, 80, 128, 10_000)] == [1, 1, 1, 2, 7, 8, 8, 8]
+    train, held = split(torch.arange(10).view(5, 2), None, 0)
+    assert (train.shape[0], held.shape[0]) == (4, 1)
+    assert split(torch.arange(20).view(10, 2), 3, 0)[1].shape[0] == 3
+    with pytest.raises(LrcError, match="finetune.holdout: 8 held-out windows leave none of the 5"):
+        split(torch.arange(10).view(5, 2), 8, 0)
+
+
+def test_small_data_file_trains_and_one_window_is_one_line(checkpoint, tmp_path, monkeypatch):
+    """Issue 22 (5.2): a small --data file trains with the default hold-out; a file of one window (none left to train
+    on once one is held out) is a one-line error before the model loads."""
+    from compress.finetune.data import packed_windows
+    from conftest import make_corpus
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(make_corpus(10)))
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(checkpoint)
+    n = packed_windows(tok, str(small), 32).shape[0]
+    assert 2 <= n <= 8  # fewer than the old default hold-out of 8
+    ft = finetune(str(checkpoint), FinetuneConfig(data=str(small), seq_len=32, steps=2, batch_size=2), tmp_path / "out",
+                  device="cpu")["finetune"]
+    assert (ft["held_out_windows"], ft["train_windows"]) == (1, n - 1) and ft["config"]["holdout"] is None
+    tokens = packed_windows(tok, str(small), 2).numel()
+    result = CliRunner().invoke(app, ["finetune", str(checkpoint), "--data", str(small), "--out",
+                                      str(tmp_path / "one"), "--seq-len", str(tokens)])  # exactly one window
+    assert result.exit_code != 0 and result.output.strip().count("\n") == 0, result.output
+    assert result.output.startswith("error:") and "small.txt" in result.output and "1 window" in result.output
+    assert not (tmp_path / "one").exists()

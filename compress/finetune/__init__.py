@@ -3,7 +3,8 @@
 (``train_model``: causal-LM or distillation loss on packed windows of local or self-generated text, ``loop.train``)
 and writes a checkpoint of the same structure to ``out`` (atomically), its report carrying the training record
 (data, steps, tokens, loss curve, held-out loss before and after, trained parameters, peak memory). A recipe's
-``finetune`` section runs ``train_model`` on the compressed model before it is written (``api.compress``)."""
+``finetune`` section runs ``train_model`` on the compressed model before it is written (``api.compress``). An
+interrupted run's resumable state is kept per output (``run_state``; the recipe path keys it by ``--out`` too)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,15 +15,23 @@ from pathlib import Path
 
 from .config import FinetuneConfig
 
-__all__ = ["FinetuneConfig", "finetune", "train_model"]
+__all__ = ["FinetuneConfig", "finetune", "run_state", "train_model"]
 
 
 def state_dir(key: str, cfg: FinetuneConfig) -> Path:
-    """Where an interrupted run's training state waits for ``--resume``: one per output and configuration."""
+    """Where an interrupted run's training state waits for ``--resume``: one per ``key`` (what identifies the run:
+    its output directory, resolved) and configuration."""
     from ..models import cache_root
 
     digest = hashlib.sha256(f"{key}|{cfg.model_dump_json()}".encode()).hexdigest()[:16]
     return cache_root() / "finetune" / digest
+
+
+def run_state(model_path: str | Path, out: str | Path, cfg: FinetuneConfig) -> Path:
+    """The state directory of ``lrc finetune MODEL --out OUT``: keyed by the output and the input (both resolved) and
+    the configuration, so that two runs to different outputs never share a state, nor does the first to finish
+    remove the other's (issue 22; it was keyed by the input alone)."""
+    return state_dir(f"{Path(model_path).resolve()}|out={Path(out).resolve()}", cfg)
 
 
 def source_model(path: Path) -> str | None:
@@ -70,7 +79,7 @@ def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teac
         windows = _windows(tokenizer, cfg, teacher)
     if cfg.loss != "distill":
         teacher = None
-    train_windows, held = split(windows, cfg.holdout, cfg.seed)
+    train_windows, held = split(windows, cfg.holdout, cfg.seed, cfg.data)
     trained = select(model, cfg.train)
     model.to(device)
     t0 = time.perf_counter()
@@ -120,8 +129,12 @@ def finetune(model_spec: str, cfg: FinetuneConfig, out: str | Path, resume: bool
     except OSError as err:
         raise LrcError(f"{model_spec}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
     windows = _windows(tokenizer, cfg, None) if cfg.data != "selfgen" else None  # bad text fails before the model
+    if windows is not None:
+        from .data import resolve_holdout
+
+        resolve_holdout(windows.shape[0], cfg.holdout, cfg.data, cfg.seq_len)  # so does text too short to split
     model = load_model(model_spec)[0]
-    state = state_dir(str(Path(path).resolve()), cfg)
+    state = run_state(path, out, cfg)
     record = train_model(model, tokenizer, cfg, dev, state, source_model(path) if lrc else model_spec, resume, log,
                          stop_at, windows=windows)
     if "interrupted_at" in record:

@@ -15,7 +15,8 @@ def finetune(
                                        "(sampled by the teacher; chat-formatted for an instruct model)"),
     out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
     steps: int = typer.Option(200, help="optimizer steps"),
-    train: str = typer.Option("lrc", help="lrc: only lrc's compressed modules (WeLore); residual: only EoRA paths; all"),
+    train: str = typer.Option("lrc", help="lrc: only the modules lrc built or resized (WeLore); residual: only EoRA "
+                                           "paths; all"),
     loss: str = typer.Option("lm", help="lm: causal-LM loss; distill: KL to the teacher's next-token distributions"),
     teacher: Optional[str] = typer.Option(None, help="dense model for --loss distill / --data selfgen (default: the "
                                                      "model the checkpoint was compressed from)"),
@@ -27,7 +28,8 @@ def finetune(
     batch_size: int = typer.Option(4, help="windows per micro-batch"),
     grad_accum: int = typer.Option(1, help="micro-batches per step"),
     seq_len: int = typer.Option(256, help="tokens per packed window"),
-    holdout: int = typer.Option(8, help="windows held out of training; their loss is reported"),
+    holdout: Optional[int] = typer.Option(None, help="windows held out of training; their loss is reported "
+                                                     "(default: a tenth of the windows, 1 to 8)"),
     eval_every: int = typer.Option(50, help="steps between held-out evaluations"),
     save_every: int = typer.Option(50, help="steps between resumable states"),
     checkpointing: bool = typer.Option(False, help="gradient checkpointing"),

@@ -26,18 +26,23 @@ class FinetuneConfig(BaseModel):
                              "their input factors V (other trained parameters throughout)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16: forward under bf16 autocast (weights and optimizer stay fp32); auto: bf16 on "
-                            "CUDA, fp32 elsewhere")
+                            "CUDA, fp32 elsewhere. A model held in bf16/fp16 (recipe model.dtype) runs its forward in "
+                            "that dtype and trains fp32 master copies of the trained parameters (AdamW's state fp32 "
+                            "too), written back into the model's dtype after every step")
     steps: int = Field(200, gt=0, description="optimizer steps")
     train: Literal["lrc", "residual", "all"] = Field(
-        "lrc", description="lrc: only lrc's replacement modules (WeLore's LRC-only); residual: only the EoRA "
-                           "residual paths; all: every parameter (for comparison)")
+        "lrc", description="lrc: only the modules lrc built, replaced or resized, as the checkpoint records them "
+                           "(lrc.modules: factorised, dictionary, compensated, MoDeGPT attention and resized dense "
+                           "Linears; WeLore's LRC-only); residual: only the EoRA residual paths; all: every "
+                           "parameter (for comparison)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0)
     warmup: int = Field(10, ge=0, description="linear warm-up steps, then cosine decay to 0")
     batch_size: int = Field(4, gt=0, description="windows per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     seq_len: int = Field(256, gt=1, description="tokens per packed window")
-    holdout: int = Field(8, ge=0, description="windows held out of training, their loss reported")
+    holdout: int | None = Field(None, ge=0, description="windows held out of training, their loss reported (default: "
+                                                        "a tenth of the windows, at least 1 and at most 8; issue 22)")
     eval_every: int = Field(50, gt=0, description="steps between held-out evaluations")
     save_every: int = Field(50, gt=0, description="steps between resumable training states")
     checkpointing: bool = Field(False, description="gradient checkpointing (less memory, one more forward)")

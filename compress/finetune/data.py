@@ -1,6 +1,6 @@
 """Training windows for ``lrc finetune``: the text packed into non-overlapping ``seq_len`` windows (rows joined by a
-blank line, tokenized once without special tokens), a seeded held-out split, and a seeded order per epoch that a
-resumed run recomputes from the step number alone."""
+blank line, tokenized once without special tokens), a seeded held-out split (by default a tenth of the windows, 1 to
+8: ``default_holdout``), and a seeded order per epoch that a resumed run recomputes from the step number alone."""
 from __future__ import annotations
 
 import torch
@@ -28,11 +28,37 @@ def packed_windows(tokenizer, data: str, seq_len: int, max_windows: int | None =
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def split(windows: torch.Tensor, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train, held out)``: ``holdout`` windows drawn by ``seed``; at least one window is left to train on."""
-    if holdout >= windows.shape[0]:
-        raise LrcError(f"finetune.holdout: {holdout} held-out windows leave none of the {windows.shape[0]} to "
+HOLDOUT_CAP = 8  # the default hold-out's ceiling: 10% of the windows up to 80 of them, then 8
+
+
+def default_holdout(n: int) -> int:
+    """The hold-out when none is given: a tenth of the ``n`` windows, at least 1 and at most ``HOLDOUT_CAP`` (8, the
+    old fixed default: every text of 80 windows or more, the main job's 128 among them, holds out 8 as before)."""
+    return max(1, min(HOLDOUT_CAP, n // 10))
+
+
+def resolve_holdout(n: int, holdout: int | None, data: str | None = None, seq_len: int | None = None) -> int:
+    """The windows to hold out of ``n``: ``holdout``, or ``default_holdout(n)`` when it is None; a one-line error
+    unless at least one window is left to train on (naming ``data`` for a text too small for the default)."""
+    if holdout is None:
+        k = default_holdout(n)
+        if k >= n:
+            what = f"{data}: " if data else ""
+            size = f" of {seq_len} tokens" if seq_len else ""
+            raise LrcError(f"finetune.data: {what}{n} window{'s' if n != 1 else ''}{size}, too little text to hold "
+                           f"one out and train on another (more text, a smaller --seq-len, or --holdout 0)")
+        return k
+    if holdout >= n:
+        raise LrcError(f"finetune.holdout: {holdout} held-out windows leave none of the {n} to "
                        "train on (more text, or a smaller --holdout)")
+    return holdout
+
+
+def split(windows: torch.Tensor, holdout: int | None, seed: int, data: str | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held out)``: ``holdout`` windows drawn by ``seed`` (None: ``default_holdout``, sized from the text;
+    issue 22); at least one window is left to train on (``resolve_holdout``)."""
+    holdout = resolve_holdout(windows.shape[0], holdout, data, windows.shape[1] if windows.dim() == 2 else None)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     return windows[order[holdout:].sort().values], windows[order[:holdout].sort().values]
 

@@ -9,7 +9,13 @@ distributions (temperature 1, the forward KL of knowledge distillation), the tea
 without gradients. ``factors: sequential`` trains the low-rank modules' U factors (``second``) for the first half of
 the steps and their V factors (``first``) for the second, SVD-LLM's order (methods.md §3b): the parameters outside
 the phase hold ``requires_grad=False``, so AdamW (which skips parameters without a gradient) leaves them and their
-moments untouched, and one optimizer serves both phases and a resume."""
+moments untouched, and one optimizer serves both phases and a resume.
+
+Trained parameters held in bf16 or fp16 (a recipe's ``model.dtype``) get fp32 master copies (``Masters``, issue 22):
+the model computes in its own dtype, each micro-batch's gradients are added up in fp32 on the masters, AdamW updates
+the masters (its moments fp32 too) and the model's parameters are rounded from them after every step, so updates
+smaller than a bf16 step accumulate instead of rounding away; the resumable state holds the masters. fp32 parameters
+are their own masters: the fp32 path is unchanged, bit for bit."""
 from __future__ import annotations
 
 import math
@@ -76,6 +82,35 @@ def _step_loss(model, x: torch.Tensor, teacher, cfg: FinetuneConfig, device) -> 
         return distill_loss(model(input_ids=x, use_cache=False).logits, t)
 
 
+class Masters:
+    """fp32 master weights of ``trained`` (name -> parameter): ``params`` holds, per name, the parameter itself when
+    it is fp32 and a new fp32 leaf copy otherwise; the optimizer updates ``params``. ``fold_grads()`` after each
+    backward moves the low-precision gradients onto the masters (summed in fp32); ``push()`` after each optimizer step
+    rounds the masters into the model's parameters."""
+
+    def __init__(self, trained: dict):
+        self.params, self.pairs = {}, []
+        for name, p in trained.items():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                master = torch.nn.Parameter(p.detach().float(), requires_grad=True)
+                self.pairs.append((p, master))
+                self.params[name] = master
+            else:
+                self.params[name] = p
+
+    def fold_grads(self) -> None:
+        for p, master in self.pairs:
+            if p.grad is not None:
+                g = p.grad.float()
+                master.grad = g if master.grad is None else master.grad.add_(g)
+                p.grad = None
+
+    @torch.no_grad()
+    def push(self) -> None:
+        for p, master in self.pairs:
+            p.copy_(master)
+
+
 def _save_state(path: Path, trained: dict, optimizer, scheduler, step: int, curve: list) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in trained.items()},
@@ -106,15 +141,18 @@ def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Ten
 
     phases = factor_phases(model, trained) if cfg.factors == "sequential" else None
     freeze_all_but(model, trained)
-    params = list(trained.values())
+    model.to(device)  # the masters are made where the parameters are
+    masters = Masters(trained)
+    params = list(masters.params.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
     state_path = Path(state_dir) / STATE_FILE
-    step, curve = (_load_state(state_path, trained, optimizer, scheduler) if resume and state_path.is_file()
+    step, curve = (_load_state(state_path, masters.params, optimizer, scheduler) if resume and state_path.is_file()
                    else (0, []))
+    masters.push()  # a resumed state's masters into the model
     if cfg.checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    model.to(device).train()
+    model.train()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     first = step
     while step < cfg.steps:
@@ -127,8 +165,10 @@ def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Ten
             x = batch_at(train_windows, step * cfg.grad_accum + a, cfg.batch_size, cfg.seed).to(device)
             loss = _step_loss(model, x, teacher, cfg, device) / cfg.grad_accum
             loss.backward()
+            masters.fold_grads()
             loss_sum += float(loss.detach())
         optimizer.step()
+        masters.push()
         scheduler.step()
         step += 1
         held = held_out_loss(model, held_out, cfg.batch_size, device) if (
@@ -140,7 +180,7 @@ def train(model, trained: dict, train_windows: torch.Tensor, held_out: torch.Ten
         if log is not None:
             log(step, loss_sum, held, tps)
         if step % cfg.save_every == 0 and step < cfg.steps:
-            _save_state(state_path, trained, optimizer, scheduler, step, curve)
+            _save_state(state_path, masters.params, optimizer, scheduler, step, curve)
         if stop_at is not None and step >= stop_at:
             return {"interrupted_at": step}
     model.eval()

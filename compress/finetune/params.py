@@ -1,21 +1,25 @@
 """Which parameters ``lrc finetune`` trains. Everything else is frozen (``requires_grad=False``): it gets no
-gradient and no optimizer state, so the optimizer's memory covers the trained parameters only."""
+gradient and no optimizer state, so the optimizer's memory covers the trained parameters only.
+
+``train: lrc`` trains what lrc wrote, as the model's own record says: the modules named in its ``config.lrc``
+``modules`` (the specs a checkpoint is rebuilt from: ``lowrank``, ``dictionary``, ``compensated``, MoDeGPT's
+``attention`` and the ``dense`` Linears a method resized), not a list of classes, so a plain ``nn.Linear`` that MoDeGPT
+shrank trains and any module a method rebuilds is covered without naming it here (issue 22)."""
 from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoint.modeling_lrc import CompensatedLinear, DictLinear, LowRankLinear, LrcAttention
+from ..checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
 from ..errors import LrcError
 
-REPLACEMENTS = (LowRankLinear, DictLinear, CompensatedLinear, LrcAttention)
 
-
-def _owned(model: nn.Module, kinds) -> dict[str, nn.Parameter]:
-    """Parameters inside modules of ``kinds``, by name; a shared tensor (a dictionary, tied weights) once."""
+def _params_of(model: nn.Module, keep) -> dict[str, nn.Parameter]:
+    """Parameters inside the modules ``keep(name, module)`` accepts, by name, in ``named_modules`` order; a shared
+    tensor (a dictionary, tied weights) once."""
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, kinds):
+        if keep(name, module):
             for pname, p in module.named_parameters(prefix=name):
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -23,22 +27,31 @@ def _owned(model: nn.Module, kinds) -> dict[str, nn.Parameter]:
     return out
 
 
+def built_modules(model: nn.Module) -> set[str]:
+    """Names of the modules lrc built, replaced or resized in ``model``: the keys of ``config.lrc["modules"]`` (empty
+    for a model lrc did not compress)."""
+    section = getattr(getattr(model, "config", None), "lrc", None)
+    return set(section.get("modules") or {}) if isinstance(section, dict) else set()
+
+
 def select(model: nn.Module, train: str) -> dict[str, nn.Parameter]:
-    """The parameters ``train`` names (``lrc``, ``residual``, ``all``), by name. ``lrc``: every parameter of lrc's
-    replacement modules (factorised, dictionary, compensated and MoDeGPT attention modules: WeLore's LRC-only
-    fine-tuning), the dense ones frozen. ``residual``: only the EoRA paths (``lora_A``, ``lora_B``)."""
+    """The parameters ``train`` names (``lrc``, ``residual``, ``all``), by name. ``lrc``: every parameter of the
+    modules lrc built (``built_modules``: factorised, dictionary, compensated, MoDeGPT attention modules and resized
+    dense Linears; WeLore's LRC-only fine-tuning), the modules lrc left untouched frozen. ``residual``: only the EoRA
+    paths (``lora_A``, ``lora_B``)."""
     if train == "all":
         params = {n: p for n, p in model.named_parameters()}
     elif train == "lrc":
-        params = _owned(model, REPLACEMENTS)
+        built = built_modules(model)
+        params = _params_of(model, lambda name, _: name in built)
     elif train == "residual":
-        params = {n: p for n, p in _owned(model, (CompensatedLinear,)).items()
+        params = {n: p for n, p in _params_of(model, lambda _, m: isinstance(m, CompensatedLinear)).items()
                   if ".lora_A." in n or ".lora_B." in n}
     else:
         raise LrcError(f"finetune.train: {train!r}; use lrc, residual or all")
     if not params:
-        raise LrcError(f"finetune.train: {train}: the model has no such parameters "
-                       f"({'not an lrc checkpoint with compressed modules' if train == 'lrc' else 'no EoRA residuals'})")
+        why = "not an lrc checkpoint with compressed modules" if train == "lrc" else "no EoRA residuals"
+        raise LrcError(f"finetune.train: {train}: the model has no such parameters ({why})")
     return params
 
 
