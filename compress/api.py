@@ -196,6 +196,7 @@ def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = 
                if f"{prefix}.{i}.{n}" not in names]
     if missing:
         raise LrcError(f"{dense}: has no module {missing[0]} of {compressed} (modules are matched by name)")
+    _check_same_shapes(net, names, prefix, dense, compressed)
     report = compress_model(net, recipe, tokenizer, cache_dir, progress=progress, reference=reference)
     report.update({"model": compressed, "reference": dense})
     if export == "peft":
@@ -205,6 +206,21 @@ def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = 
     else:
         save(net, tokenizer, out, report, overwrite=True)
     return net, report
+
+
+def _check_same_shapes(net, dense_modules: dict, prefix: str, dense: str, compressed: str) -> None:
+    """EoRA repairs ``W − W_c`` of one shape: a module whose input or output size differs from the dense module of
+    its name (MoDeGPT's resized Linears, its attention's shrunk q/k/v/o) is refused in one line, before any work."""
+    for name, mod in net.named_modules():
+        if not name.startswith(prefix + ".") or not hasattr(mod, "in_features"):
+            continue
+        ref = dense_modules.get(name)
+        mine = (mod.out_features, mod.in_features)
+        theirs = (getattr(ref, "out_features", None), getattr(ref, "in_features", None))
+        if ref is not None and mine != theirs:
+            raise LrcError(f"{compressed}: {name} is {mine[0]}×{mine[1]} but {theirs[0]}×{theirs[1]} in {dense} "
+                           "(a resized module, e.g. MoDeGPT's); EoRA repairs a module towards the dense module of "
+                           "the same shape")
 
 
 def plan(model: str, recipe: Recipe | str | Path, cache_dir: str | Path | None = None,

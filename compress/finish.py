@@ -1,8 +1,10 @@
 """What ``lrc compress`` does with the checkpoint once its blocks are written, before the checkpoint is moved into
 place: the recipe's recovery fine-tuning (``finetune``: the model trained and written again), its evaluation
 (``eval``) and the sample generations (``samples``, dense beside compressed), in that order, each on the checkpoint
-as written. Each of them holds the model whole in memory; a recipe without them (``samples: 0``) keeps the
-memory of a compression independent of depth."""
+as written. Fine-tuning and evaluation hold the model whole in memory. The samples alone (the default) do so only
+where the larger of the two models fits under the peak memory the compression itself reached; otherwise each model
+generates block by block (``engine/lazy.py``, ``LazyBlocks.stream``), so with default settings peak memory does not
+grow with depth (issue 22)."""
 from __future__ import annotations
 
 import shutil
@@ -32,6 +34,9 @@ def finish(tmp: Path, model_spec: str, tokenizer, recipe, report: dict, out: Pat
 
     device = resolve_device(recipe.engine.device)  # where it was compressed
     dtype = recipe.model.dtype
+    if recipe.finetune is None and recipe.eval is None:  # the default: samples only, streamed where needed
+        report["samples"] = streamed_samples(tmp, model_spec, tokenizer, recipe.samples, dtype, device)
+        return
     written = load(tmp, dtype=dtype)
     if recipe.finetune is not None:
         from .finetune import state_dir, train_model
@@ -65,3 +70,56 @@ def finish(tmp: Path, model_spec: str, tokenizer, recipe, report: dict, out: Pat
         if reference is None:
             reference = load_model(model_spec, dtype)[0].to(device)
         report["samples"] = side_by_side(tokenizer, mine, generate(reference, tokenizer, recipe.samples))
+
+
+def _weight_bytes(path: str) -> int | None:
+    """Bytes of a local model directory's safetensors files (None: not a local safetensors directory)."""
+    files = list(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    return sum(f.stat().st_size for f in files) or None
+
+
+def _current_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def streamed_samples(tmp: Path, model_spec: str, tokenizer, n: int, dtype: str, device) -> dict:
+    """The sample generations (compressed, then dense). Each model is loaded whole when that stays under the peak
+    memory already reached; else (a CPU run) it generates block by block, one decoder block in memory at a time."""
+    from .checkpoint import load
+    from .engine.lazy import lazy_model
+    from .eval.samples import generate, side_by_side
+    from .models import DTYPES, load_model, resolve_model_path
+    from .report import peak_rss_gib
+
+    dense_path = resolve_model_path(model_spec)
+    sizes = [_weight_bytes(str(tmp)), _weight_bytes(dense_path)]
+    room = peak_rss_gib() * 2**30 - _current_rss_bytes()
+    stream = device.type == "cpu" and None not in sizes and max(sizes) > room
+
+    def run(path: str, lrc: bool, whole):
+        if stream and (loaded := lazy_model(path, DTYPES[dtype], lrc=lrc)) is not None:
+            model, lazy = loaded
+            lazy.stream()
+            try:
+                return generate(model, tokenizer, n)
+            finally:
+                lazy.remove_hooks()
+                lazy.unload_all()
+        model = whole().to(device)
+        try:
+            return generate(model, tokenizer, n)
+        finally:
+            del model
+
+    mine = run(str(tmp), True, lambda: load(tmp, dtype=dtype))
+    dense = run(dense_path, False, lambda: load_model(model_spec, dtype)[0])
+    record = side_by_side(tokenizer, mine, dense)
+    if stream:
+        record["streamed"] = True  # block by block: the whole models would have raised the peak memory
+    return record

@@ -229,7 +229,40 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
             rows.extend(units)
             continue
         allocate(stage, [r for r in rows if r.stage == si])
+    check_order(rows, recipe)
     return rows
+
+
+def row_modules(row) -> list[str]:
+    """The module names a plan row acts on: a Linear's own name, a unit's members."""
+    members = getattr(row, "members", None)
+    return list(members.values()) if members is not None else [row.name]
+
+
+def check_order(rows: list, recipe: Recipe) -> None:
+    """Refuse, in one line and before any work, a stage that acts on a module an earlier stage leaves as a kind the
+    later method cannot take (``Method.acts_on``, ``Method.leaves``): e.g. EoRA after MoDeGPT (the residual needs
+    W and W_c of one shape) or after a dictionary shared across blocks (fitted only blocks later). A row that keeps
+    its module as it is (``factorize`` False) leaves it dense; a knob decided from data (None) counts as compressed."""
+    from .methods import METHODS
+    from .methods.base import MODULE_KINDS
+
+    left: dict[str, tuple[str, int]] = {}  # module name -> (kind, the stage that left it so)
+    for si, stage in enumerate(recipe.stages):
+        method = METHODS[stage.method](recipe.method_config(si))
+        mine = [r for r in rows if r.stage == si]
+        for r in mine:
+            for name in row_modules(r):
+                kind, by = left.get(name, ("dense", None))
+                if kind not in method.acts_on:
+                    raise LrcError(f"stages[{si}]: {stage.method} cannot follow stages[{by}] "
+                                   f"({recipe.stages[by].method}) on {name}: that leaves {MODULE_KINDS[kind]}, and "
+                                   f"{stage.method} acts on {' or '.join(MODULE_KINDS[k] for k in sorted(method.acts_on))}"
+                                   f" (target other modules with stages[{si}].targets/ignore, or drop a stage)")
+        for r in mine:
+            if r.factorize is not False:
+                for name in row_modules(r):
+                    left[name] = (method.leaves(), si)
 
 
 def _value_bits(mod: nn.Module) -> int:

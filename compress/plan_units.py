@@ -172,8 +172,9 @@ def unit_rows(model: nn.Module, recipe, si: int, owner: dict[str, int]) -> tuple
         notes += n
     for row in rows:
         for name in row.members.values():
-            if name in owner:
-                raise LrcError(f"stages[{si}]: {name} is already compressed by stages[{owner[name]}]")
+            if name in owner:  # the Linear stages were planned first, a later one may have claimed it
+                first, then = sorted((si, owner[name]))
+                raise LrcError(f"stages[{then}]: {name} is already compressed by stages[{first}]")
             owner[name] = si
     if not rows:
         raise LrcError(f"stages[{si}]: {stage.method} found no unit to compress"
@@ -202,11 +203,21 @@ def allocate_units(stage, rows: list[UnitRow], kept_by_block: dict[int, float] |
             (f"; {r.remark}" if r.remark else "")
 
 
-def unit_report(row: UnitRow, rel_error: float, seconds: float, note: str, kept_dim: int | None = None) -> dict:
-    """The report row of a unit (``type: structured``); ``kept_dim`` defaults to the row's knob."""
+def unit_report(row: UnitRow, rel_error: float | None, seconds: float, note: str, kept_dim: int | None = None,
+                dropped_score_share: float | None = None) -> dict:
+    """The report row of a unit (``type: structured``); ``kept_dim`` defaults to the row's knob.
+
+    ``rel_error`` means what it means in every row, ``‖ΔY‖ / ‖Y‖`` of the unit's output on the calibration inputs
+    (MLP output, the v→o map's output; 0 for a unit kept whole), or None where it is not measured: a ``qk`` unit's
+    output is the attention logits over pairs of tokens, which its statistics (diagonals of C_Q, C_K) do not give.
+    A ``qk`` row has ``dropped_score_share`` instead: the share of the CR bound's pair scores its dropped dims carry
+    (``Σ dropped / Σ all``, over the KV groups)."""
     kept = row.knob if kept_dim is None else kept_dim
-    return {"name": row.name, "stage": row.stage, "method": row.method, "type": "structured", "unit": row.kind,
-            "block": row.block, "out_features": None, "in_features": None, "rank": None, "dense_dim": row.dim,
-            "kept_dim": kept, "kept_fraction_target": row.kept_fraction_target, "params_before": row.params_before,
-            "params_after": row.params_after if kept < row.dim else row.params_before, "rel_error": rel_error,
-            "seconds": round(seconds, 4), "note": (f"{row.note}; " if row.note else "") + note}
+    out = {"name": row.name, "stage": row.stage, "method": row.method, "type": "structured", "unit": row.kind,
+           "block": row.block, "out_features": None, "in_features": None, "rank": None, "dense_dim": row.dim,
+           "kept_dim": kept, "kept_fraction_target": row.kept_fraction_target, "params_before": row.params_before,
+           "params_after": row.params_after if kept < row.dim else row.params_before, "rel_error": rel_error}
+    if row.kind == "qk":
+        out["dropped_score_share"] = dropped_score_share if dropped_score_share is not None else \
+            (0.0 if kept >= row.dim else None)
+    return {**out, "seconds": round(seconds, 4), "note": (f"{row.note}; " if row.note else "") + note}

@@ -20,7 +20,16 @@ from rich.progress import Progress as _RichProgress
 # Fisher pass counts its samples; each is one phase with one line, not a line per step
 FAMILIES = {"calibration": "calibration tokens", "selfgen": "calibration tokens", "capture": "capture",
             "fisher": "fisher", "spectra": "allocation", "sensitivity": "allocation", "finetune": "finetune"}
-ERROR_TYPES = ("lowrank", "compensated")  # report rows whose rel_error measures a change (a dense row's is 0)
+# report rows whose rel_error measures a change (a dense row's is 0): ‖ΔY‖/‖Y‖ of the module's or unit's output
+ERROR_TYPES = ("lowrank", "compensated", "structured")
+
+
+def measured_errors(rows: list[dict], types=ERROR_TYPES) -> list[float]:
+    """The ``rel_error`` of the rows of ``types`` that changed something and measured it: not a structured unit
+    kept whole (``kept_dim == dense_dim``, like a dense row), not a row whose error is not measured (None: MoDeGPT's
+    q/k units, which report ``dropped_score_share`` instead)."""
+    return [r["rel_error"] for r in rows if r.get("type") in types and r.get("rel_error") is not None
+            and not (r.get("type") == "structured" and r.get("kept_dim") == r.get("dense_dim"))]
 
 _active: Progress | None = None
 
@@ -116,7 +125,7 @@ class Progress:
         if self.mode != "plain":
             self._in_block = None
             return
-        self._errors += [r["rel_error"] for r in rows if r.get("type") in ERROR_TYPES]
+        self._errors += measured_errors(rows)
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self._times.items())
         err = f", mean rel. error {sum(self._errors) / len(self._errors):.4f}" if self._errors else ""
         self._line(f"block {i + 1}/{self._n}: {now - self._in_block[1]:.1f} s"

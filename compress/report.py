@@ -8,8 +8,12 @@ from pathlib import Path
 
 from rich.table import Table
 
+from .progress import measured_errors
+
 CSV_FIELDS = ["name", "stage", "method", "type", "out_features", "in_features", "rank", "params_before",
               "params_after", "rel_error", "seconds", "note"]
+# columns written only when some row has the field (so other runs' CSV stays as it was), each after the column named
+OPTIONAL_CSV_FIELDS = {"dropped_score_share": "rel_error"}  # MoDeGPT's q/k units: their rel_error is not measured
 
 RATIO_DEFINITION = ("kept_fraction_of_targeted = parameters of the targeted decoder-block Linears after / before "
                     "(weights + biases); embeddings and lm_head are never targeted and are excluded from it")
@@ -95,10 +99,19 @@ def block_fractions(rows: list[dict]) -> list[dict]:
     return [out[k] for k in sorted(out)]
 
 
+def csv_fields(rows: list[dict]) -> list[str]:
+    """``CSV_FIELDS``, plus each optional field some row has (after its anchor column)."""
+    fields = list(CSV_FIELDS)
+    for name, after in OPTIONAL_CSV_FIELDS.items():
+        if any(name in r for r in rows):
+            fields.insert(fields.index(after) + 1, name)
+    return fields
+
+
 def write_report(directory: Path, report: dict) -> None:
     (directory / "lrc_report.json").write_text(json.dumps(report, indent=2))
     with open(directory / "lrc_modules.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=csv_fields(report["modules"]), extrasaction="ignore")
         w.writeheader()
         w.writerows(report["modules"])
 
@@ -123,7 +136,7 @@ def summary_table(report: dict) -> Table:
                                           f"(kept {t['kept_storage_fraction']:.4f}; values + support masks)")
     table.add_row("model params (all)", f"{mp['before']['total']:,} → {mp['after']['total']:,} "
                                         f"(kept {mp['kept_fraction_of_model']:.4f}, embeddings+head included)")
-    errs = [r["rel_error"] for r in report["modules"] if r["type"] == "lowrank"]
+    errs = measured_errors(report["modules"], ("lowrank", "structured"))
     blocks = report.get("blocks")
     if blocks:
         fr = [b["kept_fraction"] for b in blocks]

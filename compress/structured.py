@@ -264,10 +264,15 @@ def block_influence_phi(scores: torch.Tensor, phi_avg: float, epsilon: float, ph
 
 
 def kept_dims(d: int, kept_fraction: float, multiple: int = 1) -> int:
-    """Kept size of a dim of ``d``: ``kept_fraction · d`` rounded half-up to the nearest multiple of ``multiple``,
-    clamped to ``[multiple, largest multiple <= d]`` (k_m, k_vo: multiple 1; k_qk: multiple 2, RoPE pairs)."""
+    """Kept size of a dim of ``d``: ``⌈kept_fraction · d⌉`` rounded up to a multiple of ``multiple``, clamped to
+    ``[multiple, largest multiple <= d]`` (k_m, k_vo: multiple 1; k_qk: multiple 2, RoPE pairs).
+
+    MoDeGPT keeps ``k = ⌈(1 − φ)·d⌉`` dims (methods.md §5, types I and II), ``kept_fraction = 1 − φ`` (the stage's
+    ``param_ratio``, or ``1 − φ_l`` from block influence); q/k keep whole RoPE pairs, ``m = ⌈(1 − φ)·d / 2⌉``, so
+    never fewer than ``⌈(1 − φ)·d⌉`` dims. The product is rounded to 9 decimals first, so float round-off
+    (``0.7 · 10 = 7.000000000000001``) does not add a dim."""
     if multiple < 1 or d < multiple or not 0 <= kept_fraction <= 1:
         raise ValueError(f"kept_dims: need multiple >= 1, d >= multiple, 0 <= kept_fraction <= 1; got d={d}, "
                          f"kept_fraction={kept_fraction}, multiple={multiple}")
-    k = multiple * math.floor(kept_fraction * d / multiple + 0.5)
+    k = multiple * math.ceil(round(kept_fraction * d / multiple, 9))
     return int(min(max(k, multiple), (d // multiple) * multiple))

@@ -59,3 +59,15 @@ def test_saved_checkpoint_has_fewer_parameters(tiny_model_dir, corpus_file, tmp_
         stored = sum(f.get_tensor(k).numel() for k in f.keys())
     assert stored == report["model_params"]["after"]["total"]
     assert report["model_params"]["after"]["total"] < report["model_params"]["before"]["total"]
+
+
+def test_spec_missing_a_field_is_named_not_called_unknown():
+    """A known module type whose spec lacks a field its builder reads says which field (it used to be reported as
+    an unknown module type); an unknown type is still reported as one."""
+    from compress.checkpoint.modeling_lrc import build_module
+
+    with pytest.raises(ValueError, match="'lowrank' module spec has no 'rank' field"):
+        build_module({"type": "lowrank", "in_features": 8, "out_features": 8})
+    with pytest.raises(ValueError, match="unknown module type 'lowrnak'"):
+        build_module({"type": "lowrnak", "in_features": 8, "out_features": 8, "rank": 2})
+    assert build_module({"type": "lowrank", "in_features": 8, "out_features": 6, "rank": 2}).rank == 2

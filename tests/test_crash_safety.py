@@ -266,3 +266,76 @@ def test_fingerprint_sees_every_weight_and_not_the_path(tiny_model_dir, tmp_path
     with torch.no_grad():
         a.model.embed_tokens.weight[17, 5] += 1e-3  # one value (flat 1093), off a 4096-sample stride of 3
     assert model_fingerprint(a) != before
+
+
+# MoDeGPT: killed at random points of its units and of the block-influence pre-pass ---------------------------------
+
+class _Kill(BaseException):
+    """Like a SIGKILL or Ctrl-C: not an Exception, so nothing on the way may swallow it."""
+
+
+def test_modegpt_killed_at_random_points_resumes_byte_identical(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """Issue 22 (4.3): MoDeGPT (mlp, qk, vo units) with the non-uniform ``block_influence`` allocator; every phase
+    the run announces (calibration, capture, each block of the allocation pre-pass, and per block load, statistics
+    and rebuild of the attention and of the MLP, save) and each block's end is a kill point. The pre-pass ones and
+    a random third of the others are each killed once; ``resume`` must then write the uninterrupted run's
+    checkpoint bytes and the same report rows."""
+    import random
+
+    from compress.progress import Progress
+
+    model = str(tiny_model_dir("qwen2"))
+    recipe = tiny_recipe(corpus_file, "modegpt", param_ratio=0.6, allocator="block_influence",
+                         allocator_options={"epsilon": 0.02, "phi_max": 0.7})
+    seen, real = [], Progress.phase
+
+    def record(self, text):
+        seen.append(text)
+        return real(self, text)
+
+    monkeypatch.setattr(Progress, "phase", record)
+    monkeypatch.setattr(pipeline, "after_block", lambda i: seen.append(f"after block {i}"))
+    _, ref_report = api.compress(model, recipe, tmp_path / "ref", cache_dir=tmp_path / "c0", progress=False,
+                                 return_model=False)
+    monkeypatch.undo()
+    assert len({r["kept_dim"] for r in ref_report["modules"] if r["unit"] == "mlp"}) > 1  # blocks differ
+    prepass = [i for i, p in enumerate(seen) if p.startswith("spectra for allocation")]
+    units = [i for i, p in enumerate(seen) if p.startswith(("statistics", "rebuild"))]
+    assert len(prepass) == 3 and len(units) == 3 * 4, seen
+    ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()  # the report's timings differ
+           if p.name not in ("lrc_report.json", "lrc_modules.csv")}
+    assert "model.safetensors" in ref
+    rng = random.Random("kill-modegpt")
+    others = [i for i in range(len(seen)) if i not in prepass]
+    chosen = prepass + rng.sample(others, len(others) // 3)
+    rng.shuffle(chosen)
+    resumed = []
+
+    def rows(report):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in report["modules"]]
+
+    for k, at in enumerate(chosen):
+        count = {"n": 0}
+
+        def maybe_kill(self, text=None, at=at, count=count):
+            if count["n"] == at:
+                raise _Kill(seen[at])
+            count["n"] += 1
+            if text is not None:
+                return real(self, text)
+
+        monkeypatch.setattr(Progress, "phase", lambda self, text: maybe_kill(self, text))
+        monkeypatch.setattr(pipeline, "after_block", lambda i: maybe_kill(None))
+        out, cache = tmp_path / f"out{k}", tmp_path / f"c{k + 1}"
+        with pytest.raises(_Kill):
+            api.compress(model, recipe, out, cache_dir=cache, progress=False, return_model=False)
+        assert not out.exists()
+        monkeypatch.undo()
+        resume = (cache / "runs").is_dir() and any((cache / "runs").iterdir())  # a user resumes if anything is there
+        _, report = api.compress(model, recipe, out, resume=resume, cache_dir=cache, progress=False,
+                                 return_model=False)
+        for name, data in ref.items():
+            assert (out / name).read_bytes() == data, (seen[at], name)
+        assert rows(report) == rows(ref_report), seen[at]
+        resumed.append(report["resumed_from_block"])
+    assert 0 in resumed and any(0 < b < 3 for b in resumed), resumed  # from the start and from the middle

@@ -258,3 +258,25 @@ def test_residual_loss_allocation_is_the_greedy_optimum():
     best = min(tail(ks) for ks in itertools.product(*(range(1, min(m, n) + 1) for m, n in shapes))
                if sum(k * (m + n) for k, (m, n) in zip(ks, shapes)) <= budget)
     assert tail(chosen) <= best + 1e-12  # greedy by gain per parameter (exact here; in general up to one step)
+
+
+def test_compensate_refuses_a_resized_checkpoint_in_one_line(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """``lrc compensate DENSE MODEGPT_CKPT`` used to crash mid-run (modules matched by name, W − W_c of two
+    shapes); it is refused before any work, naming the module, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from compress import api
+    from compress.cli import app
+    from conftest import tiny_recipe
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+    dense = tiny_model_dir("llama")
+    api.compress(str(dense), tiny_recipe(corpus_file, method="modegpt", param_ratio=0.7), tmp_path / "modegpt",
+                 cache_dir=tmp_path / "c", progress=False)
+    res = CliRunner().invoke(app, ["compensate", str(dense), str(tmp_path / "modegpt"), "--rank", "2", "--calib",
+                                   str(corpus_file), "--samples", "4", "--seq-len", "16", "--out",
+                                   str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "EoRA repairs a module towards the dense module of the same shape" in res.output
+    assert "EoRA repairs" in res.output.strip().splitlines()[-1] and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()

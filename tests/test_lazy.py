@@ -109,6 +109,39 @@ def test_a_sharded_checkpoint_compresses_and_reloads(tiny_model_dir, corpus_file
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+def test_a_missing_shard_is_named_before_any_work(tiny_model_dir, corpus_file, tmp_path):
+    """A shard listed in the index but absent fails at load, naming the file, not when its block is reached."""
+    src = _eager(tiny_model_dir("llama"))
+    sharded = tmp_path / "sharded"
+    src.save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    shards[-1].unlink()
+    from compress.errors import LrcError
+
+    with pytest.raises(LrcError, match=f"{shards[-1].name}: shard file missing"):
+        lazy_model(sharded, torch.float32)
+    with pytest.raises(LrcError, match="shard file missing"):
+        api.compress(str(sharded), tiny_recipe(corpus_file), tmp_path / "out", cache_dir=tmp_path / "c",
+                     progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c" / "runs").exists()
+
+
+def test_non_persistent_buffers_survive_a_reload(tiny_model_dir):
+    """A block given back and loaded again keeps its non-persistent buffers (not in the checkpoint, so they cannot
+    be read back); parameters and persistent buffers are read again from the shards."""
+    model, lazy = lazy_model(tiny_model_dir("llama"), torch.float32)
+    block = lazy.load(0)
+    table = torch.arange(6.0)
+    block.self_attn.register_buffer("table", table.clone(), persistent=False)
+    want = block.mlp.down_proj.weight.detach().clone()
+    lazy.unload(0)
+    assert block.mlp.down_proj.weight.is_meta
+    lazy.load(0)
+    assert torch.equal(block.self_attn.table, table)
+    assert torch.equal(block.mlp.down_proj.weight, want)
+
+
 def _peak_rss_of_compress(model_dir: Path, recipe: Path, out: Path, cache: Path) -> float:
     """Peak RSS of one ``lrc compress`` process, as its report records it (its own ``VmHWM``, which the memory of
     this large test process, forked to start it, does not inflate)."""
@@ -119,11 +152,17 @@ def _peak_rss_of_compress(model_dir: Path, recipe: Path, out: Path, cache: Path)
     return json.loads((out / "lrc_report.json").read_text())["peak_rss_gib"] * 2**30
 
 
-def test_peak_memory_does_not_grow_with_depth(tokenizer, corpus_file, tmp_path):
+@pytest.mark.parametrize("generations", [0, None])
+def test_peak_memory_does_not_grow_with_depth(tokenizer, corpus_file, tmp_path, generations):
     """Random Llamas of 8 and 32 layers, same width: the 24 extra blocks hold far more than 10% of the shallow run's
-    peak RSS (checked), yet the two peaks are within 10% of each other."""
+    peak RSS (checked), yet the two peaks are within 10% of each other — without sample generations, and with the
+    recipe's default (``samples`` left out: 3 prompts answered by the compressed and the dense model, streamed block
+    by block where the whole models would raise the peak)."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(corpus_file, samples=4, seq_len=32).model_dump(mode="json")))
+    data = tiny_recipe(corpus_file, samples=4, seq_len=32).model_dump(mode="json")
+    if generations is None:
+        del data["samples"]
+    recipe.write_text(yaml.safe_dump(data))
     peaks, weights = {}, {}
     for layers in (8, 32):
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024,
@@ -138,5 +177,8 @@ def test_peak_memory_does_not_grow_with_depth(tokenizer, corpus_file, tmp_path):
         del model
         peaks[layers] = _peak_rss_of_compress(path, recipe, tmp_path / f"out-{layers}", tmp_path / "cache")
         assert (tmp_path / f"out-{layers}" / "model.safetensors").is_file()
+        report = json.loads((tmp_path / f"out-{layers}" / "lrc_report.json").read_text())
+        if generations is None:
+            assert len(report["samples"]["rows"]) == 3 and all("dense" in r for r in report["samples"]["rows"])
     assert weights[32] - weights[8] > 0.2 * peaks[8]  # an eager load would show the extra blocks
     assert abs(peaks[32] - peaks[8]) <= 0.1 * peaks[8], peaks

@@ -339,10 +339,15 @@ def test_cosine_influence():
 
 
 def test_kept_dims():
+    """k = ⌈(1 − φ)·d⌉ (methods.md §5), q/k in whole RoPE pairs (⌈(1 − φ)·d / 2⌉ pairs)."""
     assert kept_dims(100, 0.7) == 70
-    assert kept_dims(10, 0.25) == 3  # 2.5 rounds half-up
+    assert kept_dims(10, 0.7) == 7 and kept_dims(10, 1 - 0.7) == 3  # float round-off (7.000000000000001) adds none
+    assert kept_dims(10, 0.25) == 3  # 2.5 -> 3
+    assert kept_dims(96, 0.7) == 68  # 67.2 -> 68 (half-up rounding would keep 67)
+    assert kept_dims(100, 0.701) == 71  # 70.1 -> 71
     assert kept_dims(128, 0.7, 2) == 90  # 89.6 -> 90
-    assert kept_dims(128, 0.695, 2) == 88  # 88.96 -> nearest even is 88
+    assert kept_dims(128, 0.695, 2) == 90  # 88.96 -> 89 -> whole pairs: 90
+    assert kept_dims(128, 0.8, 2) == 104  # 102.4 -> 52 pairs (half-up rounding would keep 102)
     assert kept_dims(11008, 0.6) == 6605
     assert kept_dims(64, 0.0, 2) == 2 and kept_dims(64, 1.0, 2) == 64
     assert kept_dims(7, 1.0, 2) == 6  # never an odd/over-size result

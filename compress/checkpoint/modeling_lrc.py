@@ -79,11 +79,13 @@ MODULE_TYPES = {"lowrank": _lowrank, "dense": _dense, "compensated": _compensate
 
 def build_module(spec: dict, dtype=None, base: nn.Module | None = None) -> nn.Module:
     """An empty module of the structure ``spec`` describes (weights are loaded afterwards), replacing ``base``."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in MODULE_TYPES:
+        raise ValueError(f"lrc checkpoint: unknown module type {kind!r}; this loader knows {sorted(MODULE_TYPES)}")
     try:
-        return MODULE_TYPES[spec["type"]](spec, dtype=dtype, base=base)
-    except KeyError as e:
-        raise ValueError(f"lrc checkpoint: unknown module type {spec.get('type')!r}; this loader knows "
-                         f"{sorted(MODULE_TYPES)}") from e
+        return MODULE_TYPES[kind](spec, dtype=dtype, base=base)
+    except KeyError as e:  # a known type whose spec lacks a field its builder reads
+        raise ValueError(f"lrc checkpoint: a {kind!r} module spec has no {e.args[0]!r} field: {spec}") from None
 
 
 def apply_structure(model: nn.Module, modules: dict, prefix: str = "") -> None:

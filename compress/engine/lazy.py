@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..errors import LrcError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -83,8 +85,14 @@ class LazyBlocks:
         return block.to(device)
 
     def unload(self, i: int) -> None:
-        """Give block ``i``'s memory back: its tensors go to the meta device, its module structure stays."""
+        """Give block ``i``'s memory back: its parameters and persistent buffers go to the meta device, its module
+        structure stays. Non-persistent buffers (a per-attention rotary table, a causal mask) are not in the
+        checkpoint, so ``load`` could not read them back: they stay where they are (they are small)."""
+        kept = [(mod, name, mod._buffers[name]) for mod in self.blocks[i].modules()
+                for name in mod._non_persistent_buffers_set if mod._buffers.get(name) is not None]
         self.blocks[i].to("meta")
+        for mod, name, buf in kept:
+            mod._buffers[name] = buf
         self.loaded.discard(i)
 
     def unload_all(self) -> None:
@@ -116,14 +124,26 @@ class LazyBlocks:
                 self.load(i, x.device if isinstance(x, torch.Tensor) else "cpu")
         return hook
 
+    def stream(self) -> None:
+        """Give every block back as soon as its forward returns: a whole-model pass (a greedy generation) then holds
+        one block at a time, read again from the shards (page cache) on every call."""
+        def after(i: int):
+            def hook(module, args, output):
+                if i in self.loaded:
+                    self.unload(i)
+            return hook
+
+        self._hooks += [b.register_forward_hook(after(i)) for i, b in enumerate(self.blocks)]
+
     def remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
 
 
-def lazy_model(path: str | Path, dtype: torch.dtype):
+def lazy_model(path: str | Path, dtype: torch.dtype, lrc: bool = False):
     """``(skeleton model, LazyBlocks)`` for a local safetensors directory whose tensor names are the model's own, or
-    None (load it eagerly). Only the tensors outside the decoder blocks are read here."""
+    None (load it eagerly). Only the tensors outside the decoder blocks are read here. ``lrc``: the directory is an
+    lrc checkpoint (its skeleton holds the compressed modules; a dictionary shared across blocks loads eagerly)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -135,11 +155,24 @@ def lazy_model(path: str | Path, dtype: torch.dtype):
     files = weight_map(path)
     if files is None:
         return None
-    config = AutoConfig.from_pretrained(path)
+    missing = sorted({f for f in files.values() if not (path / f).is_file()})
+    if missing:  # found now, before any work, not when the block that lives in it is reached
+        raise LrcError(f"{path / missing[0]}: shard file missing (listed in {INDEX_FILE}"
+                       + (f"; {len(missing) - 1} more missing)" if len(missing) > 1 else ")"))
+    if lrc:
+        from ..checkpoint import load_config
+        from ..checkpoint.modeling_lrc import LrcForCausalLM
+
+        config = load_config(path)
+        if any(spec.get("shared_from") for spec in config.lrc["modules"].values()):
+            return None
+    else:
+        config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is not None:
         return None
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = (LrcForCausalLM._from_config(config, dtype=dtype) if lrc
+                 else AutoModelForCausalLM.from_config(config, dtype=dtype))
     model.tie_weights()
     state = model.state_dict(keep_vars=True)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # targets of a tie (the head): not stored
@@ -155,6 +188,10 @@ def lazy_model(path: str | Path, dtype: torch.dtype):
         lazy.remove_hooks()
         return None
     model.config._name_or_path = str(path)
+    if (path / "generation_config.json").is_file():  # what from_pretrained would read (end tokens for generate)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
     return model, lazy
 

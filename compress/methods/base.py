@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict
 from ..linalg import Spectrum
 
 METHODS: dict[str, type["Method"]] = {}
+# what a module is after a stage, in the words of ``lrc plan``'s refusals (``Method.acts_on``, ``Method.leaves``)
+MODULE_KINDS = {"dense": "a dense Linear", "lowrank": "a low-rank factorisation",
+                "dictionary": "a dictionary module", "shared-dictionary": "a dictionary shared across blocks (fitted "
+                "only when the group's last block is reached)", "reshaped": "a resized module (its input or output "
+                "dims shrunk)", "compensated": "a module with a residual path"}
 
 
 class MethodConfig(BaseModel):
@@ -40,9 +45,16 @@ class Method:
     # ``cost_args(row, block, num_blocks, value_bits)`` and ``build(target, bias, stats, row, dtype)``, which returns
     # the replacement module instead of a spectrum (CoSpaDi: ``methods/cospadi.py``)
     cost_model: ClassVar[str] = "lowrank"
+    # module kinds (``MODULE_KINDS``) a stage of this method can act on: a module an earlier stage left as another
+    # kind is refused by ``lrc plan`` in one line (``plan.check_order``), before any work
+    acts_on: ClassVar[frozenset[str]] = frozenset({"dense"})
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
+
+    def leaves(self) -> str:
+        """The kind (``MODULE_KINDS``) of a module this method compressed, as a later stage finds it."""
+        return "lowrank"
 
     def spectrum(self, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> Spectrum:
         """The (weighted) SVD of ``weight`` (float64, m x n) whose truncation is this method's rank-r solution."""

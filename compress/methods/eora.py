@@ -24,3 +24,9 @@ class EoRA(Method):
     config_cls = EoRAConfig
     needs = ("input_gram",)
     kind = "compensation"
+    # a residual repairs ΔW = W − W_c of the same shape, fitted as the block is compressed: not a resized module
+    # (MoDeGPT's) nor a shared dictionary (fitted blocks later, when its group is complete)
+    acts_on = frozenset({"dense", "lowrank", "dictionary", "compensated"})
+
+    def leaves(self) -> str:
+        return "compensated"

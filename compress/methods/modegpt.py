@@ -7,11 +7,13 @@ Three units per block, each solved in closed form on calibration statistics (fp6
   C_σ; gate/up keep those rows, down_proj becomes the Nyström (= least-squares) fit ``W_down C_σ S (Sᵀ C_σ S)^+``.
 - ``qk`` (type II, Alg. 2): keep k_qk head dims per KV group, scored by the CR bound √(C_Q,ii · C_K,ii) summed over
   RoPE pairs (i, i + d/2) so the kept set is closed under ``rotate_half``; the rebuilt attention gathers cos/sin at
-  the kept dims and keeps the scaling 1/√(original head dim). Exact for a pair-closed set.
+  the kept dims and keeps the scaling 1/√(original head dim). Exact for a pair-closed set. Its report row has no
+  ``rel_error`` (the logits' ‖ΔY‖/‖Y‖ is not measured) but ``dropped_score_share``, the CR bound's dropped share.
 - ``vo`` (type III, Alg. 3): per KV group, the rank-k_vo approximation of W_O,g W_V,g in the input-Gram-weighted
   norm (joint over the group's query heads under GQA); the v bias folds into an o bias.
 
-All three units of layer l keep the share ``1 − φ_l`` of their dims; ``φ_l`` comes from the stage's allocator:
+All three units of layer l keep ``⌈(1 − φ_l)·d⌉`` of their d dims (q/k: whole RoPE pairs, rounded up;
+``structured.kept_dims``); ``φ_l`` comes from the stage's allocator:
 ``uniform`` (φ_l = 1 − param_ratio) or MoDeGPT's ``block_influence`` (φ_l = L·φ_avg·softmax(−s_l/ε), capped).
 The statistics are declared per unit (``statistics``): the engine collects them in passes over the block, in call
 order, so the MLP's Gram is taken after the attention is compressed (``engine.sequential``) or from the dense
@@ -49,6 +51,9 @@ class MoDeGPT(Method):
     unit = "block"
     unit_kinds_all = ("mlp", "qk", "vo")
     needs = ("input_gram", "output_sq")  # what ``statistics`` declares per unit, for ``lrc methods``
+
+    def leaves(self) -> str:
+        return "reshaped"
 
     def unit_kinds(self) -> list[str]:
         return list(dict.fromkeys(self.config.modules))
@@ -109,8 +114,8 @@ class MoDeGPT(Method):
             ck = stats["output_sq"][row.members["k"]].double().view(Hkv, d)
             index = S.qk_pair_index(cq, ck, row.knob, H, Hkv).to(dev)
             Wq, bq, Wk, bk = S.select_qk(Wq, bq, Wk, bk, index, H, Hkv)
-            infos.append(_info(row, _score_dropped(cq, ck, index, H, Hkv), t0,
-                               f"kept {row.knob}/{d} q/k head dims ({row.knob // 2} RoPE pairs per KV group)"))
+            infos.append(_info(row, None, t0, f"kept {row.knob}/{d} q/k head dims ({row.knob // 2} RoPE pairs per "
+                               "KV group)", dropped_score_share=_score_dropped(cq, ck, index, H, Hkv)))
         Wv, bv, Wo, bo = (mods["v"].weight, mods["v"].bias, mods["o"].weight, mods["o"].bias)
         vo_dim = d
         if "vo" in rows and rows["vo"].factorize:
@@ -172,7 +177,9 @@ def _score_dropped(cq, ck, index, H, Hkv) -> float:
     return dropped / total if total > 0 else 0.0
 
 
-def _info(row, err: float, t0: float, note: str) -> dict:
+def _info(row, err: float | None, t0: float, note: str, **fields) -> dict:
+    """The unit's report row: ``err`` is ‖ΔY‖/‖Y‖ (None: not measured, q/k), ``fields`` the unit's own
+    (``dropped_score_share`` of q/k)."""
     from ..plan_units import unit_report
 
-    return unit_report(row, err, time.perf_counter() - t0, note)
+    return unit_report(row, err, time.perf_counter() - t0, note, **fields)
