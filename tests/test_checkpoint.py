@@ -71,3 +71,19 @@ def test_spec_missing_a_field_is_named_not_called_unknown():
     with pytest.raises(ValueError, match="unknown module type 'lowrnak'"):
         build_module({"type": "lowrnak", "in_features": 8, "out_features": 8, "rank": 2})
     assert build_module({"type": "lowrank", "in_features": 8, "out_features": 6, "rank": 2}).rank == 2
+
+
+def test_every_tokenizer_example_passes_the_remote_code_flag():
+    """transformers reads config.json (model type ``lrc``, remote ``AutoConfig``) before it picks a tokenizer, and
+    asks in a terminal whether to run the custom code: every example that loads a checkpoint's tokenizer, in the
+    README and in the model card lrc writes, passes ``trust_remote_code=True``."""
+    import re
+    from pathlib import Path
+
+    from compress.publish import card as card_module
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    card = Path(card_module.__file__).read_text()  # the card's example lines, as the code writes them
+    for text in (readme, card):
+        calls = re.findall(r"AutoTokenizer\.from_pretrained\(([^)]*)\)", text)
+        assert calls and all("trust_remote_code=True" in c for c in calls), calls
