@@ -117,8 +117,14 @@ def batch_omp(G: torch.Tensor, A0: torch.Tensor, s: int, chunk: int = 8192, per_
             else:
                 jitter = eps * schur.diagonal(dim1=1, dim2=2).mean(1).clamp_min(eps)
                 eye = torch.eye(b, dtype=dt, device=dev)
-                Ln = torch.linalg.cholesky_ex(schur + jitter.view(B, 1, 1) * eye)[0]
+                Ln, info = torch.linalg.cholesky_ex(schur + jitter.view(B, 1, 1) * eye)
                 inv = torch.linalg.solve_triangular(Ln, eye.expand(B, b, b), upper=False)
+                # a new atom (nearly) in the span of the chosen ones and those picked before it in this step: the
+                # factorisation failed (info > 0) or its pivot is the jitter alone, and L⁻¹ would blow up
+                own = diag[pick].clamp_min(eps)  # B × b: the new atoms' squared norms
+                bad = (info > 0) | (Ln.diagonal(dim1=1, dim2=2).square() <= eps * own + jitter.view(B, 1)).any(1)
+                if bad.any():
+                    inv[bad] = _inverse_factor(schur[bad], own[bad], eps)
             rows = -inv @ (W.transpose(1, 2) @ Lj)  # B × b × j: the new rows of L⁻¹
             Li[:, j:j + b, :j] = rows
             Li[:, j:j + b, j:j + b] = inv
@@ -134,6 +140,22 @@ def batch_omp(G: torch.Tensor, A0: torch.Tensor, s: int, chunk: int = 8192, per_
         index[c0:c0 + B] = idx
         coef[c0:c0 + B] = gamma
     return index, coef
+
+
+def _inverse_factor(S: torch.Tensor, own: torch.Tensor, eps: float) -> torch.Tensor:
+    """``L⁻¹`` of the Schur complements ``S`` (B × b × b) of a generalised-OMP step, one atom at a time as OMP extends
+    its factor: an atom whose pivot is below ``eps`` times its squared norm ``own`` (B × b), i.e. in the span of the
+    atoms chosen before it, gets a zero row (a structural zero coefficient) instead of a blown-up one."""
+    B, b, _ = S.shape
+    M = torch.zeros_like(S)
+    for c in range(b):
+        w = (M[:, :c, :c] @ S[:, :c, c:c + 1]).squeeze(2)  # B × c
+        d = S[:, c, c] - (w * w).sum(1)
+        ok = d > eps * own[:, c]
+        r = torch.where(ok, d.clamp_min(eps).rsqrt(), torch.zeros_like(d))  # B
+        M[:, c, :c] = -r.unsqueeze(1) * (w.unsqueeze(1) @ M[:, :c, :c]).squeeze(1)
+        M[:, c, c] = r
+    return M
 
 
 def omp_reference(D: torch.Tensor, x: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,6 +130,114 @@ def test_shared_dictionary_round_trip_and_resume(tiny_model_dir, corpus_file, tm
     assert sorted(r["name"] for r in rep2["modules"]) == sorted(rows)
 
 
+@pytest.mark.parametrize("ignore,owners", [
+    (r"layers\.0\.self_attn\.q_proj", {"model.layers.1.self_attn.q_proj"}),  # the group's first member excluded
+    (r"layers\.1\.mlp\.down_proj", {"model.layers.0.mlp.down_proj"}),  # a middle one: 2 layers share, not 3
+])
+def test_shared_group_with_an_excluded_member_keeps_the_budget(ignore, owners, tiny_model_dir, corpus_file,
+                                                               tmp_path):
+    """Issue 22 (4): a member of a shared group left out by ``ignore`` (or ``targets``). The group is sized from its
+    present members and the one that owns the dictionary counts it: the plan's parameters are what the checkpoint
+    stores, and the kept storage stays within the budget."""
+    model_dir = str(tiny_model_dir("llama"))
+    recipe = cospadi(corpus_file, 0.6, share="layers", group_size=3)
+    recipe.stages[0].ignore = [ignore]
+    plan = make_plan(AutoModelForCausalLM.from_pretrained(model_dir), recipe)
+    out = tmp_path / "ck"
+    model, report = api.compress(model_dir, recipe, out, cache_dir=tmp_path / "c", progress=False)
+    rows = {r["name"]: r for r in report["modules"]}
+    assert sorted(rows) == sorted(r.name for r in plan) and len(rows) == 20
+    plan_rows = {r.name: r for r in plan}
+    suffix = ".".join(next(iter(owners)).split(".")[-2:])
+    for name, row in rows.items():
+        mod = model.get_submodule(name)
+        assert isinstance(mod, DictLinear)
+        assert sum(p.numel() for p in mod.parameters()) == row["params_after"] == plan_rows[name].params_after, name
+        assert row["storage_bytes"] == saved_bytes(out, name), name
+        if name.endswith(suffix):
+            assert (mod.shared_from is None) == (name in owners), name
+            assert plan_rows[name].cost_args["owner"] == (name in owners), name
+    group = [r for n, r in rows.items() if n.endswith(suffix)]
+    assert len(group) == 2 and all(r["rank"] == plan_rows[r["name"]].rank for r in group)
+    assert sum(r["storage_bytes"] for r in group) <= 0.6 * sum(4 * r["params_before"] for r in group)  # fp32
+    t = report["targeted"]
+    assert t["params_after"] == sum(sum(p.numel() for p in model.get_submodule(n).parameters())
+                                             for n in rows)
+    assert t["storage_bytes_after"] == sum(saved_bytes(out, n) for n in rows)
+    assert t["kept_storage_fraction"] <= 0.6
+
+
+@pytest.mark.parametrize("how", ["argument", "engine.device"])
+def test_shared_dictionary_fit_runs_on_the_engine_device(how, tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """Issue 22 (5): the shared fit went to the CPU whatever ``engine.device`` said. Its inputs now go to the device
+    given to ``SharedGroups`` (by default the recipe's ``engine.device``, as the block loop resolves it); ``meta``
+    stands for an accelerator here, and a spy on the fit records where its tensors are."""
+    from compress.engine.cache import RunCache
+    from compress.engine.shared import SharedGroups
+    from compress.methods.cospadi import CoSpaDi
+
+    class Stop(Exception):
+        pass
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    recipe = cospadi(corpus_file, 0.6, share="layers", group_size=2)
+    plan = make_plan(model, recipe)
+    cache = RunCache(tmp_path, "0" * 24, resume=False)
+    if how == "argument":
+        shared = SharedGroups(plan, recipe, cache, device="meta")
+    else:
+        recipe.engine.device = "meta"
+        shared = SharedGroups(plan, recipe, cache)
+    assert shared.device == torch.device("meta")
+    rows = [r for r in plan if r.block in (0, 1) and r.name.endswith("q_proj")]
+    for r in rows:
+        gram = torch.eye(r.in_features, dtype=torch.float64)
+        shared.stash(r, model.get_submodule(r.name), gram)
+    seen = []
+
+    def spy(self, weights, grams, k):
+        seen.append(sorted({t.device.type for t in [*weights, *grams]}))
+        raise Stop
+
+    monkeypatch.setattr(CoSpaDi, "fit", spy)
+    shared.groups = {key: g for key, g in shared.groups.items() if key[2] == "self_attn.q_proj"}
+    with pytest.raises(Stop):
+        shared.finish(1, lambda j: model.model.layers[j], "model.layers")
+    assert seen == [["meta"]]
+
+
+def test_shared_dictionary_fit_on_the_cpu_is_unchanged(tiny_model_dir, corpus_file, tmp_path):
+    """The same group fitted through ``SharedGroups`` on the CPU and by the method directly: the same tensors."""
+    from compress.checkpoint.modeling_lrc import DictLinear as DL_
+    from compress.engine.cache import RunCache
+    from compress.engine.shared import SharedGroups
+    from compress.methods.cospadi import CoSpaDi
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    recipe = cospadi(corpus_file, 0.6, share="layers", group_size=2)
+    plan = make_plan(model, recipe)
+    shared = SharedGroups(plan, recipe, RunCache(tmp_path, "0" * 24, resume=False), device="cpu")
+    shared.groups = {key: g for key, g in shared.groups.items() if key[2] == "self_attn.q_proj"}
+    rows = shared.groups[(0, 0, "self_attn.q_proj")]
+    g = torch.Generator().manual_seed(0)
+    grams, weights = [], []
+    for r in rows:
+        x = torch.randn(50, r.in_features, generator=g, dtype=torch.float64)
+        grams.append(x.T @ x)
+        weights.append(model.get_submodule(r.name).weight.detach().clone())
+        shared.stash(r, model.get_submodule(r.name), grams[-1])
+    shared.finish(1, lambda j: model.model.layers[j], "model.layers")
+    fit, wh = CoSpaDi(recipe.method_config(0)).fit(weights, grams, rows[0].rank)
+    D = wh.dewhiten(fit.D.double()).T.contiguous().float()
+    m = rows[0].out_features
+    for j, r in enumerate(rows):
+        mod = model.get_submodule(r.name)
+        assert isinstance(mod, DL_) and torch.equal(mod.dict_weight, D)
+        ref = DL_.from_sparse(D, fit.index[j * m:(j + 1) * m], fit.coef[j * m:(j + 1) * m].double(), None,
+                              dtype=torch.float32)
+        assert torch.equal(mod.values, ref.values) and torch.equal(mod.mask, ref.mask)
+
+
 def test_eora_on_top_of_dictionary_modules(tiny_model_dir, corpus_file, tokenizer, tmp_path):
     data = cospadi(corpus_file, 0.5).model_dump(mode="json")
     data["stages"].append({"method": "eora", "rank": 4})

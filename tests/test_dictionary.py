@@ -78,6 +78,47 @@ def test_generalised_omp_gives_least_squares_coefficients_on_its_support():
         assert torch.allclose(coef[j], ls, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_step", [2, 4])
+def test_generalised_omp_with_atoms_in_the_span_stays_least_squares(per_step, dtype):
+    """Issue 22 (10a), confirmed: a dictionary of rank 4 in 8 dimensions (every atom in the span of 4 others, one
+    duplicate) makes the block Cholesky of a generalised-OMP step fail (``cholesky_ex``'s ``info``) or pivot on the
+    jitter alone; its ``L⁻¹`` blew up (coefficients ~1e19, errors ~1e4 × the signal). Such an atom now gets a
+    structural zero, as in OMP with one atom per step: finite coefficients, the best error on the support."""
+    n, k, m, s = 8, 24, 300, 6
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for seed in range(16):  # before the fix, float64 blew up at seeds 2, 7, 10..., float32 at 8, 13... (per_step 2)
+        g = torch.Generator().manual_seed(seed)
+        D = torch.randn(n, 4, generator=g, dtype=torch.float64) @ torch.randn(4, k, generator=g, dtype=torch.float64)
+        D[:, 1] = D[:, 0]
+        D = D / D.norm(dim=0)
+        X = torch.randn(n, m, generator=g, dtype=torch.float64)
+        best = (X - D @ torch.linalg.pinv(D) @ X).norm(dim=0)  # the span of all atoms: 4 of them reach it
+        D, X = D.to(dtype), X.to(dtype)
+        index, coef = DL.batch_omp(D.T @ D, D.T @ X, s, per_step=per_step)
+        assert all(len(set(r.tolist())) == s for r in index)
+        assert torch.isfinite(coef).all() and coef.abs().max() < 100, (seed, float(coef.abs().max()))
+        err = (X - D @ DL.codes_matrix(index, coef, k)).double().norm(dim=0)
+        assert (err - best).max() <= tol * X.double().norm(dim=0).max(), seed
+
+
+def test_generalised_omp_on_a_well_conditioned_dictionary_never_takes_the_span_fallback(monkeypatch):
+    """The fallback of a failed block factorisation runs only where one fails: well-conditioned problems keep the
+    block Cholesky's results bit for bit."""
+    def forbidden(*args):
+        raise AssertionError("span fallback on a well-conditioned dictionary")
+
+    monkeypatch.setattr(DL, "_inverse_factor", forbidden)
+    n, k, m, s = 30, 40, 25, 9
+    D, X, _ = _atoms_and_signals(n, k, m, seed=2)
+    for per_step in (2, 4, 9):
+        DL.batch_omp(D.T @ D, D.T @ X, s, per_step=per_step)
+        DL.batch_omp((D.T @ D).float(), (D.T @ X).float(), s, per_step=per_step)
+    W, _, H = _problem(n=32, m=64)
+    WL = DL.whitening(H).R @ W.T
+    DL.learn_dictionary(WL.float(), 16, 8, iters=4, per_step=4)
+
+
 def test_ksvd_update_returns_the_residual_and_never_increases_it():
     g = torch.Generator().manual_seed(3)
     WL = torch.randn(20, 50, generator=g, dtype=torch.float64)

@@ -64,6 +64,8 @@ class RunCache:
         if not resume and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.existed:
+            self.roll_forward()
 
     # activations ---------------------------------------------------------------------------------------------
     def acts_path(self, i: int, stream: str = "acts") -> Path:
@@ -123,20 +125,40 @@ class RunCache:
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
         """Write block ``i``'s weights and flush them, then mark it finished with a JSON that records the size and
-        checksum of every file a resume at block ``i + 1`` reads."""
+        checksum of every file a resume at block ``i + 1`` reads. A block saved again (a shared group's earlier block,
+        now holding its DictLinear) is staged beside the old files (``block_<i>.next.*``) and committed by the
+        rename of its JSON: a crash before it leaves the old block whole, one after it is rolled forward."""
         st = self.dir / f"block_{i}.safetensors"
-        save_tensors(st, tensors)  # flushed to disk: the result
+        again = self.block_done(i)
+        target = self.dir / f"block_{i}.next.safetensors" if again else st
+        save_tensors(target, tensors)  # flushed to disk: the result
         acts = sorted(self.dir.glob(f"*_{i + 1}.bin"))
-        needed = [st, *acts, *sorted(self.dir.glob("kwargs*.pt"))]
+        needed = [*acts, *sorted(self.dir.glob("kwargs*.pt"))]
         # the next block's inputs are not forced to disk: a crashed process leaves them whole in the page cache; a
         # crashed machine may not, and then their recorded checksum tells ``--resume`` (the run starts over)
-        info = {**info, "files": {p.name: digest(p) for p in needed}}
-        tmp = self.dir / f"block_{i}.json.tmp"
+        info = {**info, "files": {st.name: digest(target), **{p.name: digest(p) for p in needed}}}
+        name = f"block_{i}.next.json" if again else f"block_{i}.json"
+        tmp = self.dir / f"{name}.tmp"
         with open(tmp, "w") as f:
             f.write(json.dumps(info))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.dir / f"block_{i}.json")
+        os.replace(tmp, self.dir / name)
+        fsync_dir(self.dir)
+        if again:
+            self.roll_forward()
+
+    def roll_forward(self) -> None:
+        """Finish the second saves committed (``block_<i>.next.json`` written) but not yet moved into place; drop
+        the staged weights of one never committed."""
+        for nj in sorted(self.dir.glob("block_*.next.json")):
+            i = nj.name.split("_", 1)[1].split(".", 1)[0]
+            staged = self.dir / f"block_{i}.next.safetensors"
+            if staged.is_file():
+                os.replace(staged, self.dir / f"block_{i}.safetensors")
+            os.replace(nj, self.dir / f"block_{i}.json")
+        for staged in self.dir.glob("block_*.next.safetensors"):
+            staged.unlink()
         fsync_dir(self.dir)
 
     def _info(self, i: int) -> dict:

@@ -55,15 +55,33 @@ class CoSpaDi(Method):
     unit_kinds_all = ("dictionary",)
     cost_model = "dictionary"
 
+    def __init__(self, config: CoSpaDiConfig | None = None):
+        super().__init__(config)
+        self._groups: dict[tuple[int, str], list[tuple[int, dict]]] = {}  # (first block, projection) -> members
+
     def cost_args(self, row, block: int, num_blocks: int, value_bits: int) -> dict:
-        """The row's ``cost_args`` for ``allocation/dictionary.py`` (sharing groups are runs of blocks)."""
+        """The row's ``cost_args`` for ``allocation/dictionary.py`` (sharing groups are runs of blocks).
+
+        With ``share: layers`` the group is the rows planned so far for the same projection of the same run of
+        blocks: ``layers`` counts its PRESENT members and ``owner`` marks the first of them (the one the engine gives
+        the dictionary, ``engine/shared.py``), so a member left out by ``targets``/``ignore`` neither inflates ``k``
+        nor takes the dictionary's ``n·k`` values out of the plan. ``make_plan`` calls this for every row of a stage
+        (one method instance) before it allocates; the args of a group's earlier rows are updated in place as later
+        members arrive."""
         cfg = self.config
         args = {"rho": cfg.rho, "value_bits": value_bits, "mask_bits": 1.0}
         if cfg.share == "layers":
             first = block - block % cfg.group_size
-            args |= {"layers": min(cfg.group_size, num_blocks - first), "owner": block == first,
-                     "group_first": first}
+            suffix = row.name.split(f".{block}.", 1)[-1]
+            members = self._groups.setdefault((first, suffix), [])
+            members[:] = [m for m in members if m[0] != block] + [(block, args)]
+            members.sort(key=lambda m: m[0])
+            for b, a in members:
+                a |= {"layers": len(members), "owner": b == members[0][0], "group_first": first}
         return args
+
+    def leaves(self) -> str:
+        return "shared-dictionary" if self.config.share == "layers" else "dictionary"
 
     def check_stage(self, stage, si: int) -> str | None:
         """A reason the stage cannot run, or None."""
