@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-VOLATILE = {"seconds", "phase_seconds", "block_phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model"}
+VOLATILE = {"seconds", "phase_seconds", "block_phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model",
+            "seconds_omp", "seconds_update"}
 # Version strings stamped by other libraries: what the lock pins (requirements.lock), not what lrc decides. A new
 # transformers writes its own version into config.json although not one weight moves; the fingerprints leave these
 # out, and a pin change that does move a byte lrc writes is caught by the weights, lrc's config or the report.
@@ -42,6 +43,12 @@ CASES = {
     "dense-objective": {"engine": {"objective": "dense"}, "stages": [{"method": "svd-llm", "param_ratio": 0.8}]},
     "original-propagation": {"engine": {"propagate": "original", "sequential": False},
                              "stages": [{"method": "svd", "param_ratio": 0.7, "align": 8}]},
+    # recorded by issue 22 (methods that came after the protocol was generalised)
+    "modegpt": {"stages": [{"method": "modegpt", "param_ratio": 0.75}]},
+    "modegpt-influence": {"stages": [{"method": "modegpt", "param_ratio": 0.75, "allocator": "block_influence"}]},
+    "cospadi": {"stages": [{"method": "cospadi", "param_ratio": 0.8, "options": {"iterations": 4}}]},
+    "cospadi-shared": {"stages": [{"method": "cospadi", "param_ratio": 0.8,
+                                   "options": {"iterations": 4, "share": "layers"}}]},
 }
 
 
@@ -70,7 +77,7 @@ def fingerprint(directory: Path) -> dict:
     table = directory / "lrc_modules.csv"
     if table.is_file():
         rows = list(csv.DictReader(io.StringIO(table.read_text())))
-        out["lrc_modules.csv"] = _sha(json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+        out["lrc_modules.csv"] = _sha(json.dumps([{k: v for k, v in r.items() if k not in VOLATILE} for r in rows])
                                       .encode())
     return out
 

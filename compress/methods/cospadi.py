@@ -119,8 +119,8 @@ class CoSpaDi(Method):
     @staticmethod
     def fit_info(fit: DL.DictFit, wh: DL.Whitening, seconds: float) -> dict:
         errs = fit.errors
-        note = (f"{fit.iterations} rounds, whitened error {errs[0]:.4f} -> {min(errs):.4f}; "
-                f"OMP {fit.seconds['omp']:.1f} s, atom update {fit.seconds['update']:.1f} s")
+        # the OMP and atom-update times are the row's seconds_omp / seconds_update: the note holds what the run decided
+        note = f"{fit.iterations} rounds, whitened error {errs[0]:.4f} -> {min(errs):.4f}"
         if fit.unused_atoms:
             note += f"; {fit.unused_atoms} unused atoms"
         if wh.dropped:
