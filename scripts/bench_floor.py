@@ -139,6 +139,14 @@ def floor(model, ids: torch.Tensor, batch: int, sequential: bool, ratio: float) 
     return {k: round(v, 2) for k, v in t.items()}
 
 
+def _spread(r: dict) -> str:
+    """`` [lo–hi] (median of n)`` where the row holds several runs; nothing for a single run."""
+    if r.get("repeats", 1) < 2:
+        return " (1 run)"
+    lo, hi = r["ratio_range"]
+    return f" [{lo:.2f}–{hi:.2f}] (median of {r['repeats']})"
+
+
 def markdown(rows: list[dict]) -> str:
     """One row per measured setting: the floor's parts, lrc's block loop and its phases, the ratios."""
     lines = ["| setting | forward | Grams | decompositions | floor | lrc blocks | lrc / floor | sequential prefixes | "
@@ -151,7 +159,7 @@ def markdown(rows: list[dict]) -> str:
                if "floor_sequential_s" in r else "– | –")
         lines.append(f"| {r['setting']} ({r['model']}, {r['tokens']} tokens) | {f['forward']:.1f} s | {f['grams']:.1f} s | "
                      f"{f['decompositions']:.1f} s | {r['floor_one_forward_s']:.1f} s | {r['lrc_blocks_s']:.1f} s | "
-                     f"**{r['ratio_to_one_forward_floor']:.2f}×** | {seq} | {phases} s |")
+                     f"**{r['ratio_to_one_forward_floor']:.2f}×**{_spread(r)} | {seq} | {phases} s |")
     return "\n".join(lines)
 
 
@@ -161,6 +169,8 @@ def main() -> None:
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "svd-llm.yaml"))
     p.add_argument("--calib", default="selfgen")
     p.add_argument("--one-pass", action="store_true", help="sequential: false, propagate: original")
+    p.add_argument("--repeats", type=int, default=3, help="floor and lrc timed this many times, alternating; the "
+                                                          "row reports the median ratio and its range")
     p.add_argument("--jsonl", type=Path)
     a = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -170,26 +180,38 @@ def main() -> None:
     model, tok, _ = load_model(a.model, recipe.model.dtype)
     ids = calibration_tokens(model, tok, recipe.calibration, cache_root(), recipe.engine.batch_size)
     sequential = recipe.engine.sequential
-    fl = floor(model, ids, recipe.engine.batch_size, sequential, recipe.stages[0].param_ratio)
-    base = fl["grams"] + fl["decompositions"]
-    floor_one = fl["forward"] + base
-    floor_seq = fl["forward"] + fl["sequential_prefixes"] + base  # prefixes, then the outputs' full pass
-    net = copy.deepcopy(model)
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ.setdefault("LRC_CACHE", str(cache_root()))
-        report = compress_model(net, recipe, tok, cache_dir=cache)
-    blocks = report["phase_seconds"]["blocks"]
+    runs = []
+    for rep in range(a.repeats):  # floor, then lrc, alternating: a slow spell of the machine hits both
+        fl = floor(model, ids, recipe.engine.batch_size, sequential, recipe.stages[0].param_ratio)
+        net = copy.deepcopy(model)
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ.setdefault("LRC_CACHE", str(cache_root()))
+            report = compress_model(net, recipe, tok, cache_dir=cache)
+        del net
+        base = fl["grams"] + fl["decompositions"]
+        runs.append({"floor": fl, "floor_one": fl["forward"] + base,
+                     "floor_seq": fl["forward"] + fl["sequential_prefixes"] + base,  # prefixes, then the full pass
+                     "blocks": report["phase_seconds"]["blocks"], "phases": report["block_phase_seconds"]})
+        print(f"run {rep + 1}/{a.repeats}: lrc blocks {runs[-1]['blocks']:.1f} s, floor {runs[-1]['floor_one']:.1f} s "
+              f"({runs[-1]['blocks'] / runs[-1]['floor_one']:.2f}x); decompose {report['block_phase_seconds']['decompose']:.1f} s "
+              f"against {fl['decompositions']:.1f} s", file=sys.stderr)
+    ratios = sorted(r["blocks"] / r["floor_one"] for r in runs)
+    mid = sorted(runs, key=lambda r: r["blocks"] / r["floor_one"])[len(runs) // 2]  # the median run's figures
     setting = "one-pass" if a.one_pass else "default"
     if sequential and not lockstep_enabled():
         setting += " (prefix passes)"
     res = {"bench": "floor", "model": a.model, "setting": setting,
-           "tokens": int(ids.numel()), "threads": torch.get_num_threads(), "floor": fl,
-           "floor_one_forward_s": round(floor_one, 2), "lrc_blocks_s": round(blocks, 2),
-           "lrc_block_phases": report["block_phase_seconds"], "ratio_to_one_forward_floor": round(blocks / floor_one, 3),
+           "tokens": int(ids.numel()), "threads": torch.get_num_threads(), "floor": mid["floor"],
+           "floor_one_forward_s": round(mid["floor_one"], 2), "lrc_blocks_s": round(mid["blocks"], 2),
+           "lrc_block_phases": mid["phases"], "ratio_to_one_forward_floor": round(mid["blocks"] / mid["floor_one"], 3),
+           "repeats": len(runs), "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+           "runs": [{"floor_one_forward_s": round(r["floor_one"], 2), "lrc_blocks_s": round(r["blocks"], 2),
+                     "decompose_s": r["phases"]["decompose"], "floor_decompositions_s": r["floor"]["decompositions"]}
+                    for r in runs],
            "load_average": round(os.getloadavg()[0], 2)}
     if sequential:
-        res["floor_sequential_s"] = round(floor_seq, 2)
-        res["ratio_to_sequential_floor"] = round(blocks / floor_seq, 3)
+        res["floor_sequential_s"] = round(mid["floor_seq"], 2)
+        res["ratio_to_sequential_floor"] = round(mid["blocks"] / mid["floor_seq"], 3)
     print(json.dumps(res, indent=2))
     if a.jsonl:
         with open(a.jsonl, "a") as f:
