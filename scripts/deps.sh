@@ -25,6 +25,8 @@ echo "versions that differ from requirements.lock:"
 diff <(grep -v '^#' requirements.lock) <(freeze) | grep '^[<>]' || echo "  (none)"
 HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest -q
 if [ "$mode" = refresh ]; then
-  { head -2 requirements.lock; freeze; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+  { echo "# Exact versions CI passed with (pip constraints: pip install -c requirements.lock ...). pyproject.toml keeps ranges"
+    echo "# for library users; refresh it with \`bash scripts/deps.sh refresh\` (README \"Setup\"). Refreshed $(date -u +%F)."
+    freeze; } > requirements.lock.new && mv requirements.lock.new requirements.lock
   echo "requirements.lock refreshed from $venv; commit it (with any goldens the new pins re-recorded)"
 fi
