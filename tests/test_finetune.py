@@ -314,3 +314,35 @@ def test_small_data_file_trains_and_one_window_is_one_line(checkpoint, tmp_path,
     assert result.exit_code != 0 and result.output.strip().count("\n") == 0, result.output
     assert result.output.startswith("error:") and "small.txt" in result.output and "1 window" in result.output
     assert not (tmp_path / "one").exists()
+
+
+@needs_shared()
+def test_streamed_teacher_gives_the_same_logits_and_training(tmp_path, monkeypatch):
+    """The distillation teacher streams its blocks (one in memory per forward, read again from its safetensors):
+    its logits equal the whole model's bit for bit, so a distillation trains to the same weights, byte for byte, as
+    with the whole teacher in memory (which it no longer holds: issue 22, the fine-tune's peak memory)."""
+    import compress.finetune as ft
+    from compress.models import load_model
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    streamed = ft.streamed_teacher(str(STORIES), "float32")
+    whole = load_model(str(STORIES))[0]
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(streamed(x).logits, whole(x).logits)
+    assert all(p.is_meta for p in streamed.model.layers.parameters())  # every block given back
+    text = tmp_path / "stories.txt"
+    text.write_text("\n\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60)) for i in range(40)))
+    ckpt = tmp_path / "ckpt"
+    api.compress(str(STORIES), tiny_recipe(text, param_ratio=0.5, samples=8, seq_len=64), ckpt,
+                 cache_dir=tmp_path / "c", progress=False, return_model=False)
+    cfg = FinetuneConfig(data=str(text), loss="distill", steps=3, lr=1e-3, warmup=1, batch_size=2, seq_len=64,
+                         holdout=2)
+    used = []
+    real = ft.streamed_teacher
+    monkeypatch.setattr(ft, "streamed_teacher", lambda *a: used.append(1) or real(*a))
+    finetune(str(ckpt), cfg, tmp_path / "a", device="cpu")
+    monkeypatch.setattr(ft, "streamed_teacher", lambda *a: None)  # the whole teacher, as before
+    finetune(str(ckpt), cfg, tmp_path / "b", device="cpu")
+    assert used
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

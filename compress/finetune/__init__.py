@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from .config import FinetuneConfig
 
 __all__ = ["FinetuneConfig", "finetune", "run_state", "train_model"]
@@ -52,6 +54,24 @@ def _windows(tokenizer, cfg: FinetuneConfig, teacher):
     return calibration_tokens(teacher, tokenizer, calib, cache_root())  # cached: a compress run's are reused
 
 
+def streamed_teacher(spec: str, dtype: str):
+    """The dense teacher as a meta-device skeleton whose decoder blocks are read from its safetensors one at a time
+    for each forward and given back after it (``engine/lazy.py``, ``LazyBlocks.stream``): the distillation's logits
+    are the whole model's, bit for bit, while the teacher holds one block, its embeddings and its head instead of
+    all of it (issue 22: the fine-tune's peak memory). None where the model is not a local safetensors directory."""
+    from ..engine.lazy import lazy_model
+    from ..models import DTYPES, resolve_model_path
+
+    loaded = lazy_model(resolve_model_path(spec), DTYPES[dtype])
+    if loaded is None:
+        return None
+    teacher, lazy = loaded
+    lazy.stream()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teacher_spec: str | None = None,
                 resume: bool = False, log=None, stop_at: int | None = None, dtype: str = "float32",
                 windows=None) -> dict:
@@ -79,6 +99,8 @@ def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teac
         windows = _windows(tokenizer, cfg, teacher)
     if cfg.loss != "distill":
         teacher = None
+    elif torch.device(device).type == "cpu":  # the teacher's blocks one at a time from here on (same logits)
+        teacher = streamed_teacher(cfg.teacher or teacher_spec, dtype) or teacher
     train_windows, held = split(windows, cfg.holdout, cfg.seed, cfg.data)
     trained = select(model, cfg.train)
     model.to(device)
