@@ -78,16 +78,6 @@ def _weight_bytes(path: str) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
-def _current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def streamed_samples(tmp: Path, model_spec: str, tokenizer, n: int, dtype: str, device) -> dict:
     """The sample generations (compressed, then dense). The models are loaded whole when both together stay under
     the peak memory the compression already reached; else (a CPU run) each generates block by block, one decoder
@@ -96,11 +86,11 @@ def streamed_samples(tmp: Path, model_spec: str, tokenizer, n: int, dtype: str, 
     from .engine.lazy import lazy_model
     from .eval.samples import generate, side_by_side
     from .models import DTYPES, load_model, resolve_model_path
-    from .report import peak_rss_gib
+    from .report import peak_rss_gib, rss_gib
 
     dense_path = resolve_model_path(model_spec)
     sizes = [_weight_bytes(str(tmp)), _weight_bytes(dense_path)]
-    room = peak_rss_gib() * 2**30 - _current_rss_bytes()
+    room = (peak_rss_gib() - rss_gib()) * 2**30
     # both models counted: the allocator need not hand the first one's memory back before the second loads; a
     # tenth more and 64 MiB for what a generation allocates besides the weights
     stream = device.type == "cpu" and None not in sizes and 1.1 * sum(sizes) + 2**26 > room

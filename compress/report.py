@@ -33,16 +33,27 @@ def count_params(model) -> dict:
     return {"total": total, "embeddings_and_head": n_emb, "excluding_embeddings_and_head": total - n_emb}
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory since it started its program: Linux's ``VmHWM``. (``ru_maxrss`` also
-    counts the memory of the parent it was forked from, e.g. a large Python process that ran ``lrc``.)"""
+def _status_gib(field: str) -> float | None:
+    """A memory field of Linux's ``/proc/self/status`` in GiB (None elsewhere)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return None
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since it started its program: Linux's ``VmHWM``. (``ru_maxrss`` also
+    counts the memory of the parent it was forked from, e.g. a large Python process that ran ``lrc``.)"""
+    peak = _status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_gib() -> float:
+    """This process's resident memory now (``VmRSS``; 0 where the system does not say)."""
+    return _status_gib("VmRSS") or 0.0
 
 
 def build_report(rows: list[dict], before: dict, after: dict, extra: dict, bytes_per_param: float = 2) -> dict:
