@@ -2,9 +2,9 @@
 place: the recipe's recovery fine-tuning (``finetune``: the model trained and written again), its evaluation
 (``eval``) and the sample generations (``samples``, dense beside compressed), in that order, each on the checkpoint
 as written. Fine-tuning and evaluation hold the model whole in memory. The samples alone (the default) do so only
-where the larger of the two models fits under the peak memory the compression itself reached; otherwise each model
-generates block by block (``engine/lazy.py``, ``LazyBlocks.stream``), so with default settings peak memory does not
-grow with depth (issue 22)."""
+for models of at most 64 MiB of weights (both together); larger ones generate block by block
+(``engine/lazy.py``, ``LazyBlocks.stream``), so with default settings peak memory does not grow with depth
+(issue 22)."""
 from __future__ import annotations
 
 import shutil
@@ -72,6 +72,11 @@ def finish(tmp: Path, model_spec: str, tokenizer, recipe, report: dict, out: Pat
         report["samples"] = side_by_side(tokenizer, mine, generate(reference, tokenizer, recipe.samples))
 
 
+# models whose two weight files together stay under this generate their samples whole (fast, and a constant
+# bound on what they add to the peak); larger ones generate block by block, one decoder block in memory at a time
+WHOLE_SAMPLES_BYTES = 64 * 2**20
+
+
 def _weight_bytes(path: str) -> int | None:
     """Bytes of a local model directory's safetensors files (None: not a local safetensors directory)."""
     files = list(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
@@ -79,21 +84,18 @@ def _weight_bytes(path: str) -> int | None:
 
 
 def streamed_samples(tmp: Path, model_spec: str, tokenizer, n: int, dtype: str, device) -> dict:
-    """The sample generations (compressed, then dense). The models are loaded whole when both together stay under
-    the peak memory the compression already reached; else (a CPU run) each generates block by block, one decoder
-    block in memory at a time, so the default's peak memory does not grow with depth."""
+    """The sample generations (compressed, then dense). The models are loaded whole when both weight files together
+    hold at most ``WHOLE_SAMPLES_BYTES``; else (a CPU run) each generates block by block, one decoder block in memory
+    at a time, so the default's peak memory does not grow with depth."""
     from .checkpoint import load
     from .engine.lazy import lazy_model
     from .eval.samples import generate, side_by_side
     from .models import DTYPES, load_model, resolve_model_path
-    from .report import peak_rss_gib, rss_gib
 
     dense_path = resolve_model_path(model_spec)
     sizes = [_weight_bytes(str(tmp)), _weight_bytes(dense_path)]
-    room = (peak_rss_gib() - rss_gib()) * 2**30
-    # both models counted: the allocator need not hand the first one's memory back before the second loads; a
-    # tenth more and 64 MiB for what a generation allocates besides the weights
-    stream = device.type == "cpu" and None not in sizes and 1.1 * sum(sizes) + 2**26 > room
+    # a fixed size, not the memory free now: the same run makes the same choice (the samples are in the report)
+    stream = device.type == "cpu" and None not in sizes and sum(sizes) > WHOLE_SAMPLES_BYTES
 
     def run(path: str, lrc: bool, whole):
         if stream and (loaded := lazy_model(path, DTYPES[dtype], lrc=lrc)) is not None:

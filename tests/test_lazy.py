@@ -193,7 +193,13 @@ def test_streamed_generation_matches_the_whole_model(tiny_model_dir, tokenizer, 
 
     dense = tiny_model_dir("llama")
     api.compress(str(dense), tiny_recipe(corpus_file), tmp_path / "ck", cache_dir=tmp_path / "c", progress=False)
-    for path, lrc, whole in ((dense, False, _eager(dense)), (tmp_path / "ck", True, load(tmp_path / "ck"))):
+    api.compress(str(dense), tiny_recipe(corpus_file, method="modegpt", param_ratio=0.7), tmp_path / "mg",
+                 cache_dir=tmp_path / "c", progress=False)
+    api.compress(str(dense), tiny_recipe(corpus_file, method="cospadi", options={"iterations": 2}),
+                 tmp_path / "cs", cache_dir=tmp_path / "c", progress=False)
+    assert lazy_model(tmp_path / "cs", torch.float32, lrc=True) is None  # dictionary modules: loaded whole
+    for path, lrc, whole in ((dense, False, _eager(dense)), (tmp_path / "ck", True, load(tmp_path / "ck")),
+                             (tmp_path / "mg", True, load(tmp_path / "mg"))):
         model, lazy = lazy_model(path, torch.float32, lrc=lrc)
         lazy.stream()
         calls = []

@@ -143,7 +143,7 @@ class LazyBlocks:
 def lazy_model(path: str | Path, dtype: torch.dtype, lrc: bool = False):
     """``(skeleton model, LazyBlocks)`` for a local safetensors directory whose tensor names are the model's own, or
     None (load it eagerly). Only the tensors outside the decoder blocks are read here. ``lrc``: the directory is an
-    lrc checkpoint (its skeleton holds the compressed modules; a dictionary shared across blocks loads eagerly)."""
+    lrc checkpoint (its skeleton holds the compressed modules; one with dictionary modules loads eagerly)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,8 +164,8 @@ def lazy_model(path: str | Path, dtype: torch.dtype, lrc: bool = False):
         from ..checkpoint.modeling_lrc import LrcForCausalLM
 
         config = load_config(path)
-        if any(spec.get("shared_from") for spec in config.lrc["modules"].values()):
-            return None
+        if any(spec.get("type") == "dictionary" for spec in config.lrc["modules"].values()):
+            return None  # a DictLinear checks its support mask as it is built: loaded whole
     else:
         config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is not None:
