@@ -7,6 +7,7 @@ for models of at most 64 MiB of weights (both together); larger ones generate bl
 (issue 22)."""
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def streamed_samples(tmp: Path, model_spec: str, tokenizer, n: int, dtype: str, 
     at a time, so the default's peak memory does not grow with depth."""
     from .checkpoint import load
     from .engine.lazy import lazy_model
+    from .engine.memory import trim
     from .eval.samples import generate, side_by_side
     from .models import DTYPES, load_model, resolve_model_path
 
@@ -98,6 +100,9 @@ def streamed_samples(tmp: Path, model_spec: str, tokenizer, n: int, dtype: str, 
     stream = device.type == "cpu" and None not in sizes and sum(sizes) > WHOLE_SAMPLES_BYTES
 
     def run(path: str, lrc: bool, whole):
+        if stream:  # what the block loop and the checkpoint's writing freed goes back to the system first
+            gc.collect()
+            trim()
         if stream and (loaded := lazy_model(path, DTYPES[dtype], lrc=lrc)) is not None:
             model, lazy = loaded
             lazy.stream()
