@@ -148,3 +148,22 @@ x = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.save(model(x).logits, sys.argv[3])
 """
+
+
+def kill_at(monkeypatch, at: int, error: BaseException) -> None:
+    """Kill-point tests: raise ``error`` at the ``at``-th interruption point of a compression (each progress phase
+    and each finished block, counted from 0); ``monkeypatch.undo()`` lifts it."""
+    from compress.engine import pipeline
+    from compress.progress import Progress
+
+    real, count = Progress.phase, {"n": 0}
+
+    def maybe_kill(self, text=None):
+        if count["n"] == at:
+            raise error
+        count["n"] += 1
+        if text is not None:
+            return real(self, text)
+
+    monkeypatch.setattr(Progress, "phase", lambda self, text: maybe_kill(self, text))
+    monkeypatch.setattr(pipeline, "after_block", lambda i: maybe_kill(None))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from compress import api, output
 from compress.cli import app
 from compress.engine import pipeline
-from conftest import tiny_recipe
+from conftest import kill_at, tiny_recipe
 
 runner = CliRunner()
 
@@ -315,17 +315,7 @@ def test_modegpt_killed_at_random_points_resumes_byte_identical(tiny_model_dir, 
         return [{k: v for k, v in r.items() if k != "seconds"} for r in report["modules"]]
 
     for k, at in enumerate(chosen):
-        count = {"n": 0}
-
-        def maybe_kill(self, text=None, at=at, count=count):
-            if count["n"] == at:
-                raise _Kill(seen[at])
-            count["n"] += 1
-            if text is not None:
-                return real(self, text)
-
-        monkeypatch.setattr(Progress, "phase", lambda self, text: maybe_kill(self, text))
-        monkeypatch.setattr(pipeline, "after_block", lambda i: maybe_kill(None))
+        kill_at(monkeypatch, at, _Kill(seen[at]))
         out, cache = tmp_path / f"out{k}", tmp_path / f"c{k + 1}"
         with pytest.raises(_Kill):
             api.compress(model, recipe, out, cache_dir=cache, progress=False, return_model=False)

@@ -14,7 +14,7 @@ from compress import api
 from compress.cli import app
 from compress.engine import pipeline
 from compress.progress import Progress
-from conftest import tiny_recipe
+from conftest import kill_at, tiny_recipe
 
 runner = CliRunner()
 N_RECIPES = 1000
@@ -178,17 +178,7 @@ def test_kill_at_random_points_then_resume_is_byte_identical(objective, tiny_mod
     chosen = rng.sample(range(len(points)), len(points))
     real = Progress.phase
     for k, at in enumerate(chosen):
-        count = {"n": 0}
-
-        def maybe_kill(self, text=None, at=at, count=count):
-            if count["n"] == at:
-                raise Kill(points[at])
-            count["n"] += 1
-            if text is not None:
-                return real(self, text)
-
-        monkeypatch.setattr(Progress, "phase", lambda self, text: maybe_kill(self, text))
-        monkeypatch.setattr(pipeline, "after_block", lambda i: maybe_kill(None))
+        kill_at(monkeypatch, at, Kill(points[at]))
         out, cache = tmp_path / f"out{k}", tmp_path / f"c{k}"
         with pytest.raises(Kill):
             api.compress(model, recipe, out, cache_dir=cache, progress=False)
