@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__
+from .version import __version__
 from .checkpoint import load, save_checkpoint
 from .checkpoint.modeling_lrc import LRC_FORMAT_VERSION
 from .checkpoint.save import base_of, save_checkpoint_streamed

@@ -7,33 +7,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .console import err, out
+from .console import error_line as _error_line
+from .console import fail as _fail
 from .errors import LrcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lrc: post-training low-rank compression of causal language models, layer by layer.\n\n"
                        "MODEL is a hub id, a local Hugging Face directory, a .gguf file, or 'smollm2' (the bundled "
                        "SmolLM2-135M-Instruct). Ratios are fractions of targeted Linear parameters KEPT.")
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
 MODEL_ARG = typer.Argument(..., help="hub id, local HF directory, .gguf file, or 'smollm2'")
 RECIPE_OPT = typer.Option(..., "--recipe", "-r", help="recipe YAML (see recipes/)")
-
-
-def _error_line(e: LrcError) -> None:
-    """The one line every bad input ends in: ``soft_wrap`` keeps a long message unbroken at a log's width, and the
-    message is escaped so a ``[name]`` in a path or list is printed, not read as rich markup."""
-    from rich.markup import escape
-
-    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-
-
-def _fail(e: LrcError) -> None:
-    _error_line(e)
-    raise typer.Exit(e.exit_code)
 
 
 def _int_list(value: str, option: str) -> tuple[int, ...]:
@@ -88,10 +74,11 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
         table.add_column(col)
     for r in rows:
         if all_rows or r.block in (0, last):
-            unit = hasattr(r, "members")  # a group of modules (MoDeGPT): its knob is a number of kept dims
-            table.add_row(r.name, r.method, r.describe() if unit else f"{r.out_features} x {r.in_features}",
-                          str(r.knob if unit else (r.describe() if r.cost_model == "dictionary" and r.rank
-                                                   else r.rank or "data")),
+            # a group of modules (a block method's unit) is shaped by its knob; a Linear's knob is its rank, or
+            # what its cost model calls it (atoms)
+            table.add_row(r.name, r.method, f"{r.out_features} x {r.in_features}" if r.linear else r.describe(),
+                          "data" if r.knob is None else str(r.knob) if r.cost_model in ("lowrank", "residual")
+                          or not r.linear else r.describe(),
                           f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
                           r.note)
     out.print(table)

@@ -29,7 +29,7 @@ def finish(tmp: Path, model_spec: str, tokenizer, recipe, report: dict, out: Pat
     if recipe.finetune is None and recipe.eval is None and not recipe.samples:
         return
     from .checkpoint import load
-    from .engine.pipeline import resolve_device
+    from .engine.device import resolve_device
     from .models import load_model
     from .progress import Progress
 
@@ -40,7 +40,7 @@ def finish(tmp: Path, model_spec: str, tokenizer, recipe, report: dict, out: Pat
         return
     written = load(tmp, dtype=dtype)
     if recipe.finetune is not None:
-        from .finetune import state_dir, train_model
+        from .finetune.run import state_dir, train_model
 
         state = state_dir(str(out.resolve()), recipe.finetune)
         bar = Progress(enabled=progress)

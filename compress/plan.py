@@ -17,20 +17,7 @@ from torch import nn
 from .allocation import allocate, cost_of
 from .errors import LrcError
 from .recipe import Recipe
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder-block list: the ModuleList with ``num_hidden_layers`` entries (largest one if ambiguous)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
-    if best is None:
-        raise LrcError(f"{type(model).__name__}: cannot find the decoder blocks (no ModuleList of "
-                       f"{n_layers} layers)")
-    return best
+from .roles import find_blocks
 
 
 @dataclass
@@ -74,6 +61,17 @@ class PlanRow:
         if not self.factorize and not self.compensation:
             return self.params_before
         return cost_of(self).params(self, self.rank)
+
+    linear = True  # one Linear whose knob is its rank (a unit row of a block method acts on several modules)
+
+    @property
+    def knob(self) -> int | None:
+        """The allocator's knob (every plan row has one): a Linear's rank (atoms for a dictionary)."""
+        return self.rank
+
+    def modules(self) -> list[str]:
+        """The full names of the modules this row acts on."""
+        return [self.name]
 
     def describe(self) -> str:
         """The knob in words (``rank 123``), from the cost model."""
@@ -216,7 +214,8 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
             if why:
                 raise LrcError(why)
         if METHODS[stage.method].unit == "block":
-            from .plan_units import allocate_units, check_stage, unit_rows
+            from .allocation.units import allocate_units
+            from .plan_units import check_stage, unit_rows
 
             check_stage(stage, si, recipe)
             units, _notes = unit_rows(model, recipe, si, owner)
@@ -235,8 +234,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
 
 def row_modules(row) -> list[str]:
     """The module names a plan row acts on: a Linear's own name, a unit's members."""
-    members = getattr(row, "members", None)
-    return list(members.values()) if members is not None else [row.name]
+    return row.modules()
 
 
 def check_order(rows: list, recipe: Recipe) -> None:

@@ -17,9 +17,9 @@ from rich.progress import Progress as _RichProgress
 
 # first word of a phase text -> the phase it belongs to (its line's label): the allocation pre-pass alternates
 # "spectra for allocation, block i/n" and "sensitivity <matrix>", selfgen runs inside "calibration tokens", and the
-# Fisher pass counts its samples; each is one phase with one line, not a line per step
+# gradient pass counts its blocks; each is one phase with one line, not a line per step
 FAMILIES = {"calibration": "calibration tokens", "selfgen": "calibration tokens", "capture": "capture",
-            "fisher": "fisher", "spectra": "allocation", "sensitivity": "allocation", "finetune": "finetune"}
+            "gradients": "gradients", "spectra": "allocation", "sensitivity": "allocation", "finetune": "finetune"}
 # report rows whose rel_error measures a change (a dense row's is 0): ‖ΔY‖/‖Y‖ of the module's or unit's output
 ERROR_TYPES = ("lowrank", "compensated", "structured")
 

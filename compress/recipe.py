@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .allocation import ALLOCATORS
 from .errors import LrcError
+from .eval.tasks import TASKS
 from .finetune.config import FinetuneConfig
 from .methods import METHODS
 
@@ -123,7 +125,6 @@ class StageConfig(_Strict):
     @field_validator("allocator")
     @classmethod
     def _known_allocator(cls, v: str) -> str:
-        from .allocation import ALLOCATORS
 
         if v not in ALLOCATORS:
             raise ValueError(f"unknown allocator {v!r}; registered: {', '.join(sorted(ALLOCATORS))}")
@@ -132,7 +133,6 @@ class StageConfig(_Strict):
     @field_validator("allocator_options")
     @classmethod
     def _allocator_options(cls, v: dict, info):
-        from .allocation import ALLOCATORS
 
         if info.data.get("allocator") in ALLOCATORS:  # an unknown allocator is reported on its own field
             ALLOCATORS[info.data["allocator"]].check_options(v)
@@ -161,7 +161,6 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _compensation_budget(self):
-        from .allocation import ALLOCATORS
 
         if METHODS[self.method].kind == "compensation" and (
                 self.energy is not None or "residual" not in ALLOCATORS[self.allocator].unit_kinds):
@@ -173,7 +172,6 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _allocator_fits_method(self):
-        from .allocation import ALLOCATORS
 
         method = METHODS[self.method]
         if method.kind != "compensation" and not set(ALLOCATORS[self.allocator].unit_kinds) & set(
@@ -185,7 +183,6 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _global_needs_ratio(self):
-        from .allocation import ALLOCATORS
 
         if ALLOCATORS[self.allocator].is_global and self.param_ratio is None:
             raise ValueError(f"allocator {self.allocator} distributes a param_ratio budget; give param_ratio")
@@ -219,7 +216,6 @@ class EvalConfig(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        from .eval.zeroshot import TASKS
 
         unknown = [t for t in v if t not in TASKS]
         if unknown:
@@ -243,7 +239,6 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _stage_calibration(self):
-        from .allocation import ALLOCATORS
 
         for i, st in enumerate(self.stages):
             if st.calibration is None:

@@ -20,6 +20,20 @@ from torch import nn
 from .errors import LrcError
 
 
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-block list: the ModuleList with ``num_hidden_layers`` entries (largest one if ambiguous)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise LrcError(f"{type(model).__name__}: cannot find the decoder blocks (no ModuleList of "
+                       f"{n_layers} layers)")
+    return best
+
+
 @dataclass(frozen=True)
 class AttentionRoles:
     path: str  # the attention module, relative to the block (e.g. "self_attn")

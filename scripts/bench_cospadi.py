@@ -80,7 +80,7 @@ def curve(a) -> None:
 def large(a) -> None:
     import torch
 
-    from compress import dictionary as DL
+    from compress.methods.cospadi import math as DL
 
     torch.set_num_threads(a.threads)
     m, n = 11008, 4096

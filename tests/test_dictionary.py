@@ -1,8 +1,8 @@
-"""CoSpaDi's math (compress/dictionary.py) against closed forms and brute force: the identities of methods.md §6."""
+"""CoSpaDi's math (methods/cospadi/math.py) against closed forms and brute force: the identities of methods.md §6."""
 import pytest
 import torch
 
-from compress import dictionary as DL
+from compress.methods.cospadi import math as DL
 from compress.linalg import whitened_spectrum
 
 

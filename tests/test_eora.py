@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.compensation import eora_residual
+from compress.methods.eora.math import eora_residual
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from rtn import rtn_quantize  # noqa: E402  (the benchmark's RTN baseline maker, shared with the test)
@@ -191,7 +191,7 @@ def test_compensate_rtn_model_and_peft_export(rtn_dir, tmp_path, monkeypatch):
 
 
 def test_residual_spectrum_gives_the_loss_at_every_rank():
-    from compress.compensation import residual_spectrum
+    from compress.methods.eora.math import residual_spectrum
 
     delta, X = _case(12, 10)
     sigma = residual_spectrum(delta, X @ X.T)

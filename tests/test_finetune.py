@@ -10,7 +10,8 @@ import compress
 from compress import api
 from compress.cli import app
 from compress.errors import LrcError
-from compress.finetune import FinetuneConfig, finetune
+from compress.finetune import FinetuneConfig
+from compress.finetune.run import finetune
 from compress.finetune.loop import STATE_FILE
 from compress.finetune.params import select
 from conftest import STORIES, WORDS, needs_shared, tiny_recipe
@@ -49,7 +50,7 @@ def test_only_lrc_modules_train(checkpoint, corpus_file, tmp_path, monkeypatch):
 
 
 def test_optimizer_state_covers_only_trained_parameters(checkpoint, corpus_file, tmp_path, monkeypatch):
-    from compress.finetune import run_state
+    from compress.finetune.run import run_state
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     cfg = _cfg(corpus_file, train="lrc")
@@ -205,7 +206,7 @@ def test_finetune_data_override_needs_a_finetune_section(tiny_model_dir, tmp_pat
 def test_bf16_model_trains_fp32_masters(checkpoint, corpus_file, tiny_model_dir, tmp_path, monkeypatch):
     """Issue 22 (6): a model held in bf16 (recipe model.dtype bfloat16) trains fp32 master weights with fp32 AdamW
     state, as FinetuneConfig promises; the model itself, and the checkpoint written from it, stay bf16."""
-    from compress.finetune import train_model
+    from compress.finetune.run import train_model
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     model = compress.load(checkpoint, dtype="bfloat16")
@@ -236,7 +237,7 @@ def test_bf16_model_trains_fp32_masters(checkpoint, corpus_file, tiny_model_dir,
 def test_state_is_keyed_by_the_output(checkpoint, corpus_file, tmp_path, monkeypatch):
     """Issue 22 (7): two runs from one checkpoint to different outputs keep separate resumable states; the one that
     finishes first removes only its own."""
-    from compress.finetune import run_state
+    from compress.finetune.run import run_state
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     cfg = _cfg(corpus_file)
@@ -321,7 +322,7 @@ def test_streamed_teacher_gives_the_same_logits_and_training(tmp_path, monkeypat
     """The distillation teacher streams its blocks (one in memory per forward, read again from its safetensors):
     its logits equal the whole model's bit for bit, so a distillation trains to the same weights, byte for byte, as
     with the whole teacher in memory (which it no longer holds: issue 22, the fine-tune's peak memory)."""
-    import compress.finetune as ft
+    import compress.finetune.run as ft
     from compress.models import load_model
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))

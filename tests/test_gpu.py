@@ -11,7 +11,7 @@ import compress
 from compress import api
 from compress.checkpoint.modeling_lrc import set_fast_path
 from compress.engine.cache import RunCache
-from compress.engine.fisher import fisher_sums, fisher_sums_streamed
+from compress.engine.gradients import fisher_sums, fisher_sums_streamed
 from compress.engine.lazy import lazy_model
 from compress.engine.stream import Host
 from compress.plan import find_blocks

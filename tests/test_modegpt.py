@@ -59,7 +59,8 @@ def test_full_dims_reproduce_the_dense_model(tiny_model_dir, corpus_file, tokeni
     on v here; dims that compress: ``test_compressed_attention_matches_a_hand_reference``)."""
     from compress.engine.units import compress_units  # noqa: F401  (the path under test)
     from compress.methods.modegpt import MoDeGPT
-    from compress.plan_units import allocate_units, unit_rows
+    from compress.allocation.units import allocate_units
+    from compress.plan_units import unit_rows
     from compress.roles import block_roles
 
     dense, model = load(tiny_model_dir(arch)), load(tiny_model_dir(arch))
@@ -304,7 +305,8 @@ def test_compressed_attention_matches_a_hand_reference(tiny_model_dir, corpus_fi
     import copy
 
     from compress.methods.modegpt import MoDeGPT
-    from compress.plan_units import allocate_units, unit_rows
+    from compress.allocation.units import allocate_units
+    from compress.plan_units import unit_rows
     from compress.roles import block_roles
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen2"), attn_implementation=impl).eval()

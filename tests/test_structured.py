@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from compress.structured import (block_influence_phi, cosine_influence, kept_dims, nystrom_down, nystrom_keep,
-                                 qk_pair_index, qk_pair_scores, ridge_leverage, select_qk, vo_grouped)
+from compress.allocation.influence import block_influence_phi, cosine_influence
+from compress.methods.modegpt.math import (kept_dims, nystrom_down, nystrom_keep, qk_pair_index, qk_pair_scores,
+                                           ridge_leverage, select_qk, vo_grouped)
 
 F64 = torch.float64
 

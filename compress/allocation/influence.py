@@ -1,19 +1,29 @@
-"""Block-influence allocation (MoDeGPT, Lin et al., arXiv 2408.09632, Sec. 3.4; methods.md §5 "Layer allocation").
+"""Block-influence allocation (MoDeGPT's global sparsity allocation: Lin et al., ICLR 2025, arXiv 2408.09632,
+Sec. 3.4; methods.md §5 "Layer allocation").
 
 Each block's importance is ``s_l = 1 − E_t cos(h_l, h_{l+1})``, the mean cosine between its input and output hidden
-states on the dense model (measured in the engine's dense pre-pass, ``engine/spectra.py``). The share removed from
-block l is ``φ_l = L·φ_avg·softmax(−s_l/ε)``, capped at ``phi_max`` with the excess given back to the other blocks so
-the mean stays ``φ_avg = 1 − param_ratio`` (``structured.block_influence_phi``). Every unit of block l then keeps
-``1 − φ_l`` of its dims through its cost model; blocks that barely change the residual stream lose the most. A
-low-rank method's Linears get the rank keeping ``1 − φ_l`` of each matrix the same way (``svd-llm`` with MoDeGPT's
+states on the dense model (``cosine_influence``, summed in the engine's dense pre-pass, ``engine/spectra.py``). The
+share removed from block l is ``φ_l = L·φ_avg·softmax(−s_l/ε)``, capped at ``phi_max`` with the excess given back to
+the other blocks so the mean stays ``φ_avg = 1 − param_ratio`` (``block_influence_phi``). Every unit of block l then
+keeps ``1 − φ_l`` of its dims through its cost model; blocks that barely change the residual stream lose the most.
+A low-rank method's Linears get the rank keeping ``1 − φ_l`` of each matrix the same way (``svd-llm`` with MoDeGPT's
 allocation).
+
+It lives here, not with MoDeGPT (``methods/modegpt/``): the statistic is a property of the dense model, not of a
+method, and the allocation goes through each row's cost model, so it allocates any method's rows.
 """
 from __future__ import annotations
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import LrcError
+from .cost import cost_of
 from .registry import register_allocator
+from .uniform import decide
+from .units import allocate_units
+
+_F64 = torch.float64
 
 
 class BlockInfluenceOptions(BaseModel):
@@ -29,14 +39,55 @@ def influence_key(block: int) -> str:
     return f"block_influence.{block}"
 
 
+def cosine_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
+    """Per-token ``cos(h_l, h_{l+1})`` of a block's input and output hidden states (..., h), summed in float64.
+
+    The engine sums over batches; the block influence is ``s_l = 1 − sum / tokens`` (MoDeGPT §3.3). A zero vector
+    counts as cosine 0.
+    """
+    if x_in.shape != x_out.shape:
+        raise ValueError(f"cosine_influence: shapes differ, {tuple(x_in.shape)} vs {tuple(x_out.shape)}")
+    a = x_in.reshape(-1, x_in.shape[-1]).to(_F64)
+    b = x_out.reshape(-1, x_out.shape[-1]).to(_F64)
+    den = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(torch.finfo(_F64).tiny)
+    return float(((a * b).sum(1) / den).sum()), int(a.shape[0])
+
+
+def block_influence_phi(scores: torch.Tensor, phi_avg: float, epsilon: float, phi_max: float) -> torch.Tensor:
+    """Per-layer sparsity ``φ_l = L · φ_avg · softmax(−s_l / ε)`` capped at ``φ_max`` (MoDeGPT global allocation).
+
+    Layers with a smaller influence ``s_l`` lose more. The excess over ``φ_max`` is given to the uncapped layers in
+    proportion to their softmax weights (softmax over the uncapped set: no underflow), until none exceeds, so
+    ``mean(φ) = φ_avg`` to round-off. ``ε → ∞`` gives the uniform ``φ_avg``. Returns (L,) float64.
+    """
+    s = torch.as_tensor(scores).detach().to("cpu", _F64).reshape(-1)
+    if s.numel() == 0 or not torch.isfinite(s).all():
+        raise ValueError("block_influence_phi: scores must be a non-empty finite vector")
+    if not 0 <= phi_avg < 1 or not 0 < phi_max <= 1 or not epsilon > 0:
+        raise ValueError(f"block_influence_phi: need 0 <= phi_avg < 1, 0 < phi_max <= 1, epsilon > 0; got "
+                         f"phi_avg={phi_avg}, phi_max={phi_max}, epsilon={epsilon}")
+    if phi_avg > phi_max:
+        raise ValueError(f"block_influence_phi: phi_avg={phi_avg} > phi_max={phi_max} is infeasible")
+    L = s.numel()
+    logits = -s / epsilon
+    capped = torch.zeros(L, dtype=torch.bool)
+    phi = torch.empty(L, dtype=_F64)
+    for _ in range(L + 1):
+        free = ~capped
+        budget = L * phi_avg - phi_max * int(capped.sum())
+        phi[capped] = phi_max
+        if not free.any():
+            break
+        phi[free] = max(budget, 0.0) * torch.softmax(logits[free], 0)
+        over = free & (phi > phi_max)
+        if not over.any():
+            break
+        capped |= over
+    return phi
+
+
 def block_influence(stage, rows, spectra: dict, options: dict) -> None:
     """Set every unit's knob from its block's share ``1 − φ_l`` (rows of one stage; ``spectra`` holds the scores)."""
-    from ..errors import LrcError
-    from ..plan_units import allocate_units
-    from .cost import cost_of
-    from .uniform import decide
-    from ..structured import block_influence_phi
-
     opts = BlockInfluenceOptions.model_validate(options)
     blocks = sorted({r.block for r in rows})
     n_all = 1 + max(int(k.rsplit(".", 1)[1]) for k in spectra if k.startswith("block_influence."))
@@ -48,9 +99,9 @@ def block_influence(stage, rows, spectra: dict, options: dict) -> None:
     sel = torch.tensor(blocks)
     phi = block_influence_phi(scores[sel], phi_avg, opts.epsilon, opts.phi_max)
     kept = {b: 1 - float(p) for b, p in zip(blocks, phi)}
-    allocate_units(stage, [r for r in rows if hasattr(r, "members")], kept)
+    allocate_units(stage, [r for r in rows if not r.linear], kept)
     for r in rows:  # single Linears (a low-rank method): the rank keeping the block's share of this matrix
-        if not hasattr(r, "members"):
+        if r.linear:
             decide(r, cost_of(r).knob_for(r, kept[r.block]))
             r.note = (f"{r.note}; " if r.note else "") + f"block share {kept[r.block]:.4f} (block influence)"
 

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from ..allocation import decide_from_spectrum
-from ..checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
+from ..checkpoint.modeling_lrc import LowRankLinear
 from ..checkpoint.units import module_spec
 from ..linalg import dense_objective_error, dense_target, weighted_error
+from .memory import release
 
 lowrank_spec = module_spec  # the config entry describing a replacement module (``checkpoint/units.py``)
 
@@ -19,35 +20,11 @@ def effective_weight(m: nn.Module) -> torch.Tensor:
     return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double().clone()
 
 
-@torch.no_grad()
-def compensate(module: nn.Module, original: torch.Tensor, stats: dict, row, rtol: float) -> tuple[nn.Module, dict]:
-    """EoRA: ``module`` (whatever an earlier stage left) plus the residual repairing ``original − module``."""
-    from ..compensation import eora_residual
-
-    t0 = time.perf_counter()
-    delta = original.double() - effective_weight(module)
-    res = eora_residual(delta, stats["input_gram"], row.rank, rtol)
-    dev, dtype = original.device, next(module.parameters()).dtype
-    new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
-    new.lora_A.weight.copy_(res.A)
-    new.lora_B.weight.copy_(res.B)
-    H = stats["input_gram"]
-    before_err = weighted_error(original.double(), effective_weight(module), H)
-    after_err = weighted_error(original.double(), effective_weight(new), H)
-    note = (f"{row.note}; " if row.note else "") + f"error {before_err:.4f} -> {after_err:.4f}" + \
-        (f"; {res.dropped} Gram eigenvalues dropped" if res.dropped else "")
-    info = {"name": row.name, "stage": row.stage, "method": row.method, "type": "compensated",
-            "out_features": row.out_features, "in_features": row.in_features, "rank": new.rank,
-            "params_before": row.params_before, "params_after": row.params_after, "rel_error": after_err,
-            "base_error": before_err, "dropped_eigenvalues": res.dropped, "seconds": round(time.perf_counter() - t0, 4), "note": note}
-    return new, info
-
-
-def untouched(row, why: str) -> dict:
+def untouched(row, why: str, kept: str = "dense") -> dict:
     """The report row of a module left as it is (no statistics to decompose it from): its parameters unchanged,
-    ``why`` in the note, so the run's accounting and the reader both see it."""
-    return {"name": row.name, "stage": row.stage, "method": row.method,
-            "type": "unchanged" if row.compensation else "dense",
+    ``why`` in the note, so the run's accounting and the reader both see it. ``kept``: its report type (``unchanged``
+    for a module a wrap method leaves, which an earlier stage may have compressed)."""
+    return {"name": row.name, "stage": row.stage, "method": row.method, "type": kept,
             "out_features": row.out_features, "in_features": row.in_features, "rank": None,
             "params_before": row.params_before, "params_after": row.params_before, "rel_error": 0.0,
             "seconds": 0.0, "note": (f"{row.note}; " if row.note else "") + why}
@@ -68,7 +45,7 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
     target = W
     if dense and "input_gram" in method.needs:
         target = dense_target(W, stats["input_gram"], stats["cross_gram"], dense_damping)
-    if hasattr(method, "build"):  # a method that builds its own module (CoSpaDi's DictLinear)
+    if method.replacement == "build":  # a method that builds a module of its own type
         return _built(method, module, W, target, stats, row, dense, t0)
     spectrum = method.spectrum(target, stats)
     decide_from_spectrum(stage, row, spectrum.sigma)  # an energy budget: rank from this matrix's own spectrum
@@ -115,12 +92,13 @@ def _built(method, module, W, target, stats, row, dense: bool, t0: float) -> tup
 
 
 def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: float) -> dict:
-    """The report row of a module a method built (``type: dictionary``; ``dense`` when none was): the plan row's
-    accounting, the error, the module's ``storage_bytes`` and the method's ``fields`` (its ``note`` joins the row's)."""
+    """The report row of a module a method built (``type``: its module type's, ``checkpoint/units.py``; ``dense``
+    when none was): the plan row's accounting, the error, the module's ``storage_bytes`` and the method's ``fields``
+    (its ``note`` joins the row's)."""
     fields = dict(fields)
     note = "; ".join(x for x in (row.note, fields.pop("note", "")) if x)
     return {"name": row.name, "stage": row.stage, "method": row.method,
-            "type": "dictionary" if new is not None else "dense",
+            "type": module_spec(new)["type"] if new is not None else "dense",
             "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
             "params_before": row.params_before, "params_after": row.params_after, "rel_error": error,
             **({"storage_bytes": new.storage_bytes()} if new is not None and hasattr(new, "storage_bytes") else {}),
@@ -129,30 +107,30 @@ def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: f
 
 def replace_group(group, rel, collectors, get, put, method, stage, eng, originals, extra, shared, specs,
                   report) -> None:
-    """Decompose (or compensate) every module of ``group`` from the statistics ``collectors`` gathered, and install
-    each replacement with ``put(name, module)``; ``get(name)`` is the module there now. Report rows and module specs
-    go to ``report`` and ``specs``; a module of a shared-dictionary group is stashed until its group is complete."""
-    from .memory import release
-    from .shared import is_shared
-
+    """Decompose (or wrap) every module of ``group`` from the statistics ``collectors`` gathered, and install each
+    replacement with ``put(name, module)``; ``get(name)`` is the module there now. Report rows and module specs go to
+    ``report`` and ``specs``; a module of a shared group (``Method.shared_group``) is stashed until its group is
+    complete (``shared.py``)."""
+    wraps = method.replacement == "wrap"  # the new module keeps the old one as its base
     gram = next(c for c in collectors if c.name == "input_gram")
     for n in group:
         if not gram.tokens(n):  # e.g. an expert the router never chose: nothing to decompose it from
-            report.append(untouched(rel[n], "received no calibration token (an expert never routed to?); left as is"))
+            report.append(untouched(rel[n], "received no calibration token (an expert never routed to?); left as is",
+                                    "unchanged" if wraps else "dense"))
             continue
         stats = {c.name: c.result(n) for c in collectors}
         stats.update((extra or {}).get(rel[n].name, {}))
-        if shared is not None and is_shared(rel[n]):  # fitted with its group's last layer (shared.py)
+        if shared is not None and method.shared_group(rel[n]) is not None:  # fitted with its group's last block
             shared.stash(rel[n], get(n), stats["input_gram"])
             continue
-        if rel[n].compensation:
-            new, info = compensate(get(n), originals[n], stats, rel[n], method.config.rtol)
+        if wraps:
+            new, info = method.wrap(get(n), originals[n], stats, rel[n])
         else:
             new, info = decompose(method, get(n), stats, rel[n], stage, eng.dense_damping)
         report.append(info)
         if new is not None:
             old = get(n)
             put(n, new)
-            if not rel[n].compensation:  # a compensated module keeps the old one as its base
+            if not wraps:
                 release([p.data for p in old.parameters()])
             specs[rel[n].name] = lowrank_spec(new)

@@ -160,7 +160,7 @@ def lazy_model(path: str | Path, dtype: torch.dtype, lrc: bool = False):
         raise LrcError(f"{path / missing[0]}: shard file missing (listed in {INDEX_FILE}"
                        + (f"; {len(missing) - 1} more missing)" if len(missing) > 1 else ")"))
     if lrc:
-        from ..checkpoint import load_config
+        from ..checkpoint.load import load_config
         from ..checkpoint.modeling_lrc import LrcForCausalLM
 
         config = load_config(path)

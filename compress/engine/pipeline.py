@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..calibration import check_context
 from ..checkpoint.modeling_lrc import apply_structure
 from ..errors import LrcError
@@ -24,32 +23,20 @@ from ..methods import METHODS
 from ..plan import find_blocks, make_plan
 from ..progress import Progress
 from ..recipe import Recipe
+from ..version import __version__
 from .cache import RunCache, model_fingerprint
 from .decompose import effective_weight, replace_group
+from .device import resolve_device
 from .lazy import LazyBlocks
 from .lockstep import compress_lockstep, lockstep_applies
 from .memory import trim
 from .passes import run_pass
 from .shared import SharedGroups
-from .spectra import allocation_spectra, apply_global_allocation, fisher_stats, needs_fisher
+from .spectra import allocation_spectra, apply_global_allocation, gradient_needs, gradient_stats
 from .stats import CrossGram, DenseInputs, attach, block_groups
 from .stream import Host
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
 from .units import compress_units
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when torch sees a device, else the CPU. A CUDA device that is not there is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LrcError(f"device {name!r}: not a torch device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise LrcError(f"device {name!r}: torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'}"
-                       " CUDA device(s) here (torch " + torch.__version__ + "); use cpu or auto")
-    return device
 
 
 def after_block(i: int) -> None:
@@ -58,7 +45,7 @@ def after_block(i: int) -> None:
 
 def _wanted(rows, prefix) -> set[str]:
     """Module names (relative to the block) the rows act on: a Linear row's own, a unit row's members."""
-    return {n.removeprefix(prefix) for r in rows for n in (r.members.values() if hasattr(r, "members") else [r.name])}
+    return {n.removeprefix(prefix) for r in rows for n in r.modules()}
 
 
 def _compress_block(block, index, prefix, rows, recipe, streams, outs, device, progress,
@@ -195,13 +182,11 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
                        f"torch {torch.__version__} and device {device.type} under {Path(cache_dir) / 'runs'}; "
                        "run without --resume to start fresh")
     extra: dict = {}
-    if needs_fisher(recipe):  # on the dense model, before any finished block is restored
+    if gradient_needs(recipe):  # on the dense model, before any finished block is restored
         t_f = time.perf_counter()
-        sums = fisher_stats(model, prefix, blocks, streams, plan, recipe, cache, Host(blocks, device, lazy), progress)
-        phases["fisher"] = time.perf_counter() - t_f
-        for key, v in sums.items():
-            name, kind = key.rsplit(".", 1)
-            extra.setdefault(name, {})[kind] = v
+        extra = gradient_stats(model, prefix, blocks, streams, plan, recipe, cache, Host(blocks, device, lazy),
+                               progress)
+        phases["gradients"] = time.perf_counter() - t_f
     shape = main.shape(hidden)
     n = len(blocks)
     dense_stream = recipe.engine.objective == "dense"

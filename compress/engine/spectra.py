@@ -1,4 +1,5 @@
-"""Statistics that must exist before the block loop: Fisher sums (FWSVD) and the spectra global allocators read.
+"""Statistics that must exist before the block loop: gradient statistics (FWSVD's Fisher sums, KFAC-SVD's output
+gradient Gram) and the spectra global allocators read.
 
 ``allocation_spectra`` runs the dense model block by block over the cached calibration inputs (original
 propagation: every block sees the dense model's activations, as the budget is decided before anything changes),
@@ -8,57 +9,88 @@ Both results are cached in the run directory so an interrupted run resumes witho
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 
 from ..allocation import SPECTRUM, allocate_global
-from ..allocation.influence import influence_key
-from ..compensation import residual_spectrum
+from ..allocation.influence import cosine_influence, influence_key
+from ..methods.eora.math import residual_spectrum
 from ..methods import METHODS
 from .cache import load_tensors, save_tensors
 from .decompose import effective_weight
-from .fisher import fisher_sums_streamed
+from .gradients import GRADIENT_STATS, gradient_stats_streamed
 from .passes import run_pass
-from .stats import attach, block_groups
+from .stats import MODEL_STATS, attach, block_groups
 from .stream import Host
 from .sweep import Sweep
 
 
-def fisher_stages(recipe) -> set[int]:
-    """Indices of the stages whose method (as configured) needs the Fisher sums."""
-    return {i for i, s in enumerate(recipe.stages) if "fisher" in METHODS[s.method](recipe.method_config(i)).needs}
+def gradient_needs(recipe) -> dict[int, set[str]]:
+    """Stage index -> the gradient statistics (``engine/gradients.py``) its method, as configured, needs."""
+    out = {}
+    for i, s in enumerate(recipe.stages):
+        need = set(METHODS[s.method](recipe.method_config(i)).needs) & set(GRADIENT_STATS)
+        if need:
+            out[i] = need
+    return out
 
 
-def needs_fisher(recipe) -> bool:
-    return bool(fisher_stages(recipe))
+class BlockStats(Mapping):
+    """Gradient statistics by full module name (``{name: {key: tensor}}``, as ``Method.spectrum`` reads them), read
+    from the run cache one block at a time: memory holds one block's statistics, never the model's."""
+
+    def __init__(self, cache, keys: list[str], block_of: dict[str, int]):
+        self.cache, self.keys, self.block_of = cache, keys, block_of
+        self._block, self._data = None, {}
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        j = self.block_of[name]
+        if j != self._block:
+            self._block, self._data = j, {}
+            for key in self.keys:  # a later stream's statistics of the same module replace an earlier one's
+                for k, v in (self.cache.load_tensors(f"{key}_{j}") or {}).items():
+                    n, kind = k.rsplit(".", 1)
+                    self._data.setdefault(n, {})[kind] = v
+        return self._data.get(name, {})
+
+    def __iter__(self):
+        return iter(self.block_of)
+
+    def __len__(self) -> int:
+        return len(self.block_of)
 
 
-def fisher_stats(model, prefix, blocks, streams, plan, recipe, cache, host, progress) -> dict[str, torch.Tensor]:
-    """Fisher row/column sums of the Fisher stages' modules, each from its stage's calibration stream, one block
-    on the device at a time (``fisher_sums_streamed``; ``host``: ``stream.Host``)."""
-    stages = fisher_stages(recipe)
-    out: dict[str, torch.Tensor] = {}
+def gradient_stats(model, prefix, blocks, streams, plan, recipe, cache, host, progress) -> BlockStats:
+    """The gradient statistics the stages need, each from its stage's calibration stream, one block on the device at
+    a time (``gradients.gradient_stats_streamed``; ``host``: ``stream.Host``), saved per block to the run cache as
+    the backward pass leaves it (an interrupted run recomputes them unless the pass completed)."""
+    needs = gradient_needs(recipe)
+    keys, block_of = [], {}
     for s in streams:
-        mine = stages & set(s.stages)
+        mine = {i for i in needs if i in s.stages}
         if not mine:
             continue
-        key = "fisher" if s.name == "acts" else f"fisher_{s.name}"
-        sums = cache.load_tensors(key)
-        if sums is None:
-            names = [r.name for r in plan if r.stage in mine]
-            progress.phase("fisher (backward passes)")
-            sums = fisher_sums_streamed(model, prefix, blocks, s.ids, names, host, cache, recipe.engine.batch_size,
-                                        progress)
-            cache.save_tensors(key, sums)
-        out.update(sums)
-    return out
+        key = "grads" if s.name == "acts" else f"grads_{s.name}"
+        keys.append(key)
+        wants: dict[str, list[str]] = {}
+        for r in plan:
+            if r.stage in mine:
+                block_of[r.name] = r.block
+                for stat in sorted(needs[r.stage]):
+                    if r.name not in wants.setdefault(stat, []):
+                        wants[stat].append(r.name)
+        if cache.load_tensors(f"{key}_done") is None:
+            progress.phase("gradients (backward passes)")
+            gradient_stats_streamed(model, prefix, blocks, s.ids, wants, host, cache, recipe.engine.batch_size,
+                                    progress, on_block=lambda j, acc, key=key: cache.save_tensors(f"{key}_{j}", acc))
+            cache.save_tensors(f"{key}_done", {"blocks": torch.tensor([len(blocks)])})
+    return BlockStats(cache, keys, block_of)
 
 
 @torch.no_grad()
 def _influence(x_in, x_out, batch_size: int) -> torch.Tensor:
     """MoDeGPT's block importance ``s = 1 − mean_t cos(h_in, h_out)`` on the dense model (fp64 sums)."""
-    from ..structured import cosine_influence
-
     total, tokens = 0.0, 0
     for s in range(0, x_in.shape[0], batch_size):
         c, t = cosine_influence(x_in[s:s + batch_size], x_out[s:s + batch_size])
@@ -79,7 +111,7 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
     owner = {n: g[0] for g in groups for n in g if n in rel}
     methods = {si: METHODS[s.method](recipe.method_config(si)) for si, s in enumerate(recipe.stages)}
     needs = set().union(*(set(methods[r.stage].needs) for r in rows
-                          if SPECTRUM[recipe.stages[r.stage].allocator] != "weights")) - {"fisher"}
+                          if SPECTRUM[recipe.stages[r.stage].allocator] != "weights")) - MODEL_STATS
     collectors = attach(needs, modules, owner) if needs else []
     try:
         run_pass(block, x_in, kwargs, recipe.engine.batch_size, device, out=x_out)
@@ -124,7 +156,7 @@ def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dt
     if cached is not None:
         return cached
     rows = [r for r in plan if SPECTRUM.get(recipe.stages[r.stage].allocator) not in (None, "influence")
-            and not hasattr(r, "members")]  # the matrices whose spectra an allocator reads
+            and r.linear]  # the matrices whose spectra an allocator reads
     influence = any(SPECTRUM.get(s.allocator) == "influence" for s in recipe.stages)
     if not rows and not influence:
         return {}

@@ -191,7 +191,7 @@ class OutputSquares(GroupCollector):
 
 
 COLLECTORS = {c.name: c for c in (InputGram, InputAbsMean, InputAbsMax, OutputSquares)}
-MODEL_STATS = {"fisher"}  # whole-model statistics computed before the block loop (engine/fisher.py)
+MODEL_STATS: set[str] = set()  # gradient statistics, computed before the block loop (engine/gradients.py)
 
 
 def attach(needs: set[str], modules: dict[str, nn.Module], owner: dict[str, str]) -> list:

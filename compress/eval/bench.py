@@ -150,7 +150,7 @@ def run_bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512)
               threads: int | None = None) -> dict:
     """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``'s protocol.
     ``threads``: torch's intra-op threads for the whole run (default: the current number, pinned)."""
-    from ..engine.pipeline import resolve_device
+    from ..engine.device import resolve_device
 
     dev = resolve_device(device)
     torch.set_num_threads(threads or torch.get_num_threads())

@@ -93,7 +93,7 @@ def evaluate(model_spec: str, cfg: EvalConfig, reference: str | None = None, dty
     """Load MODEL (and REFERENCE) on ``device`` (``auto``: CUDA when present), run ``cfg``; results of an lrc
     checkpoint are merged into its report. ``device_map`` (e.g. ``auto``) instead lets accelerate place the model
     over the GPUs, the CPU and disk as it fits, for models larger than one device."""
-    from ..engine.pipeline import resolve_device
+    from ..engine.device import resolve_device
 
     preflight(cfg)
     dev = resolve_device(device)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from ..errors import LrcError
 from ..models import cache_root
+from .tasks import TASKS
 
 TEMPLATES = Path(__file__).with_name("lm_eval_tasks")
-TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa", "lambada_standard", "boolq")
 EXTRA_FILES = {"piqa": ["piqa/valid-labels.lst"], "winogrande": ["winogrande/dev-labels.lst"]}
 PLACEHOLDER = "$LRC_DATA_DIR"
 

@@ -42,11 +42,12 @@ def finetune(
     distillation from the dense model (--loss distill); only the chosen parameters trained (the rest frozen, without
     gradients or optimizer state). Writes a checkpoint of the same structure; its report records the training and
     the held-out loss before and after."""
-    from ..cli import _fail, out
+    from ..console import fail as _fail
+    from ..console import out
     from ..progress import Progress
     from ..recipe import parse_model
     from . import FinetuneConfig
-    from . import finetune as run
+    from .run import finetune as run
 
     def log(step, loss, held, tps):
         if step == 1 or step % eval_every == 0 or step == steps:

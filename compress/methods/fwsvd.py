@@ -9,7 +9,7 @@ Orientation (``axis``): the paper weights the rows of its W, whose layout (TF/HF
 **input** feature. ``axis: input`` (default) is that reading and the one the public reimplementations use: one weight
 per input feature of ``nn.Linear``, summed over outputs, i.e. ``SVD(W D)``, ``B = Σ_r^{1/2} V_rᵀ D⁻¹`` — the scaling
 comparable to ASVD and SVD-LLM. ``axis: output`` weights each output row of the ``nn.Linear`` weight instead.
-The Fisher sums come from ``engine/fisher.py`` (one backward pass per calibration sequence, cached on disk).
+The Fisher sums come from ``engine/gradients.py`` (one backward pass per calibration sequence, cached on disk).
 """
 from __future__ import annotations
 

@@ -5,14 +5,14 @@ The knob is the number of atoms ``k``; ``s = ⌊k/ρ⌋`` non-zeros per output n
 dictionary, ``owner``: whether this row stores the shared dictionary). Parameters are the values a module holds
 (``n·k`` if it owns its dictionary, ``s·m``, bias); storage adds the ``k·m``-bit support mask as written. A budget
 ``param_ratio`` is read as a kept fraction of STORAGE (the paper's Eq. 10), so that CoSpaDi and low-rank methods are
-compared at equal bytes on disk.
+compared at equal bytes on disk. Registered when ``compress.methods`` is imported (``cospadi/__init__.py``).
 """
 from __future__ import annotations
 
 import math
 
-from ..dictionary import dict_size, dict_storage_bits, nnz_for
-from .cost import CostModel, register_cost_model
+from ...allocation.cost import CostModel, register_cost_model
+from .math import dict_size, dict_storage_bits, nnz_for
 
 
 def _args(row) -> tuple[float, int, float, int, bool]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .linalg import gram_sqrt
+from ...linalg import gram_sqrt
 
 
 def dict_size(out_features: int, in_features: int, kept: float, rho: float = 2.0, value_bits: int = 16,

@@ -1,13 +1,15 @@
 """CoSpaDi (Makhov et al., arXiv 2509.22075, §3 and Alg. 1; methods.md §6): calibration-guided sparse dictionary
 learning. Each Linear ``W`` (m × n) becomes a ``DictLinear``: a dense dictionary map n → k and coefficients with
 exactly ``s = ⌊k/ρ⌋`` non-zeros per output neuron, fitted on the whitened weight so that ``‖X(W − W̃)‖_F`` is the
-objective (``compress/dictionary.py``: eigh root of the input Gram, Batch-OMP, K-SVD by power iteration).
+objective (``cospadi/math.py``: eigh root of the input Gram, Batch-OMP, K-SVD by power iteration).
 
-Budget: ``param_ratio`` is the kept fraction of STORAGE under the paper's Eq. 10 (values in the checkpoint's dtype
-plus a 1-bit mask over the k × m coefficient slots; ``allocation/dictionary.py``); ``rank`` gives ``k`` directly.
-With ``share: layers`` one dictionary serves the same projection of ``group_size`` consecutive layers (§3.3: fitted
-on the mean Gram, coefficients per layer); the engine keeps each member's Gram and weight in the run cache until the
-group's last layer is reached (``engine/shared.py``).
+A ``build`` method (``Method.replacement``): the engine hands it each Linear's (target) weight and statistics and
+installs the module it returns. Budget: ``param_ratio`` is the kept fraction of STORAGE under the paper's Eq. 10
+(values in the checkpoint's dtype plus a 1-bit mask over the k × m coefficient slots; the ``dictionary`` cost model,
+``cospadi/cost.py``); ``rank`` gives ``k`` directly. With ``share: layers`` one dictionary serves the same projection
+of ``group_size`` consecutive layers (§3.3: fitted on the mean Gram, coefficients per layer): ``shared_group`` names
+a row's group, the engine keeps each member's Gram and weight in the run cache until the group's last layer is
+reached (``engine/shared.py``) and then calls ``fit_group``.
 
 Paper defaults (Table 8): ρ = 2, T = 60 rounds, 8 power iterations, seed 42, OMP batch 8192 columns.
 ``omp_atoms_per_step > 1`` (generalised OMP) is lrc's speed option: per_step times fewer OMP steps.
@@ -19,9 +21,16 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
-from .. import dictionary as DL
-from .base import Method, MethodConfig, register
+from ...checkpoint.modeling_lrc import DictLinear
+from ..base import MODULE_KINDS, Method, MethodConfig, register
+from . import math as DL
+from .cost import DICTIONARY  # noqa: F401  (registers the ``dictionary`` cost model)
+
+MODULE_KINDS["dictionary"] = "a dictionary module"
+MODULE_KINDS["shared-dictionary"] = ("a dictionary shared across blocks (fitted only when the group's last block is "
+                                     "reached)")
 
 
 class CoSpaDiConfig(MethodConfig):
@@ -54,13 +63,14 @@ class CoSpaDi(Method):
     needs = ("input_gram",)
     unit_kinds_all = ("dictionary",)
     cost_model = "dictionary"
+    replacement = "build"
 
     def __init__(self, config: CoSpaDiConfig | None = None):
         super().__init__(config)
         self._groups: dict[tuple[int, str], list[tuple[int, dict]]] = {}  # (first block, projection) -> members
 
     def cost_args(self, row, block: int, num_blocks: int, value_bits: int) -> dict:
-        """The row's ``cost_args`` for ``allocation/dictionary.py`` (sharing groups are runs of blocks).
+        """The row's ``cost_args`` for the ``dictionary`` cost model (``cost.py``; sharing groups are runs of blocks).
 
         With ``share: layers`` the group is the rows planned so far for the same projection of the same run of
         blocks: ``layers`` counts its PRESENT members and ``owner`` marks the first of them (the one the engine gives
@@ -108,13 +118,42 @@ class CoSpaDi(Method):
     @torch.no_grad()
     def build(self, weight: torch.Tensor, bias, stats: dict, row, dtype: torch.dtype):
         """``DictLinear`` (in ``dtype``) for one matrix (per-layer mode); returns (module, report fields)."""
-        from ..checkpoint.modeling_lrc import DictLinear
-
         t0 = time.perf_counter()
         fit, wh = self.fit([weight], [stats["input_gram"]], row.rank)
         D = wh.dewhiten(fit.D.double())  # n × k
         module = DictLinear.from_sparse(D.T.contiguous(), fit.index, fit.coef.double(), bias, dtype=dtype)
         return module, self.fit_info(fit, wh, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------------- shared dictionaries (§3.3)
+    @classmethod
+    def shared_group(cls, row) -> tuple | None:
+        """With ``share: layers`` (``cost_args`` of more than one layer): the group's first block and the projection's
+        name within a block; None for a row fitted alone or kept dense."""
+        args = getattr(row, "cost_args", {})
+        if not row.factorize or args.get("layers", 1) <= 1:
+            return None
+        return args["group_first"], row.name.split(f".{row.block}.", 1)[1]
+
+    @torch.no_grad()
+    def fit_group(self, rows: list, weights: list[torch.Tensor], grams: list[torch.Tensor], biases: list,
+                  dtypes: list[torch.dtype]) -> list[tuple[nn.Module, dict]]:
+        """One dictionary for the group: the first member's ``DictLinear`` owns it, the others name it in
+        ``shared_from``; each member keeps its own coefficients (rows ``j·m ..`` of the joint fit)."""
+        head, m = rows[0], rows[0].out_features
+        fit, wh = self.fit(weights, grams, head.rank)
+        D = wh.dewhiten(fit.D.double()).T.contiguous()
+        info = self.fit_info(fit, wh, 0.0)
+        info.pop("seconds")  # the engine times the group (loading its statistics included)
+        fields = {**info, "note": info.pop("note") + f"; dictionary shared by {len(rows)} layers (owner {head.name})"}
+        owner, out = None, []
+        for j, (bias, dtype) in enumerate(zip(biases, dtypes)):
+            index, coef = fit.index[j * m:(j + 1) * m], fit.coef[j * m:(j + 1) * m].double()
+            mod = DictLinear.from_sparse(D if owner is None else owner, index, coef, bias,
+                                         shared_from=None if owner is None else head.name, dtype=dtype)
+            if owner is None:
+                owner = mod
+            out.append((mod, fields))
+        return out
 
     @staticmethod
     def fit_info(fit: DL.DictFit, wh: DL.Whitening, seconds: float) -> dict:

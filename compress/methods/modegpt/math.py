@@ -1,15 +1,19 @@
-"""Pure tensor math of MoDeGPT (Lin et al., ICLR 2025, arXiv 2408.09632): structured module decomposition.
+"""MoDeGPT's closed forms (Lin et al., "MoDeGPT: Modular Decomposition for Large Language Model Compression",
+ICLR 2025, arXiv 2408.09632; ../shared/methods.md §5): pure tensor math, no modules, no statistics passes.
 
-See ../shared/methods.md §5. Every module keeps plain dense Linears of smaller shapes (no extra matrices):
+Every module keeps plain dense Linears of smaller shapes (no extra matrices):
 
-- Type I (Alg. 1, MLP): keep k intermediate neurons by ridge leverage scores of the down_proj input Gram, refit
-  down_proj by Nyström (= least squares of the dense MLP output on the kept neurons): ``ridge_leverage``,
-  ``nystrom_keep``, ``nystrom_down``.
-- Type II (Alg. 2, query/key): keep the same k head dims of Q and K by the CR-decomposition score, closed under the
-  RoPE pairs of HF ``rotate_half`` and shared by a GQA group: ``qk_pair_scores``, ``qk_pair_index``, ``select_qk``.
-- Type III (Alg. 3, value/output): rank-k approximation of ``W_O W_V`` in the input-weighted norm, jointly for
-  all query heads of a KV group: ``vo_grouped``.
-- Global sparsity allocation from block influence: ``cosine_influence``, ``block_influence_phi``; ``kept_dims``.
+- Type I (Alg. 1, MLP, the Nyström approximation of Sec. 3.2): keep k intermediate neurons by ridge leverage scores
+  of the down_proj input Gram, refit down_proj by Nyström (= least squares of the dense MLP output on the kept
+  neurons): ``ridge_leverage``, ``nystrom_keep``, ``nystrom_down``.
+- Type II (Alg. 2, query/key, the CR decomposition): keep the same k head dims of Q and K by the CR score, closed
+  under the RoPE pairs of HF ``rotate_half`` and shared by a GQA group: ``qk_pair_scores``, ``qk_pair_index``,
+  ``select_qk``.
+- Type III (Alg. 3, value/output, the SVD): rank-k approximation of ``W_O W_V`` in the input-weighted norm, jointly
+  for all query heads of a KV group: ``vo_grouped``.
+- ``kept_dims``: ``k = ⌈(1 − φ)·d⌉`` kept dims of a unit (q/k: whole RoPE pairs).
+
+The global sparsity allocation of Sec. 3.4 (block influence) is not MoDeGPT's alone: ``allocation/influence.py``.
 
 Conventions: torch weights are (out x in), ``y = W x``; Grams are sums over tokens (``C = Σ_t x_t x_tᵀ``); heads
 are laid out head-major (channel ``j*d + i``); query head j belongs to KV group ``j // G``, ``G = H // H_kv``.
@@ -215,54 +219,7 @@ def vo_grouped(C: torch.Tensor, Wv: torch.Tensor, bv: torch.Tensor | None, Wo: t
             "rel_error": math.sqrt(float(dropped_t.sum()) / tot) if tot > 0 else 0.0}
 
 
-# ------------------------------------------------------------------------------------------ global allocation
-def cosine_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
-    """Per-token ``cos(h_l, h_{l+1})`` of a block's input and output hidden states (..., h), summed in float64.
-
-    The engine sums over batches; the block influence is ``s_l = 1 − sum / tokens`` (MoDeGPT §3.3). A zero vector
-    counts as cosine 0.
-    """
-    if x_in.shape != x_out.shape:
-        raise ValueError(f"cosine_influence: shapes differ, {tuple(x_in.shape)} vs {tuple(x_out.shape)}")
-    a = x_in.reshape(-1, x_in.shape[-1]).to(_F64)
-    b = x_out.reshape(-1, x_out.shape[-1]).to(_F64)
-    den = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(torch.finfo(_F64).tiny)
-    return float(((a * b).sum(1) / den).sum()), int(a.shape[0])
-
-
-def block_influence_phi(scores: torch.Tensor, phi_avg: float, epsilon: float, phi_max: float) -> torch.Tensor:
-    """Per-layer sparsity ``φ_l = L · φ_avg · softmax(−s_l / ε)`` capped at ``φ_max`` (MoDeGPT global allocation).
-
-    Layers with a smaller influence ``s_l`` lose more. The excess over ``φ_max`` is given to the uncapped layers in
-    proportion to their softmax weights (softmax over the uncapped set: no underflow), until none exceeds, so
-    ``mean(φ) = φ_avg`` to round-off. ``ε → ∞`` gives the uniform ``φ_avg``. Returns (L,) float64.
-    """
-    s = torch.as_tensor(scores).detach().to("cpu", _F64).reshape(-1)
-    if s.numel() == 0 or not torch.isfinite(s).all():
-        raise ValueError("block_influence_phi: scores must be a non-empty finite vector")
-    if not 0 <= phi_avg < 1 or not 0 < phi_max <= 1 or not epsilon > 0:
-        raise ValueError(f"block_influence_phi: need 0 <= phi_avg < 1, 0 < phi_max <= 1, epsilon > 0; got "
-                         f"phi_avg={phi_avg}, phi_max={phi_max}, epsilon={epsilon}")
-    if phi_avg > phi_max:
-        raise ValueError(f"block_influence_phi: phi_avg={phi_avg} > phi_max={phi_max} is infeasible")
-    L = s.numel()
-    logits = -s / epsilon
-    capped = torch.zeros(L, dtype=torch.bool)
-    phi = torch.empty(L, dtype=_F64)
-    for _ in range(L + 1):
-        free = ~capped
-        budget = L * phi_avg - phi_max * int(capped.sum())
-        phi[capped] = phi_max
-        if not free.any():
-            break
-        phi[free] = max(budget, 0.0) * torch.softmax(logits[free], 0)
-        over = free & (phi > phi_max)
-        if not over.any():
-            break
-        capped |= over
-    return phi
-
-
+# ------------------------------------------------------------------------------------------------ kept dims
 def kept_dims(d: int, kept_fraction: float, multiple: int = 1) -> int:
     """Kept size of a dim of ``d``: ``⌈kept_fraction · d⌉`` rounded up to a multiple of ``multiple``, clamped to
     ``[multiple, largest multiple <= d]`` (k_m, k_vo: multiple 1; k_qk: multiple 2, RoPE pairs).

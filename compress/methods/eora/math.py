@@ -1,4 +1,5 @@
-"""EoRA: eigenspace low-rank residual compensation (Liu et al., NVIDIA, arXiv 2410.21271, Sec. 3; methods.md §7).
+"""EoRA's math: eigenspace low-rank residual compensation (Liu et al., NVIDIA, arXiv 2410.21271, Sec. 3;
+methods.md §7), pure tensors.
 
 For a compressed weight ``W_c`` of ``W`` (any compression: low-rank, quantized, pruned), ``ΔW = W − W_c`` and the input
 Gram of the compressed model ``H = X Xᵀ = Q Λ Qᵀ``: SVD of ``ΔW Q Λ^{1/2} = U Σ Vᵀ``, keep r, and
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import gram_sqrt
+from ...linalg import gram_sqrt
 
 DEFAULT_RTOL = 1e-10
 
