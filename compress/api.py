@@ -18,6 +18,7 @@ from .checkpoint.save import base_of, save_checkpoint_streamed
 from .engine.lazy import lazy_model
 from .engine.pipeline import compress_blocks
 from .errors import LrcError
+from .methods import METHODS
 from .models import DTYPES, cache_root, is_lrc_checkpoint, load_model, resolve_model_path
 from .output import atomic_dir, check_out
 from .plan import PlanRow, make_plan
@@ -170,19 +171,25 @@ def _cached_blocks(run_dir: Path, model):
 def compensate(dense: str, compressed: str, out: str | Path, rank: int | None = None,
                param_ratio: float | None = None, calibration: dict | None = None, export: str = "lrc",
                overwrite: bool = False, cache_dir: str | Path | None = None, progress: bool = True,
-               dtype: str = "float32", allocator: str = "uniform") -> tuple[object, dict]:
-    """EoRA on a model compressed elsewhere: residual paths that repair COMPRESSED towards DENSE (modules matched
-    by name, statistics from COMPRESSED's own activations). ``export``: ``lrc`` writes a checkpoint (the compressed
-    model plus the paths), ``peft`` a LoRA adapter for the compressed base. ``allocator`` ``loss`` or ``energy``
-    spreads a ``param_ratio`` of extra parameters over the modules by their whitened residual spectra
+               dtype: str = "float32", allocator: str = "uniform", method: str | None = None
+               ) -> tuple[object, dict]:
+    """A compensation method (EoRA) on a model compressed elsewhere: residual paths that repair COMPRESSED towards
+    DENSE (modules matched by name, statistics from COMPRESSED's own activations). ``method``: a registered method of
+    kind ``compensation`` (default: the only one). ``export``: ``lrc`` writes a checkpoint (the compressed model plus
+    the paths), ``peft`` a LoRA adapter for the compressed base. ``allocator`` ``loss`` or ``energy`` spreads a
+    ``param_ratio`` of extra parameters over the modules by their whitened residual spectra
     (``compress/allocation/residual.py``) instead of the same ratio everywhere."""
     import json
 
     from .checkpoint.peft_export import export_peft
 
+    able = [n for n, m in METHODS.items() if m.kind == "compensation"]
+    if method is None and len(able) != 1 or method is not None and method not in able:
+        raise LrcError(f"lrc compensate: name the compensation method, one of {', '.join(able)}")
+    method = method or able[0]
     budget = {"rank": rank} if rank is not None else {"param_ratio": param_ratio}
-    recipe = parse_recipe({"name": "eora", "calibration": calibration or {}, "model": {"dtype": dtype},
-                           "stages": [{"method": "eora", **budget, "allocator": allocator}], "samples": 0},
+    recipe = parse_recipe({"name": method, "calibration": calibration or {}, "model": {"dtype": dtype},
+                           "stages": [{"method": method, **budget, "allocator": allocator}], "samples": 0},
                           "lrc compensate")
     out = Path(out)
     check_out(out, overwrite)

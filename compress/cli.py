@@ -300,7 +300,7 @@ def push(
 @app.command()
 def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint directory")) -> None:
     """What a checkpoint contains: base architecture, module types and ranks, parameter accounting."""
-    from .checkpoint import read_config
+    from .checkpoint import describe_spec, read_config
 
     try:
         lrc = read_config(checkpoint)["lrc"]  # an older format is read as migrated, a newer one refused
@@ -312,15 +312,7 @@ def info(checkpoint: Path = typer.Argument(..., help="an lrc checkpoint director
     for col in ("module", "type", "shape (out x in)", "rank / head dims / atoms"):
         table.add_column(col)
     for name, spec in lrc["modules"].items():
-        if spec["type"] == "attention":  # per-layer head dims (MoDeGPT): q/k and v/o of the original head dim
-            table.add_row(name, "attention", f"{spec['num_heads']} heads, {spec['num_kv_heads']} KV heads",
-                          f"q/k {spec['qk_dim']}/{spec['head_dim']}, v/o {spec['vo_dim']}/{spec['head_dim']}")
-            continue
-        knob = str(spec.get("rank", "-"))
-        if spec["type"] == "dictionary":  # CoSpaDi: k atoms, s per output, maybe another layer's dictionary
-            knob = f"{spec['atoms']} atoms, {spec['nnz']} per output" + \
-                (f" (dictionary of {spec['shared_from']})" if spec.get("shared_from") else "")
-        table.add_row(name, spec["type"], f"{spec['out_features']} x {spec['in_features']}", knob)
+        table.add_row(name, spec["type"], *describe_spec(spec))  # in the words of its module type
     out.print(table)
     rep = checkpoint / "lrc_report.json"
     if rep.is_file():

@@ -86,8 +86,8 @@ class PlanRow:
 
 def linear_units(block: nn.Module):
     """``(name, module)`` of every Linear-like unit: ``nn.Linear``, or an lrc replacement module as a whole (its
-    inner Linears are not units of their own; ``checkpoint/units.py``)."""
-    from .checkpoint.units import is_unit
+    inner Linears are not units of their own; ``checkpoint/module_types.py``)."""
+    from .checkpoint.module_types import is_unit
 
     skip: list[str] = []
     for sub, mod in block.named_modules():

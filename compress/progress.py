@@ -15,21 +15,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as _RichProgress
 
+from .checkpoint.module_types import report_types
+
 # first word of a phase text -> the phase it belongs to (its line's label): the allocation pre-pass alternates
 # "spectra for allocation, block i/n" and "sensitivity <matrix>", selfgen runs inside "calibration tokens", and the
 # gradient pass counts its blocks; each is one phase with one line, not a line per step
 FAMILIES = {"calibration": "calibration tokens", "selfgen": "calibration tokens", "capture": "capture",
             "gradients": "gradients", "spectra": "allocation", "sensitivity": "allocation", "finetune": "finetune"}
-# report rows whose rel_error measures a change (a dense row's is 0): ‖ΔY‖/‖Y‖ of the module's or unit's output
-ERROR_TYPES = ("lowrank", "compensated", "structured")
 
 
-def measured_errors(rows: list[dict], types=ERROR_TYPES) -> list[float]:
-    """The ``rel_error`` of the rows of ``types`` that changed something and measured it: not a structured unit
-    kept whole (``kept_dim == dense_dim``, like a dense row), not a row whose error is not measured (None: MoDeGPT's
-    q/k units, which report ``dropped_score_share`` instead)."""
+def error_types(summary: bool = False) -> set[str]:
+    """The report row types whose ``rel_error`` measures a change, ‖ΔY‖/‖Y‖ of the module's or unit's output (a dense
+    row's is 0): ``ReportType.measured`` of the registered module types (``checkpoint/module_types.py``). ``summary``:
+    the compression's error only, not what is left after a repair (``ReportType.repair``)."""
+    return {t.word for t in report_types() if t.measured and not (summary and t.repair)}
+
+
+def measured_errors(rows: list[dict], types=None) -> list[float]:
+    """The ``rel_error`` of the rows of ``types`` (default: ``error_types()``) that changed something and measured
+    it: not a unit kept whole (``kept_dim == dense_dim``, like a dense row), not a row whose error is not measured
+    (None: MoDeGPT's q/k units, which report ``dropped_score_share`` instead)."""
+    types = error_types() if types is None else types
     return [r["rel_error"] for r in rows if r.get("type") in types and r.get("rel_error") is not None
-            and not (r.get("type") == "structured" and r.get("kept_dim") == r.get("dense_dim"))]
+            and not (r.get("kept_dim") is not None and r.get("kept_dim") == r.get("dense_dim"))]
 
 _active: Progress | None = None
 

@@ -163,8 +163,8 @@ class StageConfig(_Strict):
     def _compensation_budget(self):
 
         if METHODS[self.method].kind == "compensation" and (
-                self.energy is not None or "residual" not in ALLOCATORS[self.allocator].unit_kinds):
-            able = [n for n, a in ALLOCATORS.items() if "residual" in a.unit_kinds]
+                self.energy is not None or not ALLOCATORS[self.allocator].allocates("residual")):
+            able = [n for n, a in ALLOCATORS.items() if a.allocates("residual")]
             able = " or ".join(filter(None, (", ".join(able[:-1]), able[-1])))
             raise ValueError(f"{self.method} adds a residual: give its rank or param_ratio (extra parameters as a "
                              f"fraction of each matrix) with the {able} allocator")
@@ -174,9 +174,9 @@ class StageConfig(_Strict):
     def _allocator_fits_method(self):
 
         method = METHODS[self.method]
-        if method.kind != "compensation" and not set(ALLOCATORS[self.allocator].unit_kinds) & set(
-                method.unit_kinds_all):
-            able = [n for n, a in ALLOCATORS.items() if set(a.unit_kinds) & set(method.unit_kinds_all)]
+        if method.kind != "compensation" and not any(ALLOCATORS[self.allocator].allocates(k)
+                                                     for k in method.unit_kinds_all):
+            able = [n for n, a in ALLOCATORS.items() if any(a.allocates(k) for k in method.unit_kinds_all)]
             raise ValueError(f"allocator {self.allocator} cannot allocate {self.method}'s units; use "
                              + " or ".join(able))
         return self

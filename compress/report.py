@@ -8,12 +8,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .progress import measured_errors
+from .checkpoint.module_types import report_types
+from .progress import error_types, measured_errors
 
 CSV_FIELDS = ["name", "stage", "method", "type", "out_features", "in_features", "rank", "params_before",
               "params_after", "rel_error", "seconds", "note"]
-# columns written only when some row has the field (so other runs' CSV stays as it was), each after the column named
-OPTIONAL_CSV_FIELDS = {"dropped_score_share": "rel_error"}  # MoDeGPT's q/k units: their rel_error is not measured
 
 RATIO_DEFINITION = ("kept_fraction_of_targeted = parameters of the targeted decoder-block Linears after / before "
                     "(weights + biases); embeddings and lm_head are never targeted and are excluded from it")
@@ -57,18 +56,17 @@ def rss_gib() -> float:
 
 
 def build_report(rows: list[dict], before: dict, after: dict, extra: dict, bytes_per_param: float = 2) -> dict:
+    """The report: ``targeted`` counts the rows of each report row type (``ReportType.count``: the ones every report
+    has, then the others that occur), and adds storage totals when rows carry their own ``storage_bytes`` (a module
+    that writes other than its parameters: a dictionary's support mask); unit rows get per-block fractions."""
     pb = sum(r["params_before"] for r in rows)
     pa = sum(r["params_after"] for r in rows)
-    targeted = {"modules": len({r["name"] for r in rows}),
-                "factorized": sum(r["type"] == "lowrank" for r in rows),
-                "kept_dense": sum(r["type"] == "dense" for r in rows),
-                "compensated": sum(r["type"] == "compensated" for r in rows), "params_before": pb,
-                "params_after": pa, "kept_fraction_of_targeted": pa / pb if pb else None}
-    structured = [r for r in rows if r["type"] == "structured"]
-    if structured:  # units of modules (MoDeGPT): how many, and the kept share of each block
-        targeted["structured_units"] = len(structured)
-    if any(r["type"] == "dictionary" for r in rows):  # CoSpaDi: parameters and bytes differ (the support mask)
-        targeted["dictionary"] = sum(r["type"] == "dictionary" for r in rows)
+    types = report_types()
+    counts = {t.count: sum(r["type"] == t.word for r in rows) for t in types}
+    targeted = {"modules": len({r["name"] for r in rows}), **{t.count: counts[t.count] for t in types if t.always},
+                "params_before": pb, "params_after": pa, "kept_fraction_of_targeted": pa / pb if pb else None}
+    targeted.update((t.count, counts[t.count]) for t in types if not t.always and counts[t.count])
+    if any("storage_bytes" in r for r in rows):  # parameters and bytes differ
         targeted.update(storage_totals(rows, bytes_per_param))
     report = {
         **extra,
@@ -79,8 +77,10 @@ def build_report(rows: list[dict], before: dict, after: dict, extra: dict, bytes
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "modules": rows,
     }
-    if structured:
-        report["blocks"] = block_fractions(structured)
+    units = {t.word for t in types if t.units}
+    unit_rows = [r for r in rows if r["type"] in units]
+    if unit_rows:  # units of modules: the kept share of each block
+        report["blocks"] = block_fractions(unit_rows)
     return report
 
 
@@ -89,8 +89,9 @@ STORAGE_DEFINITION = ("kept_storage_fraction = bytes the targeted modules write 
 
 
 def storage_totals(rows: list[dict], bytes_per_param: float) -> dict:
-    """Bytes before/after over the targeted modules: a row's own ``storage_bytes`` where it has one (a
-    ``DictLinear``'s values, mask, dictionary and bias as written), else its parameters at ``bytes_per_param``."""
+    """Bytes before/after over the targeted modules: a row's own ``storage_bytes`` where it has one (the tensors its
+    module writes, e.g. a dictionary module's values, mask, dictionary and bias), else its parameters at
+    ``bytes_per_param``."""
     before = sum(int(r["params_before"] * bytes_per_param) for r in rows)
     after = sum(r.get("storage_bytes", int(r["params_after"] * bytes_per_param)) for r in rows)
     return {"storage_bytes_before": before, "storage_bytes_after": after,
@@ -98,7 +99,7 @@ def storage_totals(rows: list[dict], bytes_per_param: float) -> dict:
 
 
 def block_fractions(rows: list[dict]) -> list[dict]:
-    """Per block: the structured units' parameters before/after, the kept fraction, and the allocator's target."""
+    """Per block: the units' parameters before/after, the kept fraction, and the allocator's target."""
     out: dict[int, dict] = {}
     for r in rows:
         b = out.setdefault(r["block"], {"block": r["block"], "params_before": 0, "params_after": 0,
@@ -111,10 +112,11 @@ def block_fractions(rows: list[dict]) -> list[dict]:
 
 
 def csv_fields(rows: list[dict]) -> list[str]:
-    """``CSV_FIELDS``, plus each optional field some row has (after its anchor column)."""
+    """``CSV_FIELDS``, plus each optional column of a report row type (``ReportType.columns``) that some row has,
+    after its anchor column: written only then, so other runs' CSV stays as it was."""
     fields = list(CSV_FIELDS)
-    for name, after in OPTIONAL_CSV_FIELDS.items():
-        if any(name in r for r in rows):
+    for name, after in (column for t in report_types() for column in t.columns):
+        if name not in fields and any(name in r for r in rows):
             fields.insert(fields.index(after) + 1, name)
     return fields
 
@@ -131,15 +133,14 @@ def summary_table(report: dict) -> Table:
     t = report["targeted"]
     mp = report["model_params"]
     table = Table(title="lrc compression summary", show_header=False)
-    comp = f", {t['compensated']} compensated" if t.get("compensated") else ""
-    if t.get("structured_units"):
-        table.add_row("targeted units", f"{t['structured_units']} structured (groups of Linears rebuilt smaller)")
-    elif not t.get("dictionary"):
-        table.add_row("targeted Linears", f"{t['modules']} ({t['factorized']} factorized, {t['kept_dense']} kept "
-                                          f"dense{comp})")
-    if t.get("dictionary"):
-        table.add_row("targeted Linears", f"{t['modules']} ({t['dictionary']} dictionary + sparse coefficients, "
-                                          f"{t['kept_dense']} kept dense)")
+    types = report_types()
+    for units, label in ((True, "targeted units"), (False, "targeted Linears")):
+        parts = [f"{t[rt.count]} {rt.phrase}" for rt in types if rt.units == units and t.get(rt.count)]
+        if not parts:
+            continue
+        words = {rt.word for rt in types if rt.units == units}
+        names = len({r["name"] for r in report["modules"] if r["type"] in words})
+        table.add_row(label, ", ".join(parts) if units else f"{names} ({', '.join(parts)})")
     table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
                                      f"(kept {t['kept_fraction_of_targeted']:.4f})")
     if t.get("storage_bytes_after") is not None:
@@ -147,7 +148,7 @@ def summary_table(report: dict) -> Table:
                                           f"(kept {t['kept_storage_fraction']:.4f}; values + support masks)")
     table.add_row("model params (all)", f"{mp['before']['total']:,} → {mp['after']['total']:,} "
                                         f"(kept {mp['kept_fraction_of_model']:.4f}, embeddings+head included)")
-    errs = measured_errors(report["modules"], ("lowrank", "structured"))
+    errs = measured_errors(report["modules"], error_types(summary=True))
     blocks = report.get("blocks")
     if blocks:
         fr = [b["kept_fraction"] for b in blocks]

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress import api
-from compress.checkpoint.modeling_lrc import CompensatedLinear, DictLinear
+from compress.methods.cospadi.lrc_dictionary import DictLinear
+from compress.methods.eora.lrc_compensated import CompensatedLinear
 from compress.engine import pipeline
 from compress.errors import LrcError
 from compress.plan import make_plan
@@ -208,7 +209,7 @@ def test_shared_dictionary_fit_runs_on_the_engine_device(how, tiny_model_dir, co
 
 def test_shared_dictionary_fit_on_the_cpu_is_unchanged(tiny_model_dir, corpus_file, tmp_path):
     """The same group fitted through ``SharedGroups`` on the CPU and by the method directly: the same tensors."""
-    from compress.checkpoint.modeling_lrc import DictLinear as DL_
+    from compress.methods.cospadi.lrc_dictionary import DictLinear as DL_
     from compress.engine.cache import RunCache
     from compress.engine.shared import SharedGroups
     from compress.methods.cospadi import CoSpaDi

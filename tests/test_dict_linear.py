@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 import compress
-from compress.checkpoint.modeling_lrc import CompensatedLinear, DictLinear, build_module
-from compress.checkpoint.units import module_spec, unit_params, unit_weights
+from compress.checkpoint.modeling_lrc import build_module
+from compress.checkpoint.module_types import module_spec, unit_params, unit_weights
+from compress.methods.cospadi.lrc_dictionary import DictLinear
+from compress.methods.eora.lrc_compensated import CompensatedLinear
 from conftest import RELOAD_LOGITS
 
 FACTORED = (32, 32, 8, 4)  # in, out, atoms, nnz: 8 * (32 + 32) < 32 * 32

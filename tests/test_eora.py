@@ -73,7 +73,8 @@ def test_eora_stage_after_a_decomposition_round_trips(arch, first, tiny_model_di
     from transformers import AutoModelForCausalLM
 
     from compress import api
-    from compress.checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
+    from compress.checkpoint.modeling_lrc import LowRankLinear
+    from compress.methods.eora.lrc_compensated import CompensatedLinear
     from compress.recipe import parse_recipe
     from conftest import tiny_recipe
 

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 import compress
 from compress import api
-from compress.checkpoint.modeling_lrc import (AUTO_MAP, LRC_FORMAT_VERSION, CompensatedLinear, LowRankLinear,
-                                              apply_structure)
+from compress.checkpoint.modeling_lrc import AUTO_MAP, LRC_FORMAT_VERSION, LowRankLinear, apply_structure
 from compress.checkpoint.save import normalize_modes, save_checkpoint
 from compress.cli import app
 from compress.errors import LrcError
+from compress.methods.eora.lrc_compensated import CompensatedLinear
 from conftest import tiny_config, tiny_recipe
 
 # Plain transformers in a fresh process where lrc cannot be imported: what a user of a published checkpoint sees.

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import compress
-from compress.checkpoint.modeling_lrc import LrcAttention, apply_structure, build_module
+from compress.checkpoint.modeling_lrc import apply_structure, build_module
+from compress.methods.modegpt.lrc_attention import LrcAttention
 from compress.checkpoint.save import save_checkpoint
 from conftest import tiny_config
 

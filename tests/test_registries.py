@@ -8,9 +8,10 @@ from torch import nn
 
 from compress.allocation import (ALLOCATORS, COST_MODELS, DESCRIPTIONS, OPTIONS, SPECTRUM, cost_of,
                                  decide_from_spectrum, needs, register_allocator)
-from compress.checkpoint.modeling_lrc import MODULE_TYPES, CompensatedLinear, LowRankLinear
-from compress.checkpoint.units import (UNIT_TYPES, is_unit, module_spec, register_unit_type, unit_params,
-                                       unit_weights)
+from compress.checkpoint.modeling_lrc import MODULE_TYPES, LowRankLinear
+from compress.checkpoint.module_types import (ModuleType, is_unit, module_spec, register_module_type, unit_params,
+                                              unit_weights, unregister_module_type)
+from compress.methods.eora.lrc_compensated import CompensatedLinear
 from compress.errors import LrcError
 from compress.linalg import rank_for_ratio
 from compress.plan import PlanRow, linear_units
@@ -162,12 +163,12 @@ def test_a_registered_unit_type_is_one_unit():
             self.a, self.b = nn.Linear(8, 4), nn.Linear(4, 8)
             self.in_features = self.out_features = 8
 
-    register_unit_type(Pair, lambda m: {"type": "pair"}, weights=lambda m: 1)
+    register_module_type(ModuleType("pair", Pair, None, lambda m: {"type": "pair"}, weights=lambda m: 1))
     try:
         block = nn.Module()
         block.p = Pair()
         assert [n for n, _ in linear_units(block)] == ["p"]
         assert module_spec(block.p) == {"type": "pair"} and unit_weights(block.p) == 1
     finally:
-        UNIT_TYPES.pop(Pair)
+        unregister_module_type("pair")
     assert [n for n, _ in linear_units(block)] == ["p.a", "p.b"]

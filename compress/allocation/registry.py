@@ -20,7 +20,8 @@ class Allocator:
     ``"weights"`` (the plain weight's spectrum) or ``"sweep"`` (ASVD's perplexity sweep); a new kind needs ``needs``,
     its words for ``lrc methods``. ``options``: the pydantic model of ``allocator_options`` (None: takes none).
     ``unit_kinds``: the rows it can allocate: ``linear`` (one Linear), ``residual`` (a compensation stage's residual
-    paths), or the kinds of structured units."""
+    paths), or the kinds of structured units; ``any_kind``: every kind a method plans (an allocator that decides each
+    row by its own cost model alone, from shapes)."""
 
     name: str
     fn: Callable
@@ -29,10 +30,15 @@ class Allocator:
     options: type | None = None
     unit_kinds: tuple[str, ...] = ("linear",)
     needs_text: str | None = None
+    any_kind: bool = False
 
     @property
     def needs(self) -> str:
         return self.needs_text or NEEDS[self.reads]
+
+    def allocates(self, kind: str) -> bool:
+        """True when it can allocate plan rows of ``kind``."""
+        return self.any_kind or kind in self.unit_kinds
 
     @property
     def is_global(self) -> bool:
@@ -52,11 +58,12 @@ ALLOCATORS: dict[str, Allocator] = {}
 
 
 def register_allocator(name: str, fn: Callable, reads: str | None, description: str, options: type | None = None,
-                       unit_kinds: tuple[str, ...] = ("linear",), needs: str | None = None) -> Allocator:
+                       unit_kinds: tuple[str, ...] = ("linear",), needs: str | None = None,
+                       any_kind: bool = False) -> Allocator:
     """Add an allocator to ``ALLOCATORS`` (a later registration under the same name replaces it)."""
     if needs is None and reads not in NEEDS:
         raise ValueError(f"allocator {name}: reads {reads!r} is none of {list(NEEDS)}; say what it reads in needs=")
-    entry = Allocator(name, fn, reads, description, options, tuple(unit_kinds), needs)
+    entry = Allocator(name, fn, reads, description, options, tuple(unit_kinds), needs, any_kind)
     ALLOCATORS[name] = entry
     return entry
 

@@ -46,5 +46,6 @@ def uniform(stage, rows, spectra=None, options=None) -> None:
             row.rank, row.factorize, row.note = None, None, f"rank from spectrum (energy {value})"
 
 
-register_allocator("uniform", uniform, reads=None, unit_kinds=("linear", "residual", "dictionary", "mlp", "qk", "vo"),
+# every row kind a method plans: each row's knob comes from its own cost model (``knob_for``)
+register_allocator("uniform", uniform, reads=None, unit_kinds=("linear", "residual"), any_kind=True,
                    description="the same kept ratio for every matrix (the SVD-LLM and ASVD default)")

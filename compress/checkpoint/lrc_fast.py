@@ -1,6 +1,6 @@
 """The execution fast path of lrc's modules (imports only torch): weight layouts chosen for the kernels, and one GEMM
-for the Linears that receive the very same input tensor. Part of every lrc checkpoint's remote code (``lrc_layers.py``
-and ``lrc_attention.py`` import it relatively). Nothing here changes what is stored: parameters keep their names,
+for the Linears that receive the very same input tensor. Part of every lrc checkpoint's remote code (the files of the
+module types import it relatively). Nothing here changes what is stored: parameters keep their names,
 shapes and values, ``state_dict`` gives the same tensors (``save_pretrained`` writes contiguous copies), and outputs
 match the plain forward up to float round-off (a GEMM split differently sums in another order).
 

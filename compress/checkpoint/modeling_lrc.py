@@ -1,11 +1,13 @@
 """Self-contained loader for lrc checkpoints (imports only torch and transformers).
 
-lrc copies this file into every compressed checkpoint, with the three it imports relatively: ``lrc_layers.py`` (the
-Linear-like modules), ``lrc_attention.py`` (MoDeGPT's attention) and ``lrc_fast.py`` (their execution fast path, set
-up by ``set_fast_path`` once ``from_pretrained`` has loaded the weights); transformers' remote-code loader copies
-relative imports along with the file. ``config.json`` has ``model_type: "lrc"``, so plain
-transformers refuses the checkpoint unless ``trust_remote_code=True`` lets it run this file (with the base model type
-it would build a dense model, re-initialise every factorised weight and return garbage). ``auto_map`` names:
+lrc copies this file into every compressed checkpoint, with the files it imports relatively: ``lrc_types.py``, the
+checkpoint's module types (spec type -> builder), written at save time; ``lrc_layers.py``, the core types (``lowrank``,
+``dense``); ``lrc_fast.py``, the execution fast path; and the file of each other module type the checkpoint uses (a
+method's own, e.g. EoRA's ``compensated``). Inside lrc, ``lrc_types.py`` is the registry of every module type
+(``module_types.py``). transformers' remote-code loader copies relative imports along with the file.
+``config.json`` has ``model_type: "lrc"``, so plain transformers refuses the checkpoint unless
+``trust_remote_code=True`` lets it run this file (with the base model type it would build a dense model, re-initialise
+every factorised weight and return garbage). ``auto_map`` names:
 
 - ``AutoConfig`` -> ``LrcConfig``: the base model's config (a subclass of e.g. ``LlamaConfig``) with model type lrc;
 - ``AutoModelForCausalLM`` -> ``LrcForCausalLM``: the base causal LM with the compressed modules swapped in;
@@ -14,17 +16,8 @@ it would build a dense model, re-initialise every factorised weight and return g
 
 It is architecture-generic: the ``lrc`` section names the base (``base_model_type``, ``base_architecture``) and
 describes every replaced module as data (``modules[name] = {type, ...}``); the loader subclasses the base transformers
-classes, swaps those modules in, and lets transformers load the safetensors weights.
-
-Module types (add new ones to ``MODULE_TYPES``):
-- ``lowrank``: ``LowRankLinear`` with ``in_features``, ``out_features``, ``rank``, ``bias``.
-- ``dense``: a plain ``nn.Linear`` with possibly new ``in_features``/``out_features`` (resized matrices).
-- ``dictionary``: ``DictLinear`` (CoSpaDi) with ``in_features``, ``out_features``, ``atoms``, ``nnz``, ``bias`` and
-  optional ``shared_from``, the full name of the module whose dictionary it uses (linked by ``link_shared`` once every
-  module is built; the sharer stores no dictionary).
-- ``compensated``: ``CompensatedLinear``, any of the above (``base``) plus a residual path of ``rank`` (EoRA).
-- ``attention``: ``LrcAttention``, the base model's attention with q/k head dim ``qk_dim`` and v/o head dim
-  ``vo_dim`` (``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size``, ``bias`` {q, k, v, o}; MoDeGPT).
+classes, swaps those modules in (``apply_structure``: each spec built by its type's builder, ``MODULE_TYPES``), lets
+transformers load the safetensors weights, and sets up the execution fast path (``set_fast_path``).
 
 Format versions (``lrc.format_version``): 1 kept the base ``model_type`` in config.json; 2 is ``model_type: "lrc"``
 with ``lrc.base_model_type``. Format 1 is migrated in memory (``upgrade_section``); a newer format is refused.
@@ -35,12 +28,12 @@ import functools
 
 from torch import nn
 
-from .lrc_attention import LrcAttention
-from .lrc_fast import FAST_PATH, FUSE, prefer_layout
-from .lrc_layers import CompensatedLinear, DictLinear, LowRankLinear, _float_dtype
+from .lrc_fast import FAST_PATH, FUSE
+from .lrc_layers import LowRankLinear, _float_dtype
+from .lrc_types import MODULE_TYPES
 
-__all__ = ["AUTO_MAP", "CompensatedLinear", "DictLinear", "LRC_FORMAT_VERSION", "LowRankLinear", "LrcAttention",
-           "MODULE_TYPES", "apply_structure", "build_module", "link_shared", "set_fast_path"]
+__all__ = ["AUTO_MAP", "LRC_FORMAT_VERSION", "LowRankLinear", "MODULE_TYPES", "apply_structure", "build_module",
+           "link_shared", "set_fast_path"]
 
 LRC_FORMAT_VERSION = 2
 AUTO_MAP = {"AutoConfig": "modeling_lrc.LrcConfig", "AutoModel": "modeling_lrc.LrcModel",
@@ -49,49 +42,23 @@ AUTO_MAP = {"AutoConfig": "modeling_lrc.LrcConfig", "AutoModel": "modeling_lrc.L
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
-def _lowrank(spec: dict, dtype=None, base=None) -> nn.Module:
-    return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec.get("bias", False), dtype=dtype)
-
-
-def _dense(spec: dict, dtype=None, base=None) -> nn.Module:
-    return nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", False), dtype=dtype)
-
-
-def _compensated(spec: dict, dtype=None, base=None) -> nn.Module:
-    return CompensatedLinear(build_module(spec["base"], dtype=dtype, base=base), spec["rank"], dtype=dtype)
-
-
-def _dictionary(spec: dict, dtype=None, base=None) -> nn.Module:
-    return DictLinear(spec["in_features"], spec["out_features"], spec["atoms"], spec["nnz"], spec.get("bias", False),
-                      shared_from=spec.get("shared_from"), dtype=dtype)
-
-
-def _attention(spec: dict, dtype=None, base=None) -> nn.Module:
-    if base is None:
-        raise ValueError("lrc checkpoint: an attention module is built from the base model's attention module")
-    return LrcAttention(base, spec, dtype=dtype)
-
-
-# builder(spec, dtype=None, base=None): ``base`` is the module being replaced
-MODULE_TYPES = {"lowrank": _lowrank, "dense": _dense, "compensated": _compensated, "attention": _attention,
-                "dictionary": _dictionary}
-
-
 def build_module(spec: dict, dtype=None, base: nn.Module | None = None) -> nn.Module:
-    """An empty module of the structure ``spec`` describes (weights are loaded afterwards), replacing ``base``."""
+    """An empty module of the structure ``spec`` describes (weights are loaded afterwards), replacing ``base``:
+    ``MODULE_TYPES[spec["type"]](spec, dtype=dtype, base=base, build=build_module)`` (``build`` builds a spec nested
+    in this one)."""
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind not in MODULE_TYPES:
         raise ValueError(f"lrc checkpoint: unknown module type {kind!r}; this loader knows {sorted(MODULE_TYPES)}")
     try:
-        return MODULE_TYPES[kind](spec, dtype=dtype, base=base)
+        return MODULE_TYPES[kind](spec, dtype=dtype, base=base, build=build_module)
     except KeyError as e:  # a known type whose spec lacks a field its builder reads
         raise ValueError(f"lrc checkpoint: a {kind!r} module spec has no {e.args[0]!r} field: {spec}") from None
 
 
 def apply_structure(model: nn.Module, modules: dict, prefix: str = "") -> None:
     """Replace every module named in ``modules`` by an empty module of the described type, in place, in the dtype of
-    the module it replaces. Parents go before their children (an attention module before its ``q_proj``). Then link
-    the modules that share a dictionary to their owners (``link_shared``; ``prefix`` as there)."""
+    the module it replaces. Parents go before their children (an attention module before its ``q_proj``). Then let
+    the new modules find the modules they refer to by name (``link_shared``; ``prefix`` as there)."""
     for name in sorted(modules, key=lambda n: n.count(".")):
         base = model.get_submodule(name)
         model.set_submodule(name, build_module(modules[name], dtype=_float_dtype(base), base=base))
@@ -99,60 +66,35 @@ def apply_structure(model: nn.Module, modules: dict, prefix: str = "") -> None:
 
 
 def link_shared(model: nn.Module, modules: dict, prefix: str = "") -> None:
-    """``link`` every ``DictLinear`` whose spec in ``modules`` has ``shared_from`` (also as the ``base`` of a
-    ``compensated`` spec) to its owner in ``model``. Both names lose ``prefix`` where they start with it (the
-    ``lrc.modules`` names of a bare decoder start with ``model.``)."""
-    for name, spec in modules.items():
-        owner = _shared_from(spec)
-        if owner is not None:
-            _find_dict_linear(model, name, prefix).link(_find_dict_linear(model, owner, prefix))
+    """Call ``lrc_link(find)`` on every module (and module inside it) named in ``modules`` that has the hook (e.g. a
+    dictionary shared across layers links to its owner): ``find(name)`` is the module of ``model`` with that full
+    name of ``lrc.modules``, or None. Names lose ``prefix`` where they start with it (the ``lrc.modules`` names of a
+    bare decoder start with ``model.``)."""
 
+    def find(name: str) -> nn.Module | None:
+        try:
+            return model.get_submodule(name[len(prefix):] if prefix and name.startswith(prefix) else name)
+        except AttributeError:
+            return None
 
-def _shared_from(spec: dict) -> str | None:
-    while spec.get("type") == "compensated":
-        spec = spec["base"]
-    return spec.get("shared_from") if spec.get("type") == "dictionary" else None
-
-
-def _find_dict_linear(model: nn.Module, name: str, prefix: str) -> DictLinear:
-    """The ``DictLinear`` named ``name`` in ``model`` (or the ``base`` of the ``CompensatedLinear`` there)."""
-    try:
-        module = model.get_submodule(name[len(prefix):] if prefix and name.startswith(prefix) else name)
-    except AttributeError:
-        module = None
-    while isinstance(module, CompensatedLinear):
-        module = module.base
-    if not isinstance(module, DictLinear):
-        raise ValueError(f"lrc checkpoint: {name!r} is no dictionary module of this model (shared dictionaries link "
-                         f"a DictLinear to the DictLinear that owns the dictionary)")
-    return module
+    for name in modules:
+        for module in model.get_submodule(name).modules():
+            link = getattr(module, "lrc_link", None)
+            if link is not None:
+                link(find)
 
 
 def set_fast_path(model: nn.Module, fast: bool = True, fuse: bool = True, layout: bool = True) -> nn.Module:
-    """Switch the execution fast path (``lrc_fast.py``) of every lrc module in ``model``; outputs are the same up to
-    float round-off either way. ``fast``: factors applied directly instead of module calls (``LowRankLinear``,
-    ``CompensatedLinear``, ``LrcAttention``'s q/k/v); ``fuse`` (with ``fast``): one GEMM for the modules that receive
-    the same input tensor; ``layout``: low-rank factors with more outputs than inputs stored column-major (the same
-    values: ``lrc_fast.prefer_layout``). ``from_pretrained`` applies the defaults (``LRC_FAST_PATH``, ``LRC_FUSE``)."""
+    """Switch the execution fast path (``lrc_fast.py``) of every lrc module in ``model`` (each module's
+    ``lrc_fast_path`` hook); outputs are the same up to float round-off either way. ``fast``: factors applied directly
+    instead of module calls; ``fuse`` (with ``fast``): one GEMM for the modules that receive the same input tensor;
+    ``layout``: low-rank factors with more outputs than inputs stored column-major (the same values:
+    ``lrc_fast.prefer_layout``). ``from_pretrained`` applies the defaults (``LRC_FAST_PATH``, ``LRC_FUSE``)."""
     for m in model.modules():
-        if isinstance(m, (LowRankLinear, CompensatedLinear, LrcAttention)):
-            m.fast = fast
-        if isinstance(m, (LowRankLinear, LrcAttention)):
-            m.fuse = fast and fuse
-        if isinstance(m, LowRankLinear) and m._group is not None and not m.fuse:
-            m._group.dissolve()
-        for factor in _factors(m):
-            prefer_layout(factor, layout)
+        hook = getattr(m, "lrc_fast_path", None)
+        if hook is not None:
+            hook(fast, fuse, layout)
     return model
-
-
-def _factors(module: nn.Module) -> list:
-    """The factor Linears of an lrc module: those whose layout ``set_fast_path`` chooses."""
-    if isinstance(module, LowRankLinear):
-        return [module.first, module.second]
-    if isinstance(module, CompensatedLinear):
-        return [module.lora_A, module.lora_B]
-    return []
 
 
 def upgrade_section(section: dict, model_type: str | None = None) -> dict:

@@ -1,11 +1,13 @@
-"""Export EoRA residual paths as a PEFT LoRA adapter (methods.md §7, §10.5).
+"""Export residual paths (EoRA's) as a PEFT LoRA adapter (methods.md §7, §10.5).
 
-``adapter_config.json`` (LoRA, ``r`` = the most common rank, ``rank_pattern``/``alpha_pattern`` for the others, alpha
-equal to the rank so the scaling is 1, no dropout, no bias) and ``adapter_model.safetensors`` with
-``base_model.model.<module>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r). Loaded with
-``PeftModel.from_pretrained(compressed_base, dir)`` it reproduces lrc's own checkpoint. PEFT wraps ``nn.Linear``
-bases only, so every compensated module's base must be a plain Linear (a model compressed elsewhere, e.g. quantized
-and de-quantized on load); residuals on lrc low-rank modules stay in lrc's checkpoint format.
+The modules exported are those whose module type has a residual path (``ModuleType.residual``, in PEFT's names and
+shapes: ``lora_A`` r × in, ``lora_B`` out × r, scaling 1, around the module's ``base``). ``adapter_config.json``
+(LoRA, ``r`` = the most common rank, ``rank_pattern``/``alpha_pattern`` for the others, alpha equal to the rank so the
+scaling is 1, no dropout, no bias) and ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight``
+(r × in) and ``...lora_B.weight`` (out × r). Loaded with ``PeftModel.from_pretrained(compressed_base, dir)`` it
+reproduces lrc's own checkpoint. PEFT wraps ``nn.Linear`` bases only, so every such module's base must be a plain
+Linear (a model compressed elsewhere, e.g. quantized and de-quantized on load); residuals on lrc low-rank modules stay
+in lrc's checkpoint format.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import LrcError
-from .modeling_lrc import CompensatedLinear
+from .module_types import residual_paths
 
 
 def export_peft(model, directory: Path, base_model_name_or_path: str) -> list[str]:
-    """Write the adapter of every ``CompensatedLinear`` in ``model``; return the module names."""
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, CompensatedLinear)}
+    """Write the adapter of every module with a ``lora_A``/``lora_B`` residual path in ``model``; return the module
+    names."""
+    mods = {n: m for n, m in model.named_modules() if residual_paths(m) == ("lora_A", "lora_B")}
     if not mods:
         raise LrcError("--export peft: the model has no compensated modules")
     bad = [n for n, m in mods.items() if type(m.base) is not nn.Linear]

@@ -2,22 +2,32 @@
 
 ``config.json`` gets ``model_type: "lrc"`` (so plain transformers refuses it without ``trust_remote_code=True``
 instead of silently building the dense base model), ``lrc = {format_version, base_model_type, base_architecture,
-modules}`` and ``auto_map`` to the classes of ``modeling_lrc.py``, which is copied beside it.
+modules}`` and ``auto_map`` to the classes of ``modeling_lrc.py``, which is written beside it with the rest of the
+checkpoint's remote code (``remote_code``).
 """
 from __future__ import annotations
 
+import ast
 import itertools
 import json
-import shutil
+import re
+import sys
 from pathlib import Path
 
 from ..output import normalize_modes
 from .modeling_lrc import AUTO_MAP, LRC_FORMAT_VERSION
+from .module_types import CORE_DIR, used_types
 
-MODELING_FILE = Path(__file__).with_name("modeling_lrc.py")
-# the checkpoint's remote code: the entry file and the modules it imports relatively
-REMOTE_CODE = [MODELING_FILE, *(MODELING_FILE.with_name(f"{n}.py") for n in ("lrc_layers", "lrc_attention",
-                                                                             "lrc_fast"))]
+# in every checkpoint, beside the generated lrc_types.py: the entry file and the core files it imports relatively
+CORE_FILES = ("modeling_lrc.py", "lrc_layers.py", "lrc_fast.py")
+# a method's remote file imports the core files relatively to its package (``from ...checkpoint.lrc_fast import``):
+# in a checkpoint they lie beside it
+_CORE_IMPORT = re.compile(r"^(\s*)from \.+checkpoint\.(\w+) import", re.MULTILINE)
+ALLOWED_IMPORTS = ("torch", "transformers")  # besides the standard library
+TYPES_HEADER = '''"""The module types of this checkpoint: ``lrc.modules[name]["type"]`` -> the builder that
+``modeling_lrc.build_module`` calls. Written by lrc when it saved the checkpoint, from its registry of module types
+(those the checkpoint uses); each builder comes from the file beside this one that defines its module."""
+'''
 
 
 def base_of(model) -> tuple[str, str]:
@@ -57,9 +67,49 @@ def _finish(model, tokenizer, directory: Path, base_type: str, base_arch: str, l
                                sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    for path in REMOTE_CODE:
-        shutil.copyfile(path, directory / path.name)
+    for name, text in remote_code(lrc["modules"]).items():
+        (directory / name).write_text(text)
     normalize_modes(directory)
+
+
+def remote_code(modules: dict) -> dict[str, str]:
+    """The checkpoint's remote code for the specs ``modules``, file name -> text: the core files, the file of each
+    module type the specs use (``module_types.used_types``; not of every registered type: a checkpoint carries the
+    code it runs, and one a new method adds changes no other checkpoint), and ``lrc_types.py`` importing their
+    builders. Each file imports only the standard library, torch, transformers and, relatively, the files beside it
+    (checked here)."""
+    types = used_types(modules)
+    files = {name: (CORE_DIR / name).read_text() for name in CORE_FILES}
+    for t in types:
+        if t.remote.name not in files:
+            files[t.remote.name] = _CORE_IMPORT.sub(r"\1from .\2 import", t.remote.read_text())
+    by_file: dict[str, list[str]] = {}
+    for t in types:
+        by_file.setdefault(t.remote.stem, []).append(t.build.__name__)
+    imports = "".join(f"from .{stem} import {', '.join(sorted(set(names)))}\n" for stem, names in by_file.items())
+    table = "".join(f'    "{t.name}": {t.build.__name__},\n' for t in types)
+    files["lrc_types.py"] = f"{TYPES_HEADER}{imports}\nMODULE_TYPES = {{\n{table}}}\n"
+    for name, text in files.items():
+        _check_self_contained(name, text, files)
+    return files
+
+
+def _check_self_contained(name: str, text: str, files: dict) -> None:
+    """A ``ValueError`` unless ``text`` imports only the standard library, ``ALLOWED_IMPORTS`` and, relatively, the
+    other ``files`` (what a checkpoint loaded without lrc has)."""
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            ok = node.level == 1 and f"{node.module}.py" in files
+            what = "." * node.level + (node.module or "")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            what = ", ".join(mods)
+            ok = all(m.split(".")[0] in sys.stdlib_module_names or m.split(".")[0] in ALLOWED_IMPORTS for m in mods)
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"lrc checkpoint remote code: {name} imports {what}, which a checkpoint loaded without "
+                             f"lrc does not have (files: {', '.join(sorted(files))})")
 
 
 def save_checkpoint(model, tokenizer, directory: str | Path) -> None:

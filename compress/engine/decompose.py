@@ -8,11 +8,11 @@ from torch import nn
 
 from ..allocation import decide_from_spectrum
 from ..checkpoint.modeling_lrc import LowRankLinear
-from ..checkpoint.units import module_spec
+from ..checkpoint.module_types import module_spec
 from ..linalg import dense_objective_error, dense_target, weighted_error
 from .memory import release
 
-lowrank_spec = module_spec  # the config entry describing a replacement module (``checkpoint/units.py``)
+lowrank_spec = module_spec  # the config entry describing a replacement module (``checkpoint/module_types.py``)
 
 
 def effective_weight(m: nn.Module) -> torch.Tensor:
@@ -92,9 +92,9 @@ def _built(method, module, W, target, stats, row, dense: bool, t0: float) -> tup
 
 
 def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: float) -> dict:
-    """The report row of a module a method built (``type``: its module type's, ``checkpoint/units.py``; ``dense``
-    when none was): the plan row's accounting, the error, the module's ``storage_bytes`` and the method's ``fields``
-    (its ``note`` joins the row's)."""
+    """The report row of a module a method built (``type``: its module type's, ``checkpoint/module_types.py``;
+    ``dense`` when none was): the plan row's accounting, the error, the module's ``storage_bytes`` and the method's
+    ``fields`` (its ``note`` joins the row's)."""
     fields = dict(fields)
     note = "; ".join(x for x in (row.note, fields.pop("note", "")) if x)
     return {"name": row.name, "stage": row.stage, "method": row.method,
@@ -105,12 +105,13 @@ def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: f
             **fields, "seconds": round(seconds, 4), "note": note}
 
 
-def replace_group(group, rel, collectors, get, put, method, stage, eng, originals, extra, shared, specs,
-                  report) -> None:
-    """Decompose (or wrap) every module of ``group`` from the statistics ``collectors`` gathered, and install each
-    replacement with ``put(name, module)``; ``get(name)`` is the module there now. Report rows and module specs go to
-    ``report`` and ``specs``; a module of a shared group (``Method.shared_group``) is stashed until its group is
-    complete (``shared.py``)."""
+def replace_group(job, group: list[str], rel: dict, collectors: list, method, stage, get, put) -> None:
+    """Decompose (or wrap) every module of ``group`` (``rel``: name in the block -> plan row) from the statistics
+    ``collectors`` gathered, and install each replacement with ``put(name, module)``; ``get(name)`` is the module there
+    now. Report rows and module specs go to ``job`` (``engine/job.py``), which also holds the gradient statistics, the
+    original weights a wrap repairs towards and the run's shared groups: a module of a shared group
+    (``Method.shared_group``) is stashed until its group is complete (``shared.py``)."""
+    eng, originals, extra, shared, specs, report = job.eng, job.originals, job.extra, job.shared, job.specs, job.report
     wraps = method.replacement == "wrap"  # the new module keeps the old one as its base
     gram = next(c for c in collectors if c.name == "input_gram")
     for n in group:

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..checkpoint.module_types import loads_lazily
 from ..errors import LrcError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -143,7 +144,8 @@ class LazyBlocks:
 def lazy_model(path: str | Path, dtype: torch.dtype, lrc: bool = False):
     """``(skeleton model, LazyBlocks)`` for a local safetensors directory whose tensor names are the model's own, or
     None (load it eagerly). Only the tensors outside the decoder blocks are read here. ``lrc``: the directory is an
-    lrc checkpoint (its skeleton holds the compressed modules; one with dictionary modules loads eagerly)."""
+    lrc checkpoint (its skeleton holds the compressed modules; one with a module type that is not ``lazy`` loads
+    eagerly: ``checkpoint/module_types.py``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,8 +166,8 @@ def lazy_model(path: str | Path, dtype: torch.dtype, lrc: bool = False):
         from ..checkpoint.modeling_lrc import LrcForCausalLM
 
         config = load_config(path)
-        if any(spec.get("type") == "dictionary" for spec in config.lrc["modules"].values()):
-            return None  # a DictLinear checks its support mask as it is built: loaded whole
+        if not loads_lazily(config.lrc["modules"]):
+            return None  # a module type that checks its tensors as it is built (a dictionary's mask): loaded whole
     else:
         config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is not None:

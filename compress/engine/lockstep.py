@@ -21,6 +21,13 @@ import threading
 import torch
 from torch import nn
 
+from ..methods import METHODS
+from ..plan import expert_counts
+from .decompose import replace_group
+from .job import BlockJob
+from .shared import is_shared
+from .stats import attach
+
 
 class _Abort(BaseException):
     """Unwinds a waiting forward when the block's compression fails."""
@@ -134,50 +141,39 @@ class Lockstep:
             self.block.set_submodule(n, s.inner)
 
 
-def lockstep_applies(rows, recipe, streams, dense_io, shared, config) -> bool:
+def lockstep_applies(job: BlockJob) -> bool:
     """The common case: one Linear stage, sequential, compressed propagation, the layer objective, one calibration
     stream, no shared dictionaries, and no experts (each targeted module runs once in every forward)."""
-    from ..methods import METHODS
-    from ..plan import expert_counts
-    from .shared import is_shared
-
-    eng = recipe.engine
-    return (enabled() and eng.sequential and eng.propagate == "compressed" and dense_io is None
-            and len(streams) == 1 and len(recipe.stages) == 1 and METHODS[recipe.stages[0].method].unit != "block"
-            and not expert_counts(config) and not any(is_shared(r) for r in rows))
+    eng, recipe = job.eng, job.recipe
+    return (enabled() and eng.sequential and eng.propagate == "compressed" and job.dense_io is None
+            and len(job.streams) == 1 and len(recipe.stages) == 1 and METHODS[recipe.stages[0].method].unit != "block"
+            and not expert_counts(job.config) and not any(is_shared(r) for r in job.rows))
 
 
-def compress_lockstep(block, index, prefix, rows, recipe, stream, out, device, progress, groups, originals,
-                      extra) -> tuple[dict, list]:
-    """``pipeline._compress_block`` for ``lockstep_applies``: the groups in call order, their statistics from the
+def compress_lockstep(job: BlockJob, groups: list[list[str]]) -> None:
+    """``pipeline.compress_block`` for ``lockstep_applies``: the groups in call order, their statistics from the
     forwards waiting at each group's first module, the outputs from the same forwards run to the end."""
-    from ..methods import METHODS
-    from .decompose import replace_group
-    from .stats import attach
-
-    eng, stage = recipe.engine, recipe.stages[0]
-    rel = {r.name.removeprefix(prefix): r for r in rows if r.stage == 0}
+    eng, stage, prefix, stream = job.eng, job.recipe.stages[0], job.prefix, job.main
+    rel = {r.name.removeprefix(prefix): r for r in job.rows if r.stage == 0}
     owner = {n: g[0] for g in groups for n in g}
     targeted = [g for g in ([n for n in g if n in rel] for g in groups) if g]
     names = sorted({n for g in targeted for n in g} | {owner[n] for g in targeted for n in g})
-    method = METHODS[stage.method](recipe.method_config(0))
-    specs, report = {}, []
-    steps = Lockstep(block, names, stream.x_in, stream.dev_kwargs[index], eng.batch_size, device, out)
+    method = METHODS[stage.method](job.recipe.method_config(0))
+    steps = Lockstep(job.block, names, stream.x_in, stream.dev_kwargs[job.index], eng.batch_size, job.device,
+                     job.outs[stream.name])
     try:
         for group in targeted:
-            progress.phase(f"statistics {','.join(n.rsplit('.', 1)[-1] for n in group)}")
+            job.progress.phase(f"statistics {','.join(n.rsplit('.', 1)[-1] for n in group)}")
             own = {n: owner[n] for n in group}
-            collectors = attach(set(method.needs) | {"input_gram"}, dict(block.named_modules()), own)
+            collectors = attach(set(method.needs) | {"input_gram"}, dict(job.block.named_modules()), own)
             try:
                 steps.advance(own[group[-1]])
             finally:
                 for c in collectors:
                     c.remove()
-            progress.phase(f"decompose {len(group)} module(s)")
-            replace_group(group, rel, collectors, steps.held, steps.put, method, stage, eng, originals, extra,
-                          None, specs, report)
-        progress.phase("propagate")
+            job.progress.phase(f"decompose {len(group)} module(s)")
+            replace_group(job, group, rel, collectors, method, stage, steps.held, steps.put)
+        job.progress.phase("propagate")
         steps.advance(None)
     finally:
         steps.close()
-    return specs, report

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..checkpoint.units import module_spec
+from ..checkpoint.module_types import module_spec
 from ..errors import LrcError
 from ..linalg import weighted_error
 from ..methods import METHODS

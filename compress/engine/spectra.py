@@ -61,13 +61,14 @@ class BlockStats(Mapping):
         return len(self.block_of)
 
 
-def gradient_stats(model, prefix, blocks, streams, plan, recipe, cache, host, progress) -> BlockStats:
+def gradient_stats(run, host) -> BlockStats:
     """The gradient statistics the stages need, each from its stage's calibration stream, one block on the device at
     a time (``gradients.gradient_stats_streamed``; ``host``: ``stream.Host``), saved per block to the run cache as
     the backward pass leaves it (an interrupted run recomputes them unless the pass completed)."""
+    recipe, cache, plan = run.recipe, run.cache, run.plan
     needs = gradient_needs(recipe)
     keys, block_of = [], {}
-    for s in streams:
+    for s in run.streams:
         mine = {i for i in needs if i in s.stages}
         if not mine:
             continue
@@ -81,10 +82,11 @@ def gradient_stats(model, prefix, blocks, streams, plan, recipe, cache, host, pr
                     if r.name not in wants.setdefault(stat, []):
                         wants[stat].append(r.name)
         if cache.load_tensors(f"{key}_done") is None:
-            progress.phase("gradients (backward passes)")
-            gradient_stats_streamed(model, prefix, blocks, s.ids, wants, host, cache, recipe.engine.batch_size,
-                                    progress, on_block=lambda j, acc, key=key: cache.save_tensors(f"{key}_{j}", acc))
-            cache.save_tensors(f"{key}_done", {"blocks": torch.tensor([len(blocks)])})
+            run.progress.phase("gradients (backward passes)")
+            gradient_stats_streamed(run.model, run.prefix, run.blocks, s.ids, wants, host, cache,
+                                    recipe.engine.batch_size, run.progress,
+                                    on_block=lambda j, acc, key=key: cache.save_tensors(f"{key}_{j}", acc))
+            cache.save_tensors(f"{key}_done", {"blocks": torch.tensor([len(run.blocks)])})
     return BlockStats(cache, keys, block_of)
 
 
@@ -147,11 +149,15 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
     return out
 
 
-def allocation_spectra(model, blocks, prefix, plan, recipe, cache, x0, shape, dtype, kwargs, device, progress,
-                       extra, ids, ref_blocks=None, lazy=None) -> dict[str, torch.Tensor]:
+def allocation_spectra(run) -> dict[str, torch.Tensor]:
     """What the global allocators read, per matrix (cached as ``spectra.safetensors`` in the run): singular values,
     or for ``sensitivity`` the calibration perplexity at each candidate ratio (also kept under
-    ``$LRC_CACHE/sensitivity``, keyed by model, calibration tokens and method, as it is the expensive one)."""
+    ``$LRC_CACHE/sensitivity``, keyed by model, calibration tokens and method, as it is the expensive one).
+    ``run``: ``job.Run``; the dense model's blocks are walked over the main stream's block-0 inputs."""
+    model, blocks, prefix, plan, recipe, cache = run.model, run.blocks, run.prefix, run.plan, run.recipe, run.cache
+    x0, shape, dtype, kwargs, device, progress = run.main.x_in, run.shape, run.dtype, run.main.dev_kwargs, \
+        run.device, run.progress
+    extra, ids, ref_blocks, lazy = run.extra, run.main.ids, run.ref_blocks, run.lazy
     cached = cache.load_tensors("spectra")
     if cached is not None:
         return cached

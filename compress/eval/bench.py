@@ -3,8 +3,8 @@
 Reported per model: parameters (total, and in the decoder-block Linears), checkpoint size on disk, weight memory,
 prefill tokens/s at a few sequence lengths (batch 1), decode tokens/s at batch 1 and 8 (greedy, KV cache), and peak
 device memory on CUDA. The FLOP-ideal speed-up is the ratio of the Linear multiply-adds per token (decoder-block
-Linears + lm_head; attention scores excluded) that the forward EXECUTES (``checkpoint/units.py``): what a perfectly
-efficient kernel would gain.
+Linears + lm_head; attention scores excluded) that the forward EXECUTES (``checkpoint/module_types.py``): what a
+perfectly efficient kernel would gain.
 
 Protocol (timings on a shared machine drift by tens of percent between minutes; a ratio of two runs taken seconds
 apart drifts much less): the number of torch threads is pinned (``threads``; reported); per measurement every model
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.units import unit_weights
+from ..checkpoint.module_types import unit_weights
 from ..models import load_model
 from ..plan import find_blocks, linear_units
 from ..report import unique_parameters
 
 def block_linear_params(model) -> int:
-    """Weights of every Linear-like unit inside the decoder blocks (``checkpoint/units.py``: a LowRankLinear counts
-    as its two factors), biases excluded."""
+    """Weights of every Linear-like unit inside the decoder blocks (``checkpoint/module_types.py``: a LowRankLinear
+    counts as its two factors), biases excluded."""
     _, blocks = find_blocks(model)
     units = {id(m): m for block in blocks for _, m in linear_units(block)}  # a shared module counts once
     return sum(unit_weights(m) for m in units.values())

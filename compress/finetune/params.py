@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoint.modeling_lrc import CompensatedLinear, LowRankLinear
+from ..checkpoint.module_types import factor_pair, residual_paths
 from ..errors import LrcError
 
 
@@ -38,15 +38,16 @@ def select(model: nn.Module, train: str) -> dict[str, nn.Parameter]:
     """The parameters ``train`` names (``lrc``, ``residual``, ``all``), by name. ``lrc``: every parameter of the
     modules lrc built (``built_modules``: factorised, dictionary, compensated, MoDeGPT attention modules and resized
     dense Linears; WeLore's LRC-only fine-tuning), the modules lrc left untouched frozen. ``residual``: only the EoRA
-    paths (``lora_A``, ``lora_B``)."""
+    paths (``lora_A``, ``lora_B``: ``ModuleType.residual``)."""
     if train == "all":
         params = {n: p for n, p in model.named_parameters()}
     elif train == "lrc":
         built = built_modules(model)
         params = _params_of(model, lambda name, _: name in built)
-    elif train == "residual":
-        params = {n: p for n, p in _params_of(model, lambda _, m: isinstance(m, CompensatedLinear)).items()
-                  if ".lora_A." in n or ".lora_B." in n}
+    elif train == "residual":  # the residual submodules of the modules whose type has them
+        subs = {sub for m in model.modules() for sub in residual_paths(m)}
+        params = {n: p for n, p in _params_of(model, lambda _, m: bool(residual_paths(m))).items()
+                  if any(f".{sub}." in n for sub in subs)}
     else:
         raise LrcError(f"finetune.train: {train!r}; use lrc, residual or all")
     if not params:
@@ -66,10 +67,11 @@ def factor_phases(model: nn.Module, trained: dict[str, nn.Parameter]) -> tuple[d
     first holds the low-rank modules' output factors U (``second``), the second their input factors V (``first``);
     every other trained parameter is in both."""
     u, v = set(), set()
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            u |= {id(p) for p in module.second.parameters()}
-            v |= {id(p) for p in module.first.parameters()}
+    for module in model.modules():
+        factors = factor_pair(module)  # (output, input) factor of a low-rank module (``ModuleType.factors``)
+        if factors is not None:
+            u |= {id(p) for p in factors[0].parameters()}
+            v |= {id(p) for p in factors[1].parameters()}
     if not u:
         raise LrcError("finetune.factors: sequential needs low-rank modules among the trained parameters")
     return ({n: p for n, p in trained.items() if id(p) not in v}, {n: p for n, p in trained.items() if id(p) not in u})

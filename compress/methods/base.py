@@ -62,7 +62,7 @@ class Method:
     # How the engine (``engine/decompose.py``) turns one Linear into its replacement, by ``replacement``:
     #   "spectrum": ``spectrum(target, stats)``, truncated at the row's rank into a ``LowRankLinear`` (the default);
     #   "build":    ``build(target, bias, stats, row, dtype)``: the method builds a module of its own type (the report
-    #               row's ``type`` is that module type's, ``checkpoint/units.py``);
+    #               row's ``type`` is that module type's, ``checkpoint/module_types.py``);
     #   "wrap":     ``wrap(module, original, stats, row)``: a module around whatever an earlier stage left there, which
     #               stays its base (kind "compensation"; the allocators read ``wrap_sigma``).
     # Rows whose ``shared_group`` is not None are fitted together when the group's last block is reached

@@ -23,14 +23,17 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ...checkpoint.modeling_lrc import DictLinear
+from ...checkpoint.module_types import register_module_type
 from ..base import MODULE_KINDS, Method, MethodConfig, register
 from . import math as DL
 from .cost import DICTIONARY  # noqa: F401  (registers the ``dictionary`` cost model)
+from .lrc_dictionary import DictLinear
+from .module_type import DICTIONARY_MODULE
 
 MODULE_KINDS["dictionary"] = "a dictionary module"
 MODULE_KINDS["shared-dictionary"] = ("a dictionary shared across blocks (fitted only when the group's last block is "
                                      "reached)")
+register_module_type(DICTIONARY_MODULE)
 
 
 class CoSpaDiConfig(MethodConfig):

@@ -14,14 +14,18 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ...checkpoint.modeling_lrc import CompensatedLinear
+from ...checkpoint.module_types import register_module_type
 from ...linalg import weighted_error
 from ..base import MODULE_KINDS, Method, MethodConfig, register
+from .lrc_compensated import CompensatedLinear
 from .math import DEFAULT_RTOL, Residual, eora_residual, residual_spectrum
+from .module_type import COMPENSATED
 
-__all__ = ["DEFAULT_RTOL", "EoRA", "EoRAConfig", "Residual", "eora_residual", "residual_spectrum"]
+__all__ = ["DEFAULT_RTOL", "CompensatedLinear", "EoRA", "EoRAConfig", "Residual", "eora_residual",
+           "residual_spectrum"]
 
 MODULE_KINDS["compensated"] = "a module with a residual path"
+register_module_type(COMPENSATED)
 
 
 class EoRAConfig(MethodConfig):

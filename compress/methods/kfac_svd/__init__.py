@@ -9,8 +9,9 @@ the result is the rank-r minimiser of the KFAC objective. ``G = I`` (and α_A = 
 
 ``left_factor: kfac`` (default) is that correct objective. The paper's code multiplies by the lower Cholesky factor
 ``L_G`` itself (``M = L_G W L_A``), which equals the above only when ``G̃`` is diagonal; ``left_factor: reference``
-reproduces it, and with it the paper's numbers. lrc's roots are eigh-based in float64 (exact for rank-deficient
-Grams, pseudo-inverses), not the reference's float32 Cholesky; the math lives in ``kfac_svd/math.py``.
+reproduces that code (the objective behind the paper's reported numbers). lrc's roots are eigh-based in float64
+(exact for rank-deficient Grams, pseudo-inverses), not the reference's float32 Cholesky; the math lives in
+``kfac_svd/math.py``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class KFACSVDConfig(MethodConfig):
                            "mean(diag G)·I (paper: 0.3)")
     left_factor: Literal["kfac", "reference"] = Field(
         "kfac", description="kfac: L_Gᵀ on the left, the exact KFAC objective tr(ΔWᵀ G ΔW A) (default); reference: "
-        "L_G as the paper's code applies it (reproduces the paper; correct only for a diagonal G)")
+        "L_G as the paper's code applies it (the reference code; the KFAC objective only for a diagonal G)")
 
 
 @register

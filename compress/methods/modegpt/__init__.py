@@ -29,12 +29,15 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
+from ...checkpoint.module_types import register_module_type
 from ...roles import AttentionRoles, MlpRoles, block_roles, check_roles
 from ..base import Method, MethodConfig, register
 from . import rebuild as R
+from .module_type import ATTENTION
 from .rows import block_units
 
 UnitKind = Literal["mlp", "qk", "vo"]
+register_module_type(ATTENTION)
 
 
 class MoDeGPTConfig(MethodConfig):

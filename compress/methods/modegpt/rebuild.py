@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import math as M
+from .lrc_attention import LrcAttention
 from .rows import kept_report, unit_report
 
 ATTENTION = ("qk", "vo")  # the unit kinds that live in the attention module (rebuilt together)
@@ -68,8 +69,6 @@ def mlp(block: nn.Module, prefix: str, row, stats: dict, ridge: float) -> tuple[
 def attention(block: nn.Module, prefix: str, att, rows: dict, stats: dict) -> tuple[dict, list]:
     """Types II (Alg. 2) and III (Alg. 3) on one attention module (``rows``: kind → UnitRow, either may be absent),
     rebuilt once as an ``LrcAttention`` with its per-layer q/k and v/o head dims."""
-    from ...checkpoint.lrc_attention import LrcAttention  # the checkpoint package imports the method registry
-
     mods = {r: block.get_submodule(n) for r, n in att.members.items()}
     base = block.get_submodule(att.path)
     H, Hkv, d = att.num_heads, att.num_kv_heads, att.head_dim

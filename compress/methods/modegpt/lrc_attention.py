@@ -1,6 +1,7 @@
-"""``LrcAttention``: the base model's attention with fewer q/k and v/o head dims (MoDeGPT), architecture-generic
-(imports only torch and, at call time, transformers). Part of every lrc checkpoint's remote code, imported relatively
-by ``modeling_lrc.py``."""
+"""MoDeGPT's module type ``attention`` (imports only torch, lrc's core remote files and, at call time,
+transformers): ``LrcAttention``, the base model's attention with fewer q/k and v/o head dims, architecture-generic.
+Written into the remote code of every checkpoint that has one (``checkpoint/save.py``: its imports of the core files
+are made relative to the checkpoint directory there)."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lrc_fast import FAST_PATH, FusedWeights, fusable, plain
-from .lrc_layers import _float_dtype
+from ...checkpoint.lrc_fast import FAST_PATH, FusedWeights, fusable, plain
+from ...checkpoint.lrc_layers import _float_dtype
 
 
 class LrcAttention(nn.Module):
@@ -131,6 +132,10 @@ class LrcAttention(nn.Module):
                 return tuple(out[..., start:stop] for start, stop in bounds)
         return tuple(m(x) for m in projections)
 
+    def lrc_fast_path(self, fast: bool, fuse: bool, layout: bool) -> None:
+        """``modeling_lrc.set_fast_path``: the fast path and the q/k/v fusion (its Linears are plain)."""
+        self.fast, self.fuse = fast, fast and fuse
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_fused": None}  # a copy's parameters are its own again
 
@@ -186,3 +191,11 @@ def _attention_class(base: type) -> type:
 
 def _empty_attention(base: type) -> nn.Module:
     return nn.Module.__new__(_attention_class(base))
+
+
+def build_attention(spec: dict, dtype=None, base=None, build=None) -> nn.Module:
+    """``attention``: the base model's attention (``base``) with q/k head dim ``qk_dim`` and v/o head dim ``vo_dim``
+    (``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size``, ``bias`` {q, k, v, o})."""
+    if base is None:
+        raise ValueError("lrc checkpoint: an attention module is built from the base model's attention module")
+    return LrcAttention(base, spec, dtype=dtype)
