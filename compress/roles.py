@@ -1,4 +1,4 @@
-"""Roles of a decoder block's modules, for methods that act jointly on groups of them (MoDeGPT, methods.md §5).
+"""Roles of a decoder block's modules, for methods that act jointly on groups of them (e.g. methods.md §5).
 
 Found from structure, not from per-family name tables: the MLP is the module with three Linear children, two reading
 the block's hidden states (gate, up: hidden → d_int) and one writing them back (down: d_int → hidden); the attention
@@ -83,7 +83,7 @@ def head_counts(config) -> tuple[int, int, int]:
 
 
 def _rope_ok(config) -> bool:
-    """Full-width rotary embedding (no ``partial_rotary_factor`` below 1): MoDeGPT's pair masks assume it."""
+    """Full-width rotary embedding (no ``partial_rotary_factor`` below 1): pair-wise head-dim selections (RoPE pairs) assume it."""
     params = getattr(config, "rope_parameters", None) or {}
     factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) \
         if isinstance(params, dict) else getattr(config, "partial_rotary_factor", 1.0)
@@ -136,12 +136,12 @@ def find_mlp(block: nn.Module, config) -> MlpRoles | None:
 
 def block_roles(block: nn.Module, config, wanted: set[str], where: str) -> tuple[AttentionRoles | None,
                                                                                   MlpRoles | None]:
-    """The attention and MLP roles of ``block`` that ``wanted`` (unit kinds: mlp, qk, vo) needs; ``LrcError``
-    naming what is missing otherwise. ``where`` names the block in the message."""
-    att = find_attention(block, config) if wanted & {"qk", "vo"} else None
+    """The roles of ``block`` that ``wanted`` names (``"attention"``, ``"mlp"``); ``LrcError`` naming what is missing
+    otherwise. ``where`` names the block in the message."""
+    att = find_attention(block, config) if "attention" in wanted else None
     mlp = find_mlp(block, config) if "mlp" in wanted else None
     H, Hkv, d = head_counts(config)
-    if wanted & {"qk", "vo"} and att is None:
+    if "attention" in wanted and att is None:
         raise LrcError(f"{where}: no attention module with separate q/k/v/o Linears of the config's shapes "
                        f"({H} heads, {Hkv} KV heads, head dim {d}; fused qkv projections are not supported)")
     if "mlp" in wanted and mlp is None:

@@ -100,6 +100,7 @@ SECTIONS = {
     "compress": lambda: bench_compress.markdown(compress_rows()),
     "peers": peers,
     "table64": lambda: bench_quality.markdown(rows("quality-smollm2-64x512.jsonl")),
+    "tablekfac": lambda: bench_quality.markdown(rows("kfac-smollm2-64x512.jsonl")),
     "table": lambda: bench_quality.markdown(rows("quality-smollm2-32x256.jsonl")),
     "allocators-stories260k": lambda: bench_stories260k.markdown(rows("allocators-stories260k.jsonl")),
     "eora-stories260k": lambda: bench_stories260k.eora_markdown(rows("eora-stories260k.jsonl")),

@@ -75,7 +75,7 @@ def test_full_dims_reproduce_the_dense_model(tiny_model_dir, corpus_file, tokeni
     method = MoDeGPT()
     torch.manual_seed(0)
     for i, layer in enumerate(model.model.layers):
-        att, mlp = block_roles(layer, model.config, {"mlp", "qk", "vo"}, f"layers.{i}")
+        att, mlp = block_roles(layer, model.config, {"attention", "mlp"}, f"layers.{i}")
         mine = {r.kind: r for r in rows if r.block == i}
         x = torch.randn(200, 64)
         stats = {"output_sq": {r.members[k]: (x @ layer.get_submodule(r.members[k].split(f"layers.{i}.")[1])
@@ -326,7 +326,7 @@ def test_compressed_attention_matches_a_hand_reference(tiny_model_dir, corpus_fi
     for i, layer in enumerate(model.model.layers):
         mine = {r.kind: r for r in rows if r.block == i}
         mine["qk"].knob, mine["vo"].knob = qk, vo
-        att, _ = block_roles(layer, model.config, {"qk", "vo"}, f"layers.{i}")
+        att, _ = block_roles(layer, model.config, {"attention"}, f"layers.{i}")
         MoDeGPT().apply_attention(layer, f"model.layers.{i}.", att, mine, _attention_stats(layer, mine, 10 + i))
         new = layer.self_attn
         assert type(new).__name__ == "LrcAttention" and (new.qk_dim, new.vo_dim) == (qk, vo)

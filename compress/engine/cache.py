@@ -126,7 +126,7 @@ class RunCache:
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
         """Write block ``i``'s weights and flush them, then mark it finished with a JSON that records the size and
         checksum of every file a resume at block ``i + 1`` reads. A block saved again (a shared group's earlier block,
-        now holding its DictLinear) is staged beside the old files (``block_<i>.next.*``) and committed by the
+        now holding its group's fitted module) is staged beside the old files (``block_<i>.next.*``) and committed by the
         rename of its JSON: a crash before it leaves the old block whole, one after it is rolled forward."""
         st = self.dir / f"block_{i}.safetensors"
         again = self.block_done(i)

@@ -10,6 +10,7 @@ from ..allocation import decide_from_spectrum
 from ..checkpoint.modeling_lrc import LowRankLinear
 from ..checkpoint.module_types import module_spec
 from ..linalg import dense_objective_error, dense_target, weighted_error
+from ..report_row import report_row
 from .memory import release
 
 lowrank_spec = module_spec  # the config entry describing a replacement module (``checkpoint/module_types.py``)
@@ -24,10 +25,7 @@ def untouched(row, why: str, kept: str = "dense") -> dict:
     """The report row of a module left as it is (no statistics to decompose it from): its parameters unchanged,
     ``why`` in the note, so the run's accounting and the reader both see it. ``kept``: its report type (``unchanged``
     for a module a wrap method leaves, which an earlier stage may have compressed)."""
-    return {"name": row.name, "stage": row.stage, "method": row.method, "type": kept,
-            "out_features": row.out_features, "in_features": row.in_features, "rank": None,
-            "params_before": row.params_before, "params_after": row.params_before, "rel_error": 0.0,
-            "seconds": 0.0, "note": (f"{row.note}; " if row.note else "") + why}
+    return report_row(row, kept, 0.0, 0.0, why, params_after=row.params_before)
 
 
 @torch.no_grad()
@@ -65,14 +63,8 @@ def decompose(method, module: nn.Linear, stats: dict, row, stage, dense_damping:
         new.second.weight.copy_(A)
         if module.bias is not None:
             new.second.bias.copy_(module.bias)
-    info = {
-        "name": row.name, "stage": row.stage, "method": row.method,
-        "type": "lowrank" if new is not None else "dense",
-        "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
-        "params_before": row.params_before, "params_after": row.params_after,
-        "rel_error": error, "seconds": round(time.perf_counter() - t0, 4), "note": row.note,
-    }
-    return new, info
+    return new, report_row(row, "lowrank" if new is not None else "dense", error, time.perf_counter() - t0,
+                           rank=row.rank if new else None)
 
 
 def _built(method, module, W, target, stats, row, dense: bool, t0: float) -> tuple[nn.Module | None, dict]:
@@ -96,13 +88,11 @@ def built_row(row, new: nn.Module | None, error: float, fields: dict, seconds: f
     ``dense`` when none was): the plan row's accounting, the error, the module's ``storage_bytes`` and the method's
     ``fields`` (its ``note`` joins the row's)."""
     fields = dict(fields)
-    note = "; ".join(x for x in (row.note, fields.pop("note", "")) if x)
-    return {"name": row.name, "stage": row.stage, "method": row.method,
-            "type": module_spec(new)["type"] if new is not None else "dense",
-            "out_features": row.out_features, "in_features": row.in_features, "rank": row.rank if new else None,
-            "params_before": row.params_before, "params_after": row.params_after, "rel_error": error,
-            **({"storage_bytes": new.storage_bytes()} if new is not None and hasattr(new, "storage_bytes") else {}),
-            **fields, "seconds": round(seconds, 4), "note": note}
+    note = fields.pop("note", "")
+    fields.pop("seconds", None)  # the row's time is the whole build's
+    storage = {"storage_bytes": new.storage_bytes()} if new is not None and hasattr(new, "storage_bytes") else {}
+    return report_row(row, module_spec(new)["type"] if new is not None else "dense", error, seconds, note,
+                      rank=row.rank if new else None, **storage, **fields)
 
 
 def replace_group(job, group: list[str], rel: dict, collectors: list, method, stage, get, put) -> None:

@@ -32,7 +32,7 @@ class FinetuneConfig(BaseModel):
     steps: int = Field(200, gt=0, description="optimizer steps")
     train: Literal["lrc", "residual", "all"] = Field(
         "lrc", description="lrc: only the modules lrc built, replaced or resized, as the checkpoint records them "
-                           "(lrc.modules: factorised, dictionary, compensated, MoDeGPT attention and resized dense "
+                           "(lrc.modules: factorised, dictionary, compensated, rebuilt attention and resized dense "
                            "Linears; WeLore's LRC-only); residual: only the EoRA residual paths; all: every "
                            "parameter (for comparison)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")

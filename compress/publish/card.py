@@ -86,7 +86,7 @@ def model_card(checkpoint: Path, repo_id: str, base_model: str | None = None) ->
         lines += ["## Evaluation", "", *_eval_tables(report["eval"])]
     if report.get("samples"):
         lines += ["## Sample generations", "", *_samples(report["samples"])]
-    lines += ["## Use", "", "The compressed modules are defined in `modeling_lrc.py`, shipped in this repository:", "",
+    lines += ["## Use", "", "The compressed modules are defined in `modeling_lrc.py` and the files beside it, shipped in this repository:", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
               f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)', "```", "",

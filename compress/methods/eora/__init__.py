@@ -16,6 +16,7 @@ from torch import nn
 
 from ...checkpoint.module_types import register_module_type
 from ...linalg import weighted_error
+from ...report_row import report_row
 from ..base import MODULE_KINDS, Method, MethodConfig, register
 from .lrc_compensated import CompensatedLinear
 from .math import DEFAULT_RTOL, Residual, eora_residual, residual_spectrum
@@ -66,14 +67,10 @@ class EoRA(Method):
         H = stats["input_gram"]
         before_err = weighted_error(original.double(), _applied(module), H)
         after_err = weighted_error(original.double(), _applied(new), H)
-        note = (f"{row.note}; " if row.note else "") + f"error {before_err:.4f} -> {after_err:.4f}" + \
+        note = f"error {before_err:.4f} -> {after_err:.4f}" + \
             (f"; {res.dropped} Gram eigenvalues dropped" if res.dropped else "")
-        info = {"name": row.name, "stage": row.stage, "method": row.method, "type": "compensated",
-                "out_features": row.out_features, "in_features": row.in_features, "rank": new.rank,
-                "params_before": row.params_before, "params_after": row.params_after, "rel_error": after_err,
-                "base_error": before_err, "dropped_eigenvalues": res.dropped,
-                "seconds": round(time.perf_counter() - t0, 4), "note": note}
-        return new, info
+        return new, report_row(row, "compensated", after_err, time.perf_counter() - t0, note, rank=new.rank,
+                               base_error=before_err, dropped_eigenvalues=res.dropped)
 
     def wrap_sigma(self, delta: torch.Tensor, stats: dict) -> torch.Tensor:
         """Singular values of the whitened residual ``ΔW Q Λ^{1/2}`` (``math.residual_spectrum``)."""

@@ -34,7 +34,7 @@ from ...roles import AttentionRoles, MlpRoles, block_roles, check_roles
 from ..base import Method, MethodConfig, register
 from . import rebuild as R
 from .module_type import ATTENTION
-from .rows import block_units
+from .rows import block_units, parents
 
 UnitKind = Literal["mlp", "qk", "vo"]
 register_module_type(ATTENTION)
@@ -78,7 +78,7 @@ class MoDeGPT(Method):
         return block_units(block, config, scope, self.unit_kinds())
 
     def roles(self, block: nn.Module, config, rows: list, prefix: str) -> BlockRoles:
-        return BlockRoles(prefix, *block_roles(block, config, {r.kind for r in rows}, prefix.rstrip(".")))
+        return BlockRoles(prefix, *block_roles(block, config, parents(r.kind for r in rows), prefix.rstrip(".")))
 
     def check_roles(self, roles: BlockRoles, groups: list[list[str]]) -> None:
         check_roles(groups, roles.att, roles.mlp, roles.prefix.rstrip("."))

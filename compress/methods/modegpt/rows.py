@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from ...report_row import report_row
 from ...roles import block_roles
 from .cost import STRUCTURED
 
@@ -72,11 +73,17 @@ def _has_bias(mod: nn.Linear) -> bool:
     return mod.bias is not None
 
 
+def parents(kinds) -> set[str]:
+    """The parent modules (``roles.block_roles``' words) the units of ``kinds`` live in: q/k and v/o in the
+    attention, mlp in the MLP."""
+    return {"attention" if k in ("qk", "vo") else "mlp" for k in kinds}
+
+
 def block_units(block: nn.Module, config, scope, kinds: list[str]) -> tuple[list[UnitRow], list[str]]:
     """The units of ``kinds`` in one block whose member modules ``scope`` (``plan_units.UnitScope``) selects, and
     notes on what was skipped (a unit is all or nothing: a partly targeted unit is left out with a note)."""
     where, full, bi, si, method = scope.where, scope.full, scope.index, scope.stage, scope.method
-    att, mlp = block_roles(block, config, set(kinds), where)
+    att, mlp = block_roles(block, config, parents(kinds), where)
     mods = dict(block.named_modules())
     rows, notes = [], []
 
@@ -123,14 +130,13 @@ def unit_report(row: UnitRow, rel_error: float | None, seconds: float, note: str
     A ``qk`` row has ``dropped_score_share`` instead: the share of the CR bound's pair scores its dropped dims carry
     (``Σ dropped / Σ all``, over the KV groups)."""
     kept = row.knob if kept_dim is None else kept_dim
-    out = {"name": row.name, "stage": row.stage, "method": row.method, "type": "structured", "unit": row.kind,
-           "block": row.block, "out_features": None, "in_features": None, "rank": None, "dense_dim": row.dim,
-           "kept_dim": kept, "kept_fraction_target": row.kept_fraction_target, "params_before": row.params_before,
-           "params_after": row.params_after if kept < row.dim else row.params_before, "rel_error": rel_error}
+    own = {}
     if row.kind == "qk":
-        out["dropped_score_share"] = dropped_score_share if dropped_score_share is not None else \
+        own["dropped_score_share"] = dropped_score_share if dropped_score_share is not None else \
             (0.0 if kept >= row.dim else None)
-    return {**out, "seconds": round(seconds, 4), "note": (f"{row.note}; " if row.note else "") + note}
+    return report_row(row, "structured", rel_error, seconds, note, unit=row.kind, block=row.block,
+                      dense_dim=row.dim, kept_dim=kept, kept_fraction_target=row.kept_fraction_target,
+                      params_after=row.params_after if kept < row.dim else row.params_before, **own)
 
 
 def kept_report(row: UnitRow) -> dict:
