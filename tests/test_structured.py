@@ -1,4 +1,4 @@
-"""MoDeGPT's tensor math (compress/structured.py) on small random matrices: each identity against a direct or
+"""MoDeGPT's tensor math (compress/methods/modegpt/math.py) on small random matrices: each identity against a direct or
 brute-force computation (ridge leverage, Nyström = least squares, CR/RoPE pair scores, exact RoPE logits under a
 pair-closed mask, the grouped V-O SVD vs SVD of the weighted product and the paper's two-SVD form, bias folding,
 the clipped softmax allocation)."""
