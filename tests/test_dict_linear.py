@@ -109,14 +109,17 @@ def test_gradients_reach_values_and_the_dictionary(shape, dtype):
     order = index.argsort(dim=1)
     ref_values = values.gather(1, order).requires_grad_()
     ref_dictionary = dictionary.clone().requires_grad_()
-    x = torch.randn(6, shape[0], dtype=dtype)
+    x = torch.randn(6, shape[0], dtype=dtype, generator=torch.Generator().manual_seed(0))
     mod(x).pow(2).sum().backward()
     coeff = torch.zeros(shape[1], shape[2], dtype=dtype).scatter(1, index.gather(1, order), ref_values)
     (x @ (coeff @ ref_dictionary).T + bias).pow(2).sum().backward()
     assert mod._plan is None  # no cache while training
-    tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 0}
-    assert torch.allclose(mod.values.grad, ref_values.grad, **tol)
-    assert torch.allclose(mod.dictionary.weight.grad, ref_dictionary.grad, **tol)
+    for got, ref in ((mod.values.grad, ref_values.grad), (mod.dictionary.weight.grad, ref_dictionary.grad)):
+        # the two sides sum the same products in different orders: fp32 round-off scales with the largest gradient
+        # (entries reach 1e3 here), so the tolerance is relative to it, not absolute
+        scale = float(ref.abs().max())
+        tol = {"atol": 1e-6 * scale, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12 * scale, "rtol": 0}
+        assert torch.allclose(got, ref, **tol)
     assert mod.bias.grad is not None
 
 
