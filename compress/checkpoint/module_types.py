@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .lrc_layers import LowRankLinear, build_dense, build_lowrank
@@ -43,6 +44,11 @@ class ReportType:
     repair: bool = False
     units: bool = False
     columns: tuple[tuple[str, str], ...] = ()
+
+
+def effective_weight(m: nn.Module) -> torch.Tensor:
+    """The dense matrix a Linear-like module applies (a copy, float64): its ``weight_approx`` when it has one."""
+    return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double().clone()
 
 
 def linear_weights(m: nn.Module) -> int:

@@ -8,17 +8,12 @@ from torch import nn
 
 from ..allocation import decide_from_spectrum
 from ..checkpoint.modeling_lrc import LowRankLinear
-from ..checkpoint.module_types import module_spec
+from ..checkpoint.module_types import effective_weight, module_spec
 from ..linalg import dense_objective_error, dense_target, weighted_error
 from ..report_row import report_row
 from .memory import release
 
 lowrank_spec = module_spec  # the config entry describing a replacement module (``checkpoint/module_types.py``)
-
-
-def effective_weight(m: nn.Module) -> torch.Tensor:
-    """The dense matrix a Linear-like module applies (a copy, float64)."""
-    return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double().clone()
 
 
 def untouched(row, why: str, kept: str = "dense") -> dict:

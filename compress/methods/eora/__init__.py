@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ...checkpoint.module_types import register_module_type
+from ...checkpoint.module_types import effective_weight, register_module_type
 from ...linalg import weighted_error
 from ...report_row import report_row
 from ..base import MODULE_KINDS, Method, MethodConfig, register
@@ -31,11 +31,6 @@ register_module_type(COMPENSATED)
 
 class EoRAConfig(MethodConfig):
     rtol: float = Field(DEFAULT_RTOL, gt=0, lt=1, description="input-Gram eigenvalues <= rtol·λ_max are dropped")
-
-
-def _applied(m: nn.Module) -> torch.Tensor:
-    """The dense matrix a Linear-like module applies (a copy, float64), as ``engine.decompose.effective_weight``."""
-    return (m.weight_approx if hasattr(m, "weight_approx") else m.weight).detach().double().clone()
 
 
 @register
@@ -58,15 +53,15 @@ class EoRA(Method):
     def wrap(self, module: nn.Module, original: torch.Tensor, stats: dict, row) -> tuple[nn.Module, dict]:
         """``module`` (whatever an earlier stage left) plus the residual repairing ``original − module``."""
         t0 = time.perf_counter()
-        delta = original.double() - _applied(module)
+        delta = original.double() - effective_weight(module)
         res = eora_residual(delta, stats["input_gram"], row.rank, self.config.rtol)
         dev, dtype = original.device, next(module.parameters()).dtype
         new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
         new.lora_A.weight.copy_(res.A)
         new.lora_B.weight.copy_(res.B)
         H = stats["input_gram"]
-        before_err = weighted_error(original.double(), _applied(module), H)
-        after_err = weighted_error(original.double(), _applied(new), H)
+        before_err = weighted_error(original.double(), effective_weight(module), H)
+        after_err = weighted_error(original.double(), effective_weight(new), H)
         note = f"error {before_err:.4f} -> {after_err:.4f}" + \
             (f"; {res.dropped} Gram eigenvalues dropped" if res.dropped else "")
         return new, report_row(row, "compensated", after_err, time.perf_counter() - t0, note, rank=new.rank,
