@@ -93,8 +93,18 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
         "phase_seconds": result["phase_seconds"], "block_phase_seconds": result["block_phase_seconds"],
         "calibration_tokens": result["calibration_tokens"], "calibration_streams": result["calibration_streams"],
         "resumed_from_block": result["resumed_from_block"],
+        **({"refine": _refine_summary(result["refine"])} if result.get("refine") else {}),
         "run_cache": str(result["cache"].dir), "torch": torch.__version__,
     }, bytes_per_param=next(model.parameters()).element_size())
+
+
+def _refine_summary(blocks: list[dict]) -> dict:
+    """The report's ``refine`` section: per block MSE before and after (``engine/refine.py``) and the totals."""
+    kept = [b for b in blocks if b["kept"]]
+    return {"blocks": blocks, "kept": len(kept), "of": len(blocks),
+            "mean_mse_before": sum(b["mse_before"] for b in blocks) / len(blocks),
+            "mean_mse_after": sum(b["mse_after"] for b in blocks) / len(blocks),
+            "seconds": round(sum(b["seconds"] for b in blocks), 3)}
 
 
 def save(model, tokenizer, out: str | Path, report: dict | None = None, overwrite: bool = False) -> Path:

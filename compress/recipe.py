@@ -96,6 +96,26 @@ class EngineConfig(_Strict):
         return self
 
 
+class RefineConfig(_Strict):
+    """Block refinement anchored to the dense block (AA-SVD, arXiv 2604.02119; methods.md §13): after a block's
+    stages, train its parameters so that the compressed block on the compressed model's inputs reproduces the dense
+    block's outputs on the dense model's inputs (MSE), then propagate from the refined block. Defaults are the
+    paper's (25 passes over 8 mini-batches of 32 sequences = 200 steps); on a CPU scale ``steps`` and
+    ``batch_size`` down. A section of its own, not a stage: it trains the whole block after every stage has run
+    and has no budget, targets or method of its own."""
+    steps: int = Field(200, ge=0, description="optimizer steps per block (AA-SVD: 200)")
+    batch_size: int = Field(32, gt=0, description="calibration sequences per step (AA-SVD: 32)")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (AA-SVD: 1e-4)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (AA-SVD: 0.01)")
+    warmup: float = Field(0.1, ge=0, lt=1, description="linear warm-up, as a fraction of the steps (AA-SVD: 0.1)")
+    min_lr: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr (AA-SVD: 0.1)")
+    clip: float = Field(1.0, gt=0, description="gradient-norm clip (AA-SVD: 1.0)")
+    train: Literal["all", "lrc"] = Field("all", description="all: every parameter of the block (AA-SVD); lrc: only "
+                                                            "the modules lrc rebuilt")
+    norms: bool = Field(True, description="train the block's norm weights too (AA-SVD: yes)")
+    seed: int = Field(0, description="seeds each block's mini-batch order (a resumed run refines identically)")
+
+
 class StageConfig(_Strict):
     method: str
     param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
@@ -232,6 +252,8 @@ class Recipe(_Strict):
     stages: list[StageConfig] = Field(min_length=1)
     finetune: FinetuneConfig | None = Field(None, description="recovery training after the stages, before eval "
                                                               "(the options of lrc finetune; compress/finetune)")
+    refine: RefineConfig | None = Field(None, description="block refinement after each block's stages (AA-SVD; "
+                                                          "needs propagate: compressed)")
     eval: EvalConfig | None = Field(None, description="evaluate the compressed model before it is written")
     samples: int = Field(3, ge=0, le=4, description="fixed prompts answered greedily by the compressed and "
                                                               "the dense model, shown in the summary, report and card; "
@@ -251,6 +273,16 @@ class Recipe(_Strict):
                                  "with the dense model's; a stage set needs objective layer")
         return self
 
+    @model_validator(mode="after")
+    def _refine_needs_compressed(self):
+        if self.refine is not None and self.engine.propagate != "compressed":
+            raise ValueError("refine: needs engine.propagate: compressed (it fits each block to the inputs the "
+                             "compressed model gives it)")
+        if self.refine is not None and any(st.calibration is not None for st in self.stages):
+            raise ValueError("refine: pairs the recipe's calibration with the dense model's; stages with their own "
+                             "calibration need no refine section")
+        return self
+
     def stage_calibration(self, i: int) -> CalibrationConfig:
         return self.stages[i].calibration or self.calibration
 
@@ -261,6 +293,8 @@ class Recipe(_Strict):
     def resolved(self) -> dict:
         """The recipe with every default filled in, method options included (saved next to the weights)."""
         data = self.model_dump(mode="json")
+        if data.get("refine") is None:  # absent, as before the section existed (same run caches and reports)
+            data.pop("refine", None)
         for i, stage in enumerate(data["stages"]):
             stage["options"] = self.method_config(i).model_dump(mode="json")
         return data

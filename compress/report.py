@@ -156,6 +156,11 @@ def summary_table(report: dict) -> Table:
                       " ".join(f"{f:.2f}" for f in fr) + ")")
     if errs:
         table.add_row("weighted rel. error", f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    rf = report.get("refine")
+    if rf:
+        table.add_row("refined blocks", f"{rf['kept']}/{rf['of']} improved, block MSE to the dense outputs "
+                                        f"{rf['mean_mse_before']:.4g} → {rf['mean_mse_after']:.4g} (mean), "
+                                        f"{rf['seconds']:.0f} s")
     ft = report.get("finetune")
     if ft:
         held = (f", held-out loss {ft['held_out_loss_before']:.4f} → {ft['held_out_loss_after']:.4f}"

@@ -23,7 +23,7 @@ class BlockJob:
     device: torch.device
     progress: Any
     config: Any = None  # the model's config (roles of block methods)
-    dense_io: tuple | None = None  # (dense inputs, dense outputs) for ``objective: dense``
+    dense_io: tuple | None = None  # (dense inputs, dense outputs): ``objective: dense`` or ``refine``
     extra: Mapping = field(default_factory=dict)  # gradient statistics by module name (``spectra.BlockStats``)
     reference: nn.Module | None = None  # the dense block a compensation repairs towards (default: ``block``)
     shared: Any = None  # ``shared.SharedGroups`` of the run, or None
@@ -31,6 +31,7 @@ class BlockJob:
     written: set = field(default_factory=set)  # streams whose outputs are already written
     specs: dict = field(default_factory=dict)  # results: module name -> spec (``lrc.modules``)
     report: list = field(default_factory=list)  # results: report rows
+    refined: dict | None = None  # results: the block's refinement (``refine.refine_block``), when the recipe asks
 
     @property
     def eng(self):
@@ -63,7 +64,8 @@ class Run:
     extra: Mapping = field(default_factory=dict)  # gradient statistics by module name
     specs: dict = field(default_factory=dict)  # results so far: module name -> spec
     report: list = field(default_factory=list)  # results so far: report rows
-    d_in: torch.Tensor | None = None  # the dense stream's inputs of the next block (``objective: dense``)
+    d_in: torch.Tensor | None = None  # the dense stream's inputs of the next block (``objective: dense``, refine)
+    refined: list = field(default_factory=list)  # results so far: each block's refinement
 
     def __post_init__(self):
         self.dtype = next(self.model.parameters()).dtype
@@ -78,4 +80,4 @@ class Run:
 
     @property
     def dense_stream(self) -> bool:
-        return self.recipe.engine.objective == "dense"
+        return self.recipe.engine.objective == "dense" or self.recipe.refine is not None

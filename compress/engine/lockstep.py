@@ -145,7 +145,7 @@ def lockstep_applies(job: BlockJob) -> bool:
     """The common case: one Linear stage, sequential, compressed propagation, the layer objective, one calibration
     stream, no shared dictionaries, and no experts (each targeted module runs once in every forward)."""
     eng, recipe = job.eng, job.recipe
-    return (enabled() and eng.sequential and eng.propagate == "compressed" and job.dense_io is None
+    return (enabled() and eng.sequential and eng.propagate == "compressed" and eng.objective == "layer"
             and len(job.streams) == 1 and len(recipe.stages) == 1 and METHODS[recipe.stages[0].method].unit != "block"
             and not expert_counts(job.config) and not any(is_shared(r) for r in job.rows))
 

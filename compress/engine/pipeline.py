@@ -32,6 +32,7 @@ from .lazy import LazyBlocks
 from .lockstep import compress_lockstep, lockstep_applies
 from .memory import trim
 from .passes import run_pass
+from .refine import refine_block
 from .shared import SharedGroups
 from .spectra import allocation_spectra, apply_global_allocation, gradient_needs, gradient_stats
 from .stats import CrossGram, DenseInputs, attach, block_groups
@@ -45,18 +46,27 @@ def after_block(i: int) -> None:
 
 
 def compress_block(job: BlockJob) -> tuple[dict, list]:
-    """Every stage of ``job.rows`` on ``job.block`` in place, then every stream's outputs; returns (specs, rows)."""
+    """Every stage of ``job.rows`` on ``job.block`` in place, then (with ``refine``) the block's refinement, then
+    every stream's outputs; returns (specs, rows)."""
+    dense_block = copy.deepcopy(job.block) if job.dense_io else None  # the block as it came: the dense stream's
+    if lockstep_applies(job):  # one forward per batch (lockstep.py)
+        groups = block_groups(job.block, job.main.x_in, job.main.dev_kwargs[job.index], job.device, job.wanted())
+        compress_lockstep(job, groups)
+    else:
+        _stages(job, dense_block)
+    if job.recipe.refine is not None:
+        _refine(job, dense_block)
+    return job.specs, job.report
+
+
+def _stages(job: BlockJob, dense_block) -> None:
     eng, main, block, index = job.eng, job.main, job.block, job.index
     groups = block_groups(block, main.x_in, main.dev_kwargs[index], job.device, job.wanted())
     modules = dict(block.named_modules())
     source = dict(job.reference.named_modules()) if job.reference is not None else modules  # where W comes from
     job.originals = {r.name.removeprefix(job.prefix): effective_weight(source[r.name.removeprefix(job.prefix)])
                      .to(job.device) for r in job.rows if r.compensation}  # kept until the block's stages are done
-    if lockstep_applies(job):  # one forward per batch (lockstep.py)
-        compress_lockstep(job, groups)
-        return job.specs, job.report
-    dense_block = copy.deepcopy(block) if job.dense_io else None
-    dense = (dense_block, *job.dense_io) if job.dense_io else None
+    dense = (dense_block, *job.dense_io) if job.dense_io and eng.objective == "dense" else None
     if eng.propagate == "original" and len(job.streams) > 1:  # every stream's outputs from the untouched block
         for s in job.streams:
             run_pass(block, s.x_in, s.dev_kwargs[index], eng.batch_size, job.device, out=job.outs[s.name],
@@ -72,12 +82,28 @@ def compress_block(job: BlockJob) -> tuple[dict, list]:
                     groups = block_groups(block, main.x_in, main.dev_kwargs[index], job.device, job.wanted())
             continue
         _linear_stage(job, si, method, groups, dense, dense_block)
+    if job.recipe.refine is not None:
+        return  # the outputs come from the refined block (``_refine``)
     for s in job.streams:
         if s.name not in job.written:
             job.progress.phase("propagate" if len(job.streams) == 1 else f"propagate {s.name}")
             run_pass(block, s.x_in, s.dev_kwargs[index], eng.batch_size, job.device, out=job.outs[s.name],
                      dense=dense if s is main else None)
-    return job.specs, job.report
+
+
+def _refine(job: BlockJob, dense_block) -> None:
+    """AA-SVD's block refinement (``refine.py``): the dense block's outputs on the dense stream are the target, the
+    compressed stream's inputs the data; then every stream's outputs from the block as refined."""
+    eng, main, index = job.eng, job.main, job.index
+    d_in, d_out = job.dense_io
+    job.progress.phase("refine: dense targets")
+    run_pass(dense_block, d_in, main.dev_kwargs[index], eng.batch_size, job.device, out=d_out)
+    replaced = {n.removeprefix(job.prefix) for n in job.specs}
+    job.refined = refine_block(job.block, main.x_in, d_out, main.dev_kwargs[index], job.recipe.refine, index,
+                               job.device, replaced, job.progress)
+    for s in job.streams:
+        job.progress.phase("propagate" if len(job.streams) == 1 else f"propagate {s.name}")
+        run_pass(job.block, s.x_in, s.dev_kwargs[index], eng.batch_size, job.device, out=job.outs[s.name])
 
 
 def _linear_stage(job: BlockJob, si: int, method, groups, dense, dense_block) -> None:
@@ -180,6 +206,8 @@ def _restore(run: Run, resume: bool) -> int:
             run.blocks[i].load_state_dict(tensors)
         run.specs.update(info["modules"])
         run.report.extend(info["rows"])
+        if "refine" in info:
+            run.refined.append(info["refine"])
     return start
 
 
@@ -199,7 +227,11 @@ def _block_step(run: Run, i: int, shared) -> None:
         _finish_shared(shared, i, block, run.blocks, run.prefix, cache, run.specs, run.report, bspecs, brows)
     run.progress.phase("save")
     run.blocks[i] = block.to("cpu")
-    cache.save_block(i, run.blocks[i].state_dict(), {"modules": bspecs, "rows": brows})
+    info = {"modules": bspecs, "rows": brows}
+    if job.refined is not None:
+        info["refine"] = job.refined
+        run.refined.append(job.refined)
+    cache.save_block(i, run.blocks[i].state_dict(), info)
     if shared is not None:
         shared.cleanup(i)
     if run.lazy is not None and (shared is None or not shared.open_at(i)):
@@ -267,7 +299,8 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         return {"plan": plan, "cache": cache}
     shared = SharedGroups(plan, recipe, cache) or None
     if shared is not None and run.dense_stream:
-        raise LrcError("engine.objective: dense is not supported with shared dictionaries (share: layers)")
+        raise LrcError("engine.objective: dense and refine are not supported with shared dictionaries "
+                       "(share: layers)")
     progress.start_blocks(len(blocks), start)
     for i in range(start, len(blocks)):
         _block_step(run, i, shared)
@@ -278,4 +311,4 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "block_phase_seconds": {k: round(v, 3) for k, v in progress.profile.items()},
             "calibration_tokens": int(run.main.ids.numel()), "calibration_streams": summary(streams),
-            "device": str(device), "resumed_from_block": start}
+            "device": str(device), "resumed_from_block": start, "refine": run.refined}
