@@ -94,6 +94,7 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
         "calibration_tokens": result["calibration_tokens"], "calibration_streams": result["calibration_streams"],
         "resumed_from_block": result["resumed_from_block"],
         **({"refine": _refine_summary(result["refine"])} if result.get("refine") else {}),
+        **({"allocation": {str(k): v for k, v in result["allocation"].items()}} if result.get("allocation") else {}),
         "run_cache": str(result["cache"].dir), "torch": torch.__version__,
     }, bytes_per_param=next(model.parameters()).element_size())
 

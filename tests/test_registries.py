@@ -38,7 +38,8 @@ def test_recipe_validates_allocator_and_options_against_the_registry():
         _parse(allocator="nope")
     assert str(err.value) == f"recipe: stages[0].allocator: unknown allocator 'nope'; registered: " \
                              f"{', '.join(sorted(ALLOCATORS))}"
-    assert "energy, loss, sensitivity, uniform, welore" in str(err.value).replace("block_influence, ", "")
+    assert "energy, loss, sensitivity, uniform, welore" in str(err.value).replace("block_influence, ", "").replace(
+        "search, ", "")
     with pytest.raises(LrcError, match=r"stages\[0\]\.allocator_options\.target: Input should be 'params' or 'rank'"):
         _parse(allocator="welore", allocator_options={"target": "bits"})
     with pytest.raises(LrcError, match="allocator energy takes no allocator_options"):

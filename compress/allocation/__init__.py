@@ -12,7 +12,7 @@ matrix's own spectrum during compression (``decide_from_spectrum``, an ``energy`
 from __future__ import annotations
 
 # registration, in the order lrc methods lists
-from . import uniform, energy, welore, loss, sensitivity, influence  # noqa: F401
+from . import uniform, energy, welore, loss, sensitivity, influence, search  # noqa: F401
 from .cost import COST_MODELS, CostModel, cost_of, register_cost_model
 from .registry import ALLOCATORS, NEEDS, Allocator, FieldView, register_allocator
 from .uniform import decide_from_spectrum

@@ -9,7 +9,8 @@ from typing import Any
 
 # what an allocator reads per matrix before it can decide (``Allocator.reads``), in words for ``lrc methods``
 NEEDS = {None: "shapes only", "method": "method spectra (statistics pass)", "weights": "weight spectra (data-free)",
-         "sweep": "perplexity sweep (per matrix and ratio)"}
+         "sweep": "perplexity sweep (per matrix and ratio)",
+         "anchors": "whitened spectra + a measured KL per matrix, then per trial"}
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class Run:
     report: list = field(default_factory=list)  # results so far: report rows
     d_in: torch.Tensor | None = None  # the dense stream's inputs of the next block (``objective: dense``, refine)
     refined: list = field(default_factory=list)  # results so far: each block's refinement
+    allocation: dict = field(default_factory=dict)  # the global allocators' records by stage (``search``)
 
     def __post_init__(self):
         self.dtype = next(self.model.parameters()).dtype

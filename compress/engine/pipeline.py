@@ -292,11 +292,11 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     to_device(streams, device)
     if any(st.allocator != "uniform" for st in recipe.stages):
         t_alloc = time.perf_counter()
-        apply_global_allocation(plan, recipe, allocation_spectra(run))
+        run.allocation = apply_global_allocation(plan, recipe, allocation_spectra(run), run)
         phases["allocation"] = time.perf_counter() - t_alloc
     if plan_only:
         progress.done()
-        return {"plan": plan, "cache": cache}
+        return {"plan": plan, "cache": cache, "allocation": run.allocation}
     shared = SharedGroups(plan, recipe, cache) or None
     if shared is not None and run.dense_stream:
         raise LrcError("engine.objective: dense and refine are not supported with shared dictionaries "
@@ -311,4 +311,5 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "block_phase_seconds": {k: round(v, 3) for k, v in progress.profile.items()},
             "calibration_tokens": int(run.main.ids.numel()), "calibration_streams": summary(streams),
-            "device": str(device), "resumed_from_block": start, "refine": run.refined}
+            "device": str(device), "resumed_from_block": start, "refine": run.refined,
+            "allocation": run.allocation}

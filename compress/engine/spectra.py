@@ -24,6 +24,8 @@ from .passes import run_pass
 from .stats import MODEL_STATS, attach, block_groups
 from .stream import Host
 from .sweep import Sweep
+from .anchors import Anchors
+from ..allocation.search import SearchOptions
 
 
 def gradient_needs(recipe) -> dict[int, set[str]]:
@@ -102,8 +104,9 @@ def _influence(x_in, x_out, batch_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, device, extra, sweep=None,
-                   reference=None) -> dict[str, torch.Tensor]:
-    """Spectra (or, for ``sensitivity`` stages, the perplexity sweep) of the block's rows on dense inputs."""
+                   reference=None, anchors=None) -> dict[str, torch.Tensor]:
+    """Spectra (or, for ``sensitivity`` stages, the perplexity sweep; for ``search``, the spectra and each matrix's
+    measured KL anchor, ``anchor:<name>``) of the block's rows on dense inputs."""
     rel = {r.name.removeprefix(prefix): r for r in rows}
     if not rel:  # only the block's outputs are needed (the next block's inputs, block influence)
         run_pass(block, x_in, kwargs, recipe.engine.batch_size, device, out=x_out)
@@ -120,7 +123,7 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
     finally:
         for c in collectors:
             c.remove()
-    out, pending = {}, []
+    out, pending, anchored = {}, [], []
     source = dict(reference.named_modules()) if reference is not None else modules
     for n, r in rel.items():
         # no token reached it (an expert never routed to): the plain spectrum of its weights (or residual) stands
@@ -140,12 +143,16 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
         stats = {c.name: c.result(n) for c in collectors}
         stats.update(extra.get(r.name, {}))
         spectrum = methods[r.stage].spectrum(W, stats)
-        if kind == "method":
+        if kind in ("method", "anchors"):
             out[r.name] = spectrum.sigma.cpu()
-        else:
+        if kind == "anchors":
+            anchored.append((modules[n], spectrum, r))
+        elif kind == "sweep":
             pending.append((modules[n], spectrum, r))
     if pending:  # every candidate of the block through the blocks after it together
         out.update(sweep(index, block, x_in, pending))
+    if anchored:
+        out.update({f"anchor:{k}": v for k, v in anchors(index, block, x_in, anchored).items()})
     return out
 
 
@@ -170,10 +177,12 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
                                                              for r in rows) else None
     sweep = Sweep(model, prefix, blocks, Host(blocks, device, lazy), ids, kwargs, recipe, progress,
                   _load_sweep(sweep_key) if sweep_key else None) if sweep_key else None
+    anchors = _anchors(run) if any(SPECTRUM[recipe.stages[r.stage].allocator] == "anchors" for r in rows) else None
     spectra: dict[str, torch.Tensor] = {}
     data_free = not influence and all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
     x_in = x0
-    with sweep if sweep is not None else contextlib.nullcontext():
+    with sweep if sweep is not None else contextlib.nullcontext(), \
+            anchors if anchors is not None else contextlib.nullcontext():
         for i, block in enumerate(blocks):
             brows = [r for r in rows if r.block == i]
             progress.phase(f"spectra for allocation, block {i + 1}/{len(blocks)}")
@@ -186,7 +195,7 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
                 x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
                 ref = ref_blocks[i].to(device) if ref_blocks is not None else None
                 spectra.update(_block_spectra(block, i, f"{prefix}.{i}.", brows, recipe, x_in, x_out, kwargs[i],
-                                              device, extra, sweep, ref))
+                                              device, extra, sweep, ref, anchors))
                 if influence:
                     spectra[influence_key(i)] = _influence(x_in, x_out, recipe.engine.batch_size)
                 if ref is not None:
@@ -231,7 +240,43 @@ def _store_sweep(key: str, table: dict) -> None:
     save_tensors(_sweep_path(key), table)
 
 
-def apply_global_allocation(plan, recipe, spectra) -> None:
+def _anchors(run) -> Anchors:
+    """The ``search`` stages' measurements (``anchors.py``), on the main stream's first calibration windows."""
+    si = next(i for i, s in enumerate(run.recipe.stages) if SPECTRUM[s.allocator] == "anchors")
+    opts = SearchOptions.model_validate(run.recipe.stages[si].allocator_options)
+    return Anchors(run.model, run.prefix, run.blocks, Host(run.blocks, run.device, run.lazy), run.main.ids,
+                   run.main.x_in, run.main.dev_kwargs, opts, run.cache, run.progress)
+
+
+class SearchTable:
+    """What the ``search`` allocator reads (``allocation/search.py``): each matrix's spectrum and measured anchor,
+    the number of blocks, and ``evaluate`` (whole-model KL of allocations, ``anchors.Anchors.evaluate``)."""
+
+    def __init__(self, rows, spectra, n_blocks: int, anchors: Anchors | None):
+        self.sigma = {r.name: spectra[r.name] for r in rows}
+        self.anchor = {r.name: float(spectra[f"anchor:{r.name}"]) for r in rows}
+        self.n_blocks, self._anchors, self.result = n_blocks, anchors, None
+        self._block_of = {r.name: r.block for r in rows}
+        self.evaluate = self._evaluate if anchors is not None else None
+
+    def _evaluate(self, allocations):
+        with self._anchors:
+            return self._anchors.evaluate(allocations, self._block_of)
+
+
+def apply_global_allocation(plan, recipe, spectra, run=None) -> dict:
+    """Every non-uniform stage's allocation; returns ``{stage index: the allocator's record}`` for allocators that
+    keep one (``search``: its trials and every matrix's candidates), for the report."""
+    records = {}
     for si, stage in enumerate(recipe.stages):
-        if stage.allocator != "uniform":
-            allocate_global(stage, [r for r in plan if r.stage == si], spectra)
+        if stage.allocator == "uniform":
+            continue
+        rows = [r for r in plan if r.stage == si]
+        if SPECTRUM[stage.allocator] == "anchors":
+            table = SearchTable(rows, spectra, len(run.blocks) if run is not None else
+                                1 + max(r.block for r in rows), _anchors(run) if run is not None else None)
+            allocate_global(stage, rows, table)
+            records[si] = table.result
+        else:
+            allocate_global(stage, rows, spectra)
+    return records

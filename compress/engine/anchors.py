@@ -1,0 +1,168 @@
+"""LEMS's measurements for the ``search`` allocator (methods.md §12), streamed block by block like ASVD's sweep.
+
+- **Anchors.** For every matrix l, ``KL_l``: the mean per-token KL(p_dense ‖ p_l) over the search sequences, with only
+  l replaced by its rank-``r0`` factors (``search.anchor_rank``), both logits at ``temperature``, positions from
+  ``min_position`` on. Blocks before l's see dense inputs either way, so each candidate starts from the dense hidden
+  states entering its block (the allocation pre-pass has them) and runs that block, the blocks after it (each loaded
+  once for all the block's candidates) and the model's own head (``stream.replayed``, only the kept positions).
+- **Trials.** ``evaluate(allocations)``: the whole model with every matrix at an allocation's rank, all allocations
+  side by side through each block once, measured the same way. Each matrix's factors at its largest candidate rank
+  are kept per block in the run cache during the pre-pass (``search_factors_<i>``); a rank is a slice of them (a
+  truncation of the one SVD every rank of the method shares), and measured KLs are cached by allocation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from ..allocation.cost import cost_of
+from ..allocation.search import SearchOptions, anchor_rank
+from .capture import move_outside_blocks
+from .stream import hidden, replayed
+
+STATE_BUDGET_BYTES = 1 << 30  # candidates' hidden states kept on the device at once
+
+
+def options_of(recipe, row) -> SearchOptions:
+    return SearchOptions.model_validate(recipe.stages[row.stage].allocator_options)
+
+
+@torch.no_grad()
+def _logprobs(model, prefix, as_tuple, h, ids, keep: int, temperature: float) -> torch.Tensor:
+    """Log-probabilities at ``temperature`` of the last ``keep`` positions when the last block outputs ``h``."""
+    with replayed(model, prefix, as_tuple) as replay:
+        replay.h = h
+        logits = model(input_ids=ids.to(h.device), use_cache=False, logits_to_keep=keep).logits
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+class Anchors:
+    """``anchors(i, block, x_in, pending)`` → ``{row name: KL at its anchor rank}`` for the ``(module, spectrum, row)``
+    items of block ``i`` (on the device, dense weights; ``x_in`` its dense inputs). ``evaluate(allocations)`` → the
+    whole-model KL of each allocation. One instance per run; ``samples``, ``temperature`` and ``min_position`` come
+    from the first search stage's options (one search set per run)."""
+
+    def __init__(self, model, prefix, blocks, host, ids, x0, kwargs, opts: SearchOptions, cache, progress):
+        self.model, self.prefix, self.blocks, self.host, self.kwargs = model, prefix, blocks, host, kwargs
+        self.cache, self.progress, self.opts = cache, progress, opts
+        self.ids = ids[:opts.samples]
+        self.x0 = x0[:opts.samples]
+        seq = self.ids.shape[1]
+        start = seq // 2 if opts.min_position is None else min(opts.min_position, seq - 1)
+        self.keep = seq - start
+        self.as_tuple = None
+        self.dense_h = None  # the dense model's last hidden states on the search sequences
+
+    def __enter__(self):
+        move_outside_blocks(self.model, self.blocks, self.host.device)
+        self._dense()  # before any block is on the device for the walk
+        return self
+
+    def __exit__(self, *exc):
+        move_outside_blocks(self.model, self.blocks, "cpu")
+
+    # the dense reference ---------------------------------------------------------------------------------------
+    def _dense(self) -> torch.Tensor:
+        if self.dense_h is None:
+            self.progress.phase("search: the dense model's outputs on the search sequences")
+            self.dense_h = self._through([self.x0.to(self.host.device)], 0)[0]
+        return self.dense_h
+
+    def _through(self, states: list, start: int, skip: int | None = None) -> list:
+        """``states`` through blocks ``start``… (each loaded once for all of them; block ``skip`` is on the device
+        already and not loaded)."""
+        for j in range(start, len(self.blocks)):
+            block = self.host.load(j)
+            out = []
+            for s in states:
+                y, self.as_tuple = hidden(block(s, **self.kwargs[j]))
+                out.append(y)
+            states = out
+            self.host.unload(j)
+        return states
+
+    def _kls(self, states: list) -> list[float]:
+        """Mean per-token KL(dense ‖ state) of each final hidden state, one sequence at a time (the dense
+        log-probabilities computed once per sequence for all states)."""
+        dense = self._dense()
+        totals = [0.0] * len(states)
+        for k in range(self.ids.shape[0]):
+            ref = _logprobs(self.model, self.prefix, bool(self.as_tuple), dense[k:k + 1], self.ids[k:k + 1],
+                            self.keep, self.opts.temperature)
+            p = ref.exp()
+            for t, s in enumerate(states):
+                lp = _logprobs(self.model, self.prefix, bool(self.as_tuple), s[k:k + 1], self.ids[k:k + 1],
+                               self.keep, self.opts.temperature)
+                totals[t] += float((p * (ref - lp)).sum(-1).double().sum())
+        tokens = self.ids.shape[0] * self.keep
+        return [t / tokens for t in totals]
+
+    # anchors ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, i: int, block, x_in: torch.Tensor, pending: list) -> dict[str, torch.Tensor]:
+        h = x_in[:self.opts.samples].to(self.host.device)
+        factors, out = {}, {}
+        per = max(1, STATE_BUDGET_BYTES // (h.numel() * h.element_size()))
+        for c in range(0, len(pending), per):
+            chunk = pending[c:c + per]
+            self.progress.phase(f"search anchors, block {i + 1}: matrices {c + 1}-{c + len(chunk)}/{len(pending)}")
+            states = []
+            for module, spectrum, row in chunk:  # this block, once per matrix at its anchor rank
+                r0 = min(anchor_rank(row, self.opts.anchor_fraction), int(spectrum.sigma.numel()))
+                original = module.weight.data.clone()
+                try:
+                    A, B = spectrum.factors(r0)
+                    module.weight.data.copy_((A @ B).to(original.dtype))
+                    y, self.as_tuple = hidden(block(h, **self.kwargs[i]))
+                finally:
+                    module.weight.data.copy_(original)
+                states.append(y)
+            states = self._through(states, i + 1)
+            for (_, _, row), kl in zip(chunk, self._kls(states)):
+                out[row.name] = torch.tensor([kl], dtype=torch.float64)
+        for module, spectrum, row in pending:  # the factors every trial slices
+            top = min(max(cost_of(row).max_saving(row), 1), int(spectrum.sigma.numel()))
+            A, B = spectrum.factors(top)
+            factors[f"{row.name}.A"], factors[f"{row.name}.B"] = A.float().cpu().contiguous(), \
+                B.float().cpu().contiguous()
+        self.cache.save_tensors(f"search_factors_{i}", factors)
+        return out
+
+    # trials ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, allocations: list[dict[str, int | None]], block_of: dict[str, int]) -> list[float]:
+        """Whole-model KL of each allocation (``{row name: rank or None for dense}``), cached by allocation."""
+        key = hashlib.sha256(json.dumps(allocations, sort_keys=True).encode()).hexdigest()[:16]
+        stored = self.cache.load_tensors(f"search_eval_{key}")
+        if stored is not None:
+            return [float(v) for v in stored["kl"]]
+        states = [self.x0.to(self.host.device) for _ in allocations]
+        for j in range(len(self.blocks)):
+            self.progress.phase(f"search: {len(allocations)} allocation(s) through block {j + 1}/{len(self.blocks)}")
+            block = self.host.load(j)
+            names = [n for n, b in block_of.items() if b == j]
+            factors = self.cache.load_tensors(f"search_factors_{j}") or {} if names else {}
+            modules = dict(block.named_modules())
+            prefix = f"{self.prefix}.{j}."
+            for t, alloc in enumerate(allocations):
+                changed = []
+                try:
+                    for n in names:
+                        rank = alloc.get(n)
+                        if rank is None:
+                            continue
+                        module = modules[n.removeprefix(prefix)]
+                        A, B = factors[f"{n}.A"][:, :rank], factors[f"{n}.B"][:rank]
+                        changed.append((module, module.weight.data.clone()))
+                        module.weight.data.copy_((A.to(module.weight.device) @ B.to(module.weight.device))
+                                                 .to(module.weight.dtype))
+                    states[t], self.as_tuple = hidden(block(states[t], **self.kwargs[j]))
+                finally:
+                    for module, original in changed:
+                        module.weight.data.copy_(original)
+            self.host.unload(j)
+        kls = self._kls(states)
+        self.cache.save_tensors(f"search_eval_{key}", {"kl": torch.tensor(kls, dtype=torch.float64)})
+        return kls
