@@ -104,3 +104,24 @@ def test_search_checkpoint_loads_and_resumes(tiny_model_dir, corpus_file, tmp_pa
     _, again = api.compress(model, recipe, tmp_path / "b", cache_dir=tmp_path / "c", progress=False)
     assert [r.get("rank") for r in again["modules"]] == [r.get("rank") for r in report["modules"]]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_anchors_are_reused_at_another_budget(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """The anchors depend on the model, the calibration and the method, not on the budget or the trials: a second
+    run at another ratio measures none (``$LRC_CACHE/search-anchors``)."""
+    from compress.engine.anchors import Anchors
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    model = str(tiny_model_dir("llama"))
+    api.compress(model, tiny_recipe(corpus_file, param_ratio=0.6, allocator="search", allocator_options=OPTS),
+                 tmp_path / "a", cache_dir=tmp_path / "c1", progress=False)
+    assert list((tmp_path / "lrc" / "search-anchors").glob("*.safetensors"))
+
+    def no_measuring(self, states):
+        raise AssertionError("an anchor was measured again")
+
+    monkeypatch.setattr(Anchors, "_kls", no_measuring)
+    _, report = api.compress(model, tiny_recipe(corpus_file, param_ratio=0.75, allocator="search",
+                                                allocator_options={**OPTS, "trials": 0}),
+                             tmp_path / "b", cache_dir=tmp_path / "c2", progress=False)
+    assert report["targeted"]["kept_fraction_of_targeted"] <= 0.75

@@ -44,9 +44,12 @@ class Anchors:
     whole-model KL of each allocation. One instance per run; ``samples``, ``temperature`` and ``min_position`` come
     from the first search stage's options (one search set per run)."""
 
-    def __init__(self, model, prefix, blocks, host, ids, x0, kwargs, opts: SearchOptions, cache, progress):
+    def __init__(self, model, prefix, blocks, host, ids, x0, kwargs, opts: SearchOptions, cache, progress,
+                 stored: dict | None = None, names: list[str] = ()):
         self.model, self.prefix, self.blocks, self.host, self.kwargs = model, prefix, blocks, host, kwargs
         self.cache, self.progress, self.opts = cache, progress, opts
+        self.stored = {k.removeprefix("anchor:"): v for k, v in (stored or {}).items()}
+        self.measures = any(n not in self.stored for n in names)  # some anchor is measured during the walk
         self.ids = ids[:opts.samples]
         self.x0 = x0[:opts.samples]
         seq = self.ids.shape[1]
@@ -57,7 +60,8 @@ class Anchors:
 
     def __enter__(self):
         move_outside_blocks(self.model, self.blocks, self.host.device)
-        self._dense()  # before any block is on the device for the walk
+        if self.measures:
+            self._dense()  # now, before the walk holds a block on the device
         return self
 
     def __exit__(self, *exc):
@@ -102,12 +106,14 @@ class Anchors:
     # anchors ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, i: int, block, x_in: torch.Tensor, pending: list) -> dict[str, torch.Tensor]:
+        out = {row.name: self.stored[row.name] for _, _, row in pending if row.name in self.stored}
+        todo = [item for item in pending if item[2].name not in out]
         h = x_in[:self.opts.samples].to(self.host.device)
-        factors, out = {}, {}
+        factors = {}
         per = max(1, STATE_BUDGET_BYTES // (h.numel() * h.element_size()))
-        for c in range(0, len(pending), per):
-            chunk = pending[c:c + per]
-            self.progress.phase(f"search anchors, block {i + 1}: matrices {c + 1}-{c + len(chunk)}/{len(pending)}")
+        for c in range(0, len(todo), per):
+            chunk = todo[c:c + per]
+            self.progress.phase(f"search anchors, block {i + 1}: matrices {c + 1}-{c + len(chunk)}/{len(todo)}")
             states = []
             for module, spectrum, row in chunk:  # this block, once per matrix at its anchor rank
                 r0 = min(anchor_rank(row, self.opts.anchor_fraction), int(spectrum.sigma.numel()))

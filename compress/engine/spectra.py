@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..allocation import SPECTRUM, allocate_global
+from ..allocation import ALLOCATORS, SPECTRUM, allocate_global
 from ..allocation.influence import cosine_influence, influence_key
 from ..methods.eora.math import residual_spectrum
 from ..methods import METHODS
@@ -177,7 +177,11 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
                                                              for r in rows) else None
     sweep = Sweep(model, prefix, blocks, Host(blocks, device, lazy), ids, kwargs, recipe, progress,
                   _load_sweep(sweep_key) if sweep_key else None) if sweep_key else None
-    anchors = _anchors(run) if any(SPECTRUM[recipe.stages[r.stage].allocator] == "anchors" for r in rows) else None
+    anchor_key = _sweep_key(model, ids, recipe, lazy, "search", ANCHOR_FIELDS) if any(
+        SPECTRUM[recipe.stages[r.stage].allocator] == "anchors" for r in rows) else None
+    anchors = _anchors(run, _load_sweep(anchor_key, "search-anchors"),
+                       [r.name for r in rows if SPECTRUM[recipe.stages[r.stage].allocator] == "anchors"]) \
+        if anchor_key else None
     spectra: dict[str, torch.Tensor] = {}
     data_free = not influence and all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
     x_in = x0
@@ -207,12 +211,21 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
     if sweep_key is not None:
         _store_sweep(sweep_key, {r.name: spectra[r.name] for r in rows
                                  if SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"})
+    if anchor_key is not None:
+        _store_sweep(anchor_key, {k: v for k, v in spectra.items() if k.startswith("anchor:")}, "search-anchors")
     cache.acts_path(len(blocks), "spectra").unlink(missing_ok=True)
     cache.save_tensors("spectra", spectra)
     return spectra
 
 
-def _sweep_key(model, ids, recipe, lazy=None) -> str:
+# the search options its anchors depend on (not the budget, the trials or the grid: a rerun at another ratio reuses
+# them)
+ANCHOR_FIELDS = ("samples", "temperature", "min_position", "anchor_fraction")
+
+
+def _sweep_key(model, ids, recipe, lazy=None, allocator: str = "sensitivity", fields=None) -> str:
+    """Key of an expensive per-matrix measurement kept across runs: the model, the calibration tokens and each
+    ``allocator`` stage's method, options, targets and the allocator options in ``fields`` (all by default)."""
     import hashlib
 
     from .cache import model_fingerprint
@@ -220,32 +233,37 @@ def _sweep_key(model, ids, recipe, lazy=None) -> str:
     h = hashlib.sha256(model_fingerprint(model, lazy.state_items() if lazy is not None else None).encode())
     h.update(ids.numpy().tobytes())
     for si, st in enumerate(recipe.stages):
-        if st.allocator == "sensitivity":
-            h.update(f"{si}{st.method}{recipe.method_config(si).model_dump()}{st.allocator_options}{st.align}"
+        if st.allocator == allocator:
+            opts = st.allocator_options if fields is None else \
+                {k: v for k, v in ALLOCATORS[allocator].check_options(st.allocator_options).model_dump().items()
+                 if k in fields}
+            h.update(f"{si}{st.method}{recipe.method_config(si).model_dump()}{opts}{st.align}"
                      f"{st.targets}{st.ignore}".encode())
     return h.hexdigest()[:24]
 
 
-def _sweep_path(key: str):
+def _sweep_path(key: str, kind: str = "sensitivity"):
     from ..models import cache_root
 
-    return cache_root() / "sensitivity" / f"{key}.safetensors"
+    return cache_root() / kind / f"{key}.safetensors"
 
 
-def _load_sweep(key: str):
-    return load_tensors(_sweep_path(key))
+def _load_sweep(key: str, kind: str = "sensitivity"):
+    return load_tensors(_sweep_path(key, kind))
 
 
-def _store_sweep(key: str, table: dict) -> None:
-    save_tensors(_sweep_path(key), table)
+def _store_sweep(key: str, table: dict, kind: str = "sensitivity") -> None:
+    save_tensors(_sweep_path(key, kind), table)
 
 
-def _anchors(run) -> Anchors:
-    """The ``search`` stages' measurements (``anchors.py``), on the main stream's first calibration windows."""
+def _anchors(run, stored: dict | None = None, names: list[str] = ()) -> Anchors:
+    """The ``search`` stages' measurements (``anchors.py``), on the main stream's first calibration windows;
+    ``stored``: anchors measured by an earlier run (``anchor:<name>``), not measured again."""
     si = next(i for i, s in enumerate(run.recipe.stages) if SPECTRUM[s.allocator] == "anchors")
     opts = SearchOptions.model_validate(run.recipe.stages[si].allocator_options)
     return Anchors(run.model, run.prefix, run.blocks, Host(run.blocks, run.device, run.lazy), run.main.ids,
-                   run.main.x_in, run.main.dev_kwargs, opts, run.cache, run.progress)
+                   run.main.x_in, run.main.dev_kwargs, opts, run.cache, run.progress, stored,
+                   names)
 
 
 class SearchTable:

@@ -1,0 +1,156 @@
+"""Issue 24's benchmark: models a user would keep — allocation searched across matrices (``search``), block
+refinement (``refine``) and recovery distillation, against the uniform baselines (not a test).
+
+Protocol (docs/benchmarks.md): SmolLM2-135M-Instruct in fp32 on the CPU (2 threads); calibration 64 windows × 512
+tokens of ../shared/data/calib/wiki_passages.jsonl (seed 0); WikiText-2 test, the first 32 non-overlapping 512-token
+windows; ``lrc eval --chat`` (the answer score of the bundled checkable prompts, compressed and dense side by side,
+and the mean KL over the dense replies); with ``--zeroshot`` also arc_easy / piqa / hellaswag / winogrande at
+limit 200. "kept" is the fraction of decoder-block Linear parameters kept (embeddings and lm_head excluded), measured
+on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``: compression, fine-tuning, the
+recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
+--jsonl as they finish.
+
+A configuration is ``NAME[+refine][+ft]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``).
+
+    python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LRC_SHARED", ROOT.parent / "shared"))
+CALIB = SHARED / "data" / "calib" / "wiki_passages.jsonl"
+WIKI = SHARED / "data" / "wikitext2" / "wikitext2_raw_test.jsonl"
+TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
+SEARCH = {"samples": 4, "trials": 10}  # LEMS: 32 sequences of 2048 tokens; 4 × 512 here (one forward per matrix)
+STAGES = {
+    "svd-llm": {"method": "svd-llm"},
+    "kfac-svd": {"method": "kfac-svd"},
+    "modegpt": {"method": "modegpt", "allocator": "block_influence"},
+    "search/svd-llm": {"method": "svd-llm", "allocator": "search", "allocator_options": SEARCH},
+    "search/kfac-svd": {"method": "kfac-svd", "allocator": "search", "allocator_options": SEARCH},
+}
+# AA-SVD's optimiser (lr 1e-4 … clip 1.0) with its 200 steps × 32 sequences scaled to this machine: 12 steps of 8
+# sequences per block (1.5 passes over the 64 calibration windows; ~1.7 s a step here)
+REFINE = {"steps": 12, "batch_size": 8, "lr": 1e-4}
+# the README main job's recovery distillation (recipes/svd-llm-chat-ft.yaml)
+FINETUNE = {"data": "selfgen", "selfgen_samples": 128, "seq_len": 128, "loss": "distill", "train": "lrc",
+            "steps": 32, "batch_size": 4, "lr": 1e-4, "warmup": 3, "holdout": 8, "eval_every": 32}
+
+
+def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: bool) -> dict:
+    head, kept = config.rsplit(":", 1)
+    name, *mods = head.split("+")
+    data = {"calibration": {"dataset": str(CALIB), "samples": samples, "seq_len": seq_len},
+            "engine": {"device": "cpu", "batch_size": 8},
+            "stages": [{**STAGES[name], "param_ratio": float(kept)}],
+            "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": True,
+                     **({"tasks": TASKS, "limit": 200} if zeroshot else {})},
+            "samples": 0}
+    if "refine" in mods:
+        data["refine"] = REFINE
+    if "ft" in mods:
+        data["finetune"] = FINETUNE
+    return data
+
+
+def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, cache: str) -> dict:
+    import torch
+
+    from compress import api
+    from compress.recipe import parse_recipe
+
+    torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
+    recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, report = api.compress(model_spec, recipe, Path(tmp) / "out", cache_dir=cache, progress=False,
+                                 return_model=False)
+    ev = report["eval"]
+    chat = ev.get("chat", {})
+    answers = chat.get("answers", {})
+    out = {"config": config, "model": model_spec, "calibration": f"{samples}x{seq_len}",
+           "kept_measured": report["targeted"]["kept_fraction_of_targeted"],
+           "params_after": report["targeted"]["params_after"],
+           "compress_seconds": report["seconds"], "total_seconds": report["total_seconds"],
+           "phase_seconds": report["phase_seconds"], "peak_rss_gib": report["peak_rss_gib"],
+           "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
+           "chat_kl": chat.get("mean_kl"), "non_empty": chat.get("non_empty"),
+           "answer_score": answers.get("score"), "reference_answer_score": answers.get("reference_score"),
+           "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]]}
+    if "refine" in report:
+        out["refine"] = {k: v for k, v in report["refine"].items() if k != "blocks"}
+    if "allocation" in report:
+        out["search_trials"] = [t for rec in report["allocation"].values() if rec for t in rec["trials"]]
+    if "finetune" in report:
+        out["finetune_seconds"] = report["finetune"].get("seconds")
+    if ev.get("zero_shot"):
+        out["zero_shot"] = {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()}
+        out["zero_shot_mean"] = ev["zero_shot"]["mean"]["acc"]
+    return out
+
+
+def markdown(rows: list[dict], dense: dict | None = None) -> str:
+    """The rows as a markdown table (a value a row did not measure shows as –)."""
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["| configuration | kept | perplexity | × dense | answers (dense) | chat KL | zero-shot mean | "
+             "compress s | total s | peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = dense["perplexity"] if dense else None
+    for r in rows:
+        ans = "–" if r.get("answer_score") is None else \
+            f"{r['answer_score']:.2f} ({f(r.get('reference_answer_score'), '.2f')})"
+        lines.append(f"| {r['config']} | {r['kept_measured']:.4f} | {r['perplexity']:,.2f} | "
+                     f"{f(r['perplexity'] / base if base else None, '.2f')} | {ans} | {f(r.get('chat_kl'), '.3f')} | "
+                     f"{f(r.get('zero_shot_mean'), '.3f')} | {r['compress_seconds']:.0f} | "
+                     f"{r['total_seconds']:.0f} | {r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--configs", nargs="*", default=[])
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--zeroshot", action="store_true", help="also the four zero-shot tasks at limit 200 (~9 min)")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc"))
+    ap.add_argument("--jsonl", type=Path, required=True)
+    ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.markdown:
+        print(markdown([json.loads(line) for line in a.jsonl.read_text().splitlines()]))
+        return
+    if a.one:
+        print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.zeroshot, a.cache)))
+        return
+    done = {json.loads(line)["config"] for line in a.jsonl.read_text().splitlines()} if a.jsonl.is_file() else set()
+    for config in a.configs:
+        if config in done:
+            continue
+        cmd = [sys.executable, __file__, "--model", a.model, "--samples", str(a.samples), "--seq-len",
+               str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--jsonl", str(a.jsonl),
+               "--one", config] + (["--zeroshot"] if a.zeroshot else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{config}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
+        r = json.loads(line[7:])
+        with a.jsonl.open("a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        print(f"{config:36s} ppl {r['perplexity']:10.2f}  answers {r.get('answer_score')}  kl {r.get('chat_kl')}  "
+              f"{r['total_seconds']:7.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
