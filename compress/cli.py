@@ -198,7 +198,9 @@ def eval_cmd(
     bos: bool = typer.Option(False, help="prepend BOS to every window (and score its first token)"),
     reference: Optional[str] = typer.Option(None, help="dense model: also report KL(dense‖model) and top-1 agreement"),
     chat: bool = typer.Option(False, help="answer 20 fixed chat prompts (instruct models): non-empty replies, "
-                                          "and with --reference the KL over the dense model's replies"),
+                                          "and with --reference the KL over the dense model's replies; plus short "
+                                          "prompts with checkable answers (capitals, arithmetic, ...): the fraction "
+                                          "answered correctly, the dense model's beside it"),
     batch_size: int = typer.Option(4, help="windows (perplexity) or requests (zero-shot) per forward"),
     request_cache: bool = typer.Option(True, help="reuse lm-eval answers cached for these exact weights"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),

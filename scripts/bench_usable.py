@@ -82,8 +82,11 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
            "phase_seconds": report["phase_seconds"], "peak_rss_gib": report["peak_rss_gib"],
            "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
            "chat_kl": chat.get("mean_kl"), "non_empty": chat.get("non_empty"),
-           "answer_score": answers.get("score"), "reference_answer_score": answers.get("reference_score"),
-           "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]]}
+           "answer_score": answers.get("answer_score"),
+           "reference_answer_score": answers.get("reference_answer_score"),
+           "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]],
+           "answer_replies": [(s["prompt"], s["reply"], s["correct"]) for s in answers.get("samples", [])[:10]],
+           "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
     if "refine" in report:
         out["refine"] = {k: v for k, v in report["refine"].items() if k != "blocks"}
     if "allocation" in report:

@@ -2,7 +2,9 @@
 calibration or training set it ships or reads, are answered greedily through the tokenizer's chat template (64 new
 tokens). Reported: the fraction of non-empty replies (after removing special tokens and whitespace) and, against a
 dense reference, the mean KL(dense ‖ model) over the tokens of the dense model's own replies (teacher-forced: both
-models read the prompt and the dense reply; every reply token, its end-of-turn included, is one position)."""
+models read the prompt and the dense reply; every reply token, its end-of-turn included, is one position). With
+the fixed prompts, also the checkable answer score of ``answers.py`` under ``"answers"``: the fraction of the short
+prompts with known answers (capitals, arithmetic, ...) answered correctly, the dense model's beside it."""
 from __future__ import annotations
 
 import torch
@@ -72,8 +74,12 @@ def reply_kl(model, reference, tokenizer, prompts: list[str], reference_replies:
     return total / max(count, 1)
 
 
-def chat_eval(model, tokenizer, reference=None, prompts: list[str] | None = None, max_new_tokens: int = 64) -> dict:
-    """``{"prompts", "non_empty", "mean_kl" (with a reference), "samples": [{prompt, reply, reference}]}``."""
+def chat_eval(model, tokenizer, reference=None, prompts: list[str] | None = None, max_new_tokens: int = 64,
+              answers: bool | None = None) -> dict:
+    """``{"prompts", "non_empty", "mean_kl" (with a reference), "samples": [{prompt, reply, reference}]}``, and with
+    ``answers`` the answer score (``answers.answer_eval``, its own prompts and 48 new tokens) under ``"answers"``
+    (None: when ``prompts`` is the fixed set, as ``lrc eval --chat`` runs it)."""
+    answers = prompts is None if answers is None else answers
     prompts = prompts or PROMPTS
     mine = replies(model, tokenizer, prompts, max_new_tokens)
     text = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in mine]
@@ -88,4 +94,8 @@ def chat_eval(model, tokenizer, reference=None, prompts: list[str] | None = None
         for s, r in zip(samples, ref):
             s["reference"] = tokenizer.decode(r, skip_special_tokens=True).strip()
     out["samples"] = samples
+    if answers:
+        from .answers import answer_eval
+
+        out["answers"] = answer_eval(model, tokenizer, reference)
     return out

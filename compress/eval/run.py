@@ -165,4 +165,29 @@ def results_tables(results: dict, title: str) -> list:
             table.add_row(s["prompt"], s["reply"] or "(empty)", *([s["reference"] or "(empty)"] if "mean_kl" in chat
                                                                   else []))
         tables.append(table)
+        if chat.get("answers"):
+            tables.append(answers_table(chat["answers"], title))
     return tables
+
+
+def answers_line(answers: dict) -> str:
+    """``answers correct: X/N (dense Y/N)`` (the dense part with a reference)."""
+    dense = (f" (dense {answers['reference_correct']}/{answers['items']})" if "reference_correct" in answers else "")
+    return f"answers correct: {answers['correct']}/{answers['items']}{dense}"
+
+
+def answers_table(answers: dict, title: str):
+    """The checkable answer score (``eval/answers.py``) per kind, the dense model's beside it."""
+    from rich.table import Table
+
+    dense = "reference_correct" in answers
+    heading = f"{answers_line(answers)}, greedy, {answers['max_new_tokens']} tokens: {title}"
+    table = Table(title=heading, min_width=len(heading))
+    for col in ("kind", "correct", *(["dense correct"] if dense else [])):
+        table.add_column(col)
+    rows = [*answers["by_kind"].items(), ("all", answers)]
+    for kind, k in rows:
+        n = k.get("items")
+        table.add_row(kind, f"{k['correct']}/{n}", *([f"{k['reference_correct']}/{n}"] if dense else []),
+                      style="bold" if k is answers else None)
+    return table
