@@ -68,6 +68,8 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
     from compress.recipe import parse_recipe
 
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
+    if config == "dense":
+        return _dense(model_spec, windows, zeroshot)
     recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot))
     with tempfile.TemporaryDirectory() as tmp:
         _, report = api.compress(model_spec, recipe, Path(tmp) / "out", cache_dir=cache, progress=False,
@@ -93,6 +95,31 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
         out["search_trials"] = [t for rec in report["allocation"].values() if rec for t in rec["trials"]]
     if "finetune" in report:
         out["finetune_seconds"] = report["finetune"].get("seconds")
+    if ev.get("zero_shot"):
+        out["zero_shot"] = {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()}
+        out["zero_shot_mean"] = ev["zero_shot"]["mean"]["acc"]
+    return out
+
+
+def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
+    """The dense model through the same evaluation (its answer score is also every row's reference)."""
+    import time
+
+    from compress.eval.run import evaluate_model
+    from compress.models import load_model
+    from compress.recipe import EvalConfig
+
+    model, tok, _ = load_model(model_spec)
+    t = time.perf_counter()
+    ev = evaluate_model(model, tok, EvalConfig(ppl=[str(WIKI)], seq_len=512, max_windows=windows, chat=True,
+                                               **({"tasks": TASKS, "limit": 200} if zeroshot else {})),
+                        progress=False)
+    answers = ev.get("chat", {}).get("answers", {})
+    out = {"config": "dense", "model": model_spec, "kept_measured": 1.0, "compress_seconds": 0.0,
+           "total_seconds": round(time.perf_counter() - t, 1), "peak_rss_gib": 0.0,
+           "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
+           "answer_score": answers.get("answer_score"),
+           "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
     if ev.get("zero_shot"):
         out["zero_shot"] = {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()}
         out["zero_shot_mean"] = ev["zero_shot"]["mean"]["acc"]
