@@ -38,6 +38,8 @@ def test_search_meets_the_budget_and_its_measured_kl_is_the_models(tiny_model_di
     chosen = record["trials"][record["chosen"]]
     assert chosen["kl"] == min(t["kl"] for t in record["trials"])
     assert record["params"] <= record["budget"]
+    assert len(record["additive_kl"]) == len({t["allocation"] for t in record["trials"]})
+    assert "additive_rank_correlation" in record
     assert report["targeted"]["params_after"] <= 0.6 * report["targeted"]["params_before"] + 1
     ranks = {r["name"]: r.get("rank") for r in report["modules"]}
     assert len({v for v in ranks.values()}) > 2  # not uniform

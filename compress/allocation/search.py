@@ -298,26 +298,48 @@ def search(stage, rows, table, options) -> None:
             r.rank, r.factorize, r.note = None, False, "search: kept dense"
         else:
             set_rank(r, c.knob, f"search: rank {c.knob} (k={c.k:.2f}), predicted ε {c.error:.4g}")
-    table.result = _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks)
+    table.result = _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks, allocations)
 
 
-def _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks) -> dict:
+def _additive(rows, table, opts, allocations) -> list[float]:
+    """LEMS's error model without the depth term, ``Σ_l KL_l·e_l(r_l)`` (dense: 0), for each allocation: what the
+    per-matrix anchors predict for the whole model, to set beside the KL measured for it."""
+    curves = {r.name: error_curve(table.sigma[r.name], anchor_rank(r, opts.anchor_fraction)) for r in rows}
+    return [sum(float(table.anchor[r.name]) * curves[r.name](a[r.name]) for r in rows if a[r.name] is not None)
+            for a in allocations]
+
+
+def _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks, allocations) -> dict:
     """The search as JSON for the report: trials (α, γ, measured KL, predicted total ε), the chosen trial, and per
     row its anchor, depth multiplier, candidates and chosen index (at the chosen trial's α, γ)."""
     cands, pick, _ = solved[chosen]
     alpha, gamma = points[chosen]
+    additive = _additive(rows, table, opts, allocations)
     return {
         "budget": int(budget),
         "params": int(sum(g[j].params for g, j in zip(cands, pick))),
         "trials": [{"alpha": a, "gamma": g, "kl": measured[which[t]], "predicted": float(s[2]),
                     "allocation": which[t]} for t, ((a, g), s) in enumerate(zip(points, solved))],
         "chosen": chosen,
+        "additive_kl": additive,
+        "additive_rank_correlation": _spearman(additive, measured),
         "rows": {r.name: {"block": r.block, "anchor_rank": anchor_rank(r, opts.anchor_fraction),
                           "anchor_kl": float(table.anchor[r.name]),
                           "depth": depth_multiplier(r.block, n_blocks, alpha, gamma),
                           "candidates": [c.to_dict() for c in g], "chosen": j}
                  for r, g, j in zip(rows, cands, pick)},
     }
+
+
+def _spearman(predicted: list[float], measured: list) -> float | None:
+    """Spearman's rank correlation of the allocations' predicted error with their measured KL (None below three
+    distinct measurements): how well the per-matrix error model orders whole allocations."""
+    pairs = [(p, m) for p, m in zip(predicted, measured) if m is not None]
+    if len({m for _, m in pairs}) < 3 or len({p for p, _ in pairs}) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr([p for p, _ in pairs], [m for _, m in pairs]).statistic)
 
 
 register_allocator("search", search, reads="anchors", options=SearchOptions,
