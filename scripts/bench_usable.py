@@ -40,6 +40,7 @@ STAGES = {
 # AA-SVD's optimiser (lr 1e-4 … clip 1.0) with its 200 steps × 32 sequences scaled to this machine: 12 steps of 8
 # sequences per block (1.5 passes over the 64 calibration windows; ~1.7 s a step here)
 REFINE = {"steps": 12, "batch_size": 8, "lr": 1e-4}
+REFINE_LONG = {"steps": 24, "batch_size": 8, "lr": 3e-4}  # ``+refine2``: twice the steps at 3× the rate
 # the README main job's recovery distillation (recipes/svd-llm-chat-ft.yaml)
 FINETUNE = {"data": "selfgen", "selfgen_samples": 128, "seq_len": 128, "loss": "distill", "train": "lrc",
             "steps": 32, "batch_size": 4, "lr": 1e-4, "warmup": 3, "holdout": 8, "eval_every": 32}
@@ -54,8 +55,8 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
             "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": True,
                      **({"tasks": TASKS, "limit": 200} if zeroshot else {})},
             "samples": 0}
-    if "refine" in mods:
-        data["refine"] = REFINE
+    if "refine" in mods or "refine2" in mods:
+        data["refine"] = REFINE if "refine" in mods else REFINE_LONG
     if "ft" in mods:
         data["finetune"] = FINETUNE
     return data
@@ -126,21 +127,37 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
     return out
 
 
+def dense_reference(rows: list[dict], eval_json: Path) -> dict:
+    """The dense row: a measured ``dense`` row when the file has one, else the dense model's perplexity and
+    zero-shot accuracy from ``eval_json`` (the same protocol, docs/results/smollm2-dense-eval.json) and its answer
+    score as every row measured it beside the compressed model's."""
+    row = next((r for r in rows if r["config"] == "dense"), None)
+    if row is not None:
+        return row
+    ev = json.loads(eval_json.read_text())
+    scores = {r["reference_answer_score"] for r in rows if r.get("reference_answer_score") is not None}
+    return {"config": "dense", "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
+            "zero_shot_mean": ev.get("zero_shot", {}).get("mean", {}).get("acc"),
+            "answer_score": scores.pop() if len(scores) == 1 else None}
+
+
 def markdown(rows: list[dict], dense: dict | None = None) -> str:
-    """The rows as a markdown table (a value a row did not measure shows as –)."""
+    """The rows as a markdown table, the dense model first (a value a row did not measure shows as –)."""
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
-    lines = ["| configuration | kept | perplexity | × dense | answers (dense) | chat KL | zero-shot mean | "
-             "compress s | total s | peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| configuration | kept | perplexity | × dense | answers | chat KL | zero-shot mean | compress s | "
+             "total s | peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = dense["perplexity"] if dense else None
+    if dense is not None and not any(r["config"] == "dense" for r in rows):
+        lines.append(f"| dense | 1.0000 | {dense['perplexity']:,.2f} | 1.00 | {f(dense.get('answer_score'), '.2f')} | "
+                     f"– | {f(dense.get('zero_shot_mean'), '.3f')} | – | – | – |")
     for r in rows:
-        ans = "–" if r.get("answer_score") is None else \
-            f"{r['answer_score']:.2f} ({f(r.get('reference_answer_score'), '.2f')})"
         lines.append(f"| {r['config']} | {r['kept_measured']:.4f} | {r['perplexity']:,.2f} | "
-                     f"{f(r['perplexity'] / base if base else None, '.2f')} | {ans} | {f(r.get('chat_kl'), '.3f')} | "
-                     f"{f(r.get('zero_shot_mean'), '.3f')} | {r['compress_seconds']:.0f} | "
-                     f"{r['total_seconds']:.0f} | {r['peak_rss_gib']:.2f} |")
+                     f"{f(r['perplexity'] / base if base else None, '.2f')} | {f(r.get('answer_score'), '.2f')} | "
+                     f"{f(r.get('chat_kl'), '.3f')} | {f(r.get('zero_shot_mean'), '.3f')} | "
+                     f"{f(r.get('compress_seconds') or None, '.0f')} | {f(r.get('total_seconds'), '.0f')} | "
+                     f"{f(r.get('peak_rss_gib') or None, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -158,7 +175,8 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.markdown:
-        print(markdown([json.loads(line) for line in a.jsonl.read_text().splitlines()]))
+        rows = [json.loads(line) for line in a.jsonl.read_text().splitlines()]
+        print(markdown(rows, dense_reference(rows, ROOT / "docs" / "results" / "smollm2-dense-eval.json")))
         return
     if a.one:
         print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.zeroshot, a.cache)))

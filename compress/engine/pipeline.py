@@ -96,7 +96,7 @@ def _refine(job: BlockJob, dense_block) -> None:
     compressed stream's inputs the data; then every stream's outputs from the block as refined."""
     eng, main, index = job.eng, job.main, job.index
     d_in, d_out = job.dense_io
-    job.progress.phase("refine: dense targets")
+    job.progress.phase("dense targets")
     run_pass(dense_block, d_in, main.dev_kwargs[index], eng.batch_size, job.device, out=d_out)
     replaced = {n.removeprefix(job.prefix) for n in job.specs}
     job.refined = refine_block(job.block, main.x_in, d_out, main.dev_kwargs[index], job.recipe.refine, index,
