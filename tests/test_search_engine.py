@@ -90,22 +90,47 @@ def test_search_anchor_is_the_kl_of_one_matrix_replaced(tiny_model_dir, tokenize
     assert row["anchor_kl"] == pytest.approx(expected, rel=2e-2)
 
 
-def test_search_checkpoint_loads_and_resumes(tiny_model_dir, corpus_file, tmp_path):
-    """Mixed ranks save, reload through the checkpoint's own code, and a second run reuses the cached anchors and
-    trial KLs (same ranks)."""
+class Crash(RuntimeError):
+    pass
+
+
+def test_search_checkpoint_loads_without_lrc_and_resumes_after_a_crash(tiny_model_dir, corpus_file, tmp_path,
+                                                                       monkeypatch):
+    """Mixed ranks: the checkpoint loads in a process that cannot import lrc with the same logits; a run killed
+    after block 1 resumes (anchors, trials and blocks from the run cache) to the bytes of an uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+
+    from compress.engine import pipeline
+    from conftest import RELOAD_LOGITS
+
     model = str(tiny_model_dir("qwen2"))
     recipe = tiny_recipe(corpus_file, param_ratio=0.5, allocator="search", allocator_options=OPTS)
-    out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c", progress=False,
-                               keep_cache=True)
-    from transformers import AutoModelForCausalLM
-
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True).eval()
+    out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c1", progress=False)
+    assert len({r.get("rank") for r in report["modules"]}) > 2
     x = torch.randint(0, 100, (1, 10))
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_LOGITS, str(tmp_path / "a"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, out(x).logits)
-    _, again = api.compress(model, recipe, tmp_path / "b", cache_dir=tmp_path / "c", progress=False)
-    assert [r.get("rank") for r in again["modules"]] == [r.get("rank") for r in report["modules"]]
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), out(x).logits, atol=1e-5, rtol=0)
+
+    def crash(i):
+        if i == 1:
+            raise Crash("injected failure after block 1")
+
+    monkeypatch.setattr(pipeline, "after_block", crash)
+    with pytest.raises(Crash):
+        api.compress(model, recipe, tmp_path / "b", cache_dir=tmp_path / "c2", progress=False)
+    monkeypatch.setattr(pipeline, "after_block", lambda i: None)
+    _, again = api.compress(model, recipe, tmp_path / "b", resume=True, cache_dir=tmp_path / "c2", progress=False)
+    assert again["resumed_from_block"] == 2
+    assert again["allocation"] == report["allocation"]
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 def test_anchors_are_reused_at_another_budget(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
