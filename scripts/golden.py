@@ -9,8 +9,8 @@ moves a weight or a number lrc writes still fails the check, until ``--write`` r
 ``.ci/run`` compares the README's main job against ``docs/results/golden-main-job.json``.
 
     python scripts/golden.py --write tests/data/golden-stories260k.json     # record (stories260k cases)
-    python scripts/golden.py --dir out/smollm2-svd-llm-80                    # one checkpoint's fingerprint
-    python scripts/golden.py --dir out/smollm2-svd-llm-80 --check docs/results/golden-main-job.json
+    python scripts/golden.py --dir out/smollm2-modegpt-80                    # one checkpoint's fingerprint
+    python scripts/golden.py --dir out/smollm2-modegpt-80 --check docs/results/golden-main-job.json
 """
 from __future__ import annotations
 
