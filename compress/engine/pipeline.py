@@ -49,6 +49,10 @@ def compress_block(job: BlockJob) -> tuple[dict, list]:
     """Every stage of ``job.rows`` on ``job.block`` in place, then (with ``refine``) the block's refinement, then
     every stream's outputs; returns (specs, rows)."""
     dense_block = copy.deepcopy(job.block) if job.dense_io else None  # the block as it came: the dense stream's
+    modules = dict(job.block.named_modules())
+    source = dict(job.reference.named_modules()) if job.reference is not None else modules  # where W comes from
+    job.originals = {r.name.removeprefix(job.prefix): effective_weight(source[r.name.removeprefix(job.prefix)])
+                     .to(job.device) for r in job.rows if r.compensation}  # kept until the block's stages are done
     if lockstep_applies(job):  # one forward per batch (lockstep.py)
         groups = block_groups(job.block, job.main.x_in, job.main.dev_kwargs[job.index], job.device, job.wanted())
         compress_lockstep(job, groups)
@@ -60,12 +64,9 @@ def compress_block(job: BlockJob) -> tuple[dict, list]:
 
 
 def _stages(job: BlockJob, dense_block) -> None:
+    """Every stage of the block in turn (the path besides lockstep), then the streams' outputs unless refine follows."""
     eng, main, block, index = job.eng, job.main, job.block, job.index
     groups = block_groups(block, main.x_in, main.dev_kwargs[index], job.device, job.wanted())
-    modules = dict(block.named_modules())
-    source = dict(job.reference.named_modules()) if job.reference is not None else modules  # where W comes from
-    job.originals = {r.name.removeprefix(job.prefix): effective_weight(source[r.name.removeprefix(job.prefix)])
-                     .to(job.device) for r in job.rows if r.compensation}  # kept until the block's stages are done
     dense = (dense_block, *job.dense_io) if job.dense_io and eng.objective == "dense" else None
     if eng.propagate == "original" and len(job.streams) > 1:  # every stream's outputs from the untouched block
         for s in job.streams:
