@@ -150,6 +150,20 @@ with torch.no_grad():
 """
 
 
+def reload_logits(checkpoint: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """The logits of ``x`` from ``checkpoint`` loaded in a fresh process that cannot import lrc, with its own
+    ``HF_HOME`` (a shared remote-code cache may hold another checkpoint's loader under the same directory name)."""
+    import subprocess
+    import sys
+
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_LOGITS, str(checkpoint), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "y.pt")
+
+
 def kill_at(monkeypatch, at: int, error: BaseException) -> None:
     """Kill-point tests: raise ``error`` at the ``at``-th interruption point of a compression (each progress phase
     and each finished block, counted from 0); ``monkeypatch.undo()`` lifts it."""

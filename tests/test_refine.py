@@ -1,9 +1,6 @@
 """Block refinement anchored to the dense block (AA-SVD, methods.md §13; ``compress/engine/refine.py``), and the
 identity between lrc's ``objective: dense`` and AA-SVD's anchored closed form."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from compress.errors import LrcError
 from compress.linalg import dense_target
 from compress.methods import METHODS
 from compress.recipe import RefineConfig, parse_recipe
-from conftest import RELOAD_LOGITS, tiny_recipe
+from conftest import reload_logits, tiny_recipe
 
 
 def _with_refine(recipe, **opts):
@@ -177,13 +174,9 @@ def test_refine_after_modegpt_and_reload(tiny_model_dir, tokenizer, corpus_file,
     out, report = api.compress(model, recipe, tmp_path / "out", cache_dir=tmp_path / "c", progress=False)
     assert report["refine"]["of"] == 3
     x = torch.randint(0, 100, (1, 12))
-    torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # its own remote-code cache
-    proc = subprocess.run([sys.executable, "-c", RELOAD_LOGITS, str(tmp_path / "out"), str(tmp_path / "x.pt"),
-                           str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = reload_logits(tmp_path / "out", x, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), out(x).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(expected, out(x).logits, atol=1e-5, rtol=0)
 
 
 class Crash(RuntimeError):

@@ -98,25 +98,17 @@ def test_search_checkpoint_loads_without_lrc_and_resumes_after_a_crash(tiny_mode
                                                                        monkeypatch):
     """Mixed ranks: the checkpoint loads in a process that cannot import lrc with the same logits; a run killed
     after block 1 resumes (anchors, trials and blocks from the run cache) to the bytes of an uninterrupted one."""
-    import os
-    import subprocess
-    import sys
-
     from compress.engine import pipeline
-    from conftest import RELOAD_LOGITS
+    from conftest import reload_logits
 
     model = str(tiny_model_dir("qwen2"))
     recipe = tiny_recipe(corpus_file, param_ratio=0.5, allocator="search", allocator_options=OPTS)
     out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c1", progress=False)
     assert len({r.get("rank") for r in report["modules"]}) > 2
     x = torch.randint(0, 100, (1, 10))
-    torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", RELOAD_LOGITS, str(tmp_path / "a"), str(tmp_path / "x.pt"),
-                           str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = reload_logits(tmp_path / "a", x, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), out(x).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(expected, out(x).logits, atol=1e-5, rtol=0)
 
     def crash(i):
         if i == 1:

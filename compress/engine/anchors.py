@@ -74,9 +74,8 @@ class Anchors:
             self.dense_h = self._through([self.x0.to(self.host.device)], 0)[0]
         return self.dense_h
 
-    def _through(self, states: list, start: int, skip: int | None = None) -> list:
-        """``states`` through blocks ``start``… (each loaded once for all of them; block ``skip`` is on the device
-        already and not loaded)."""
+    def _through(self, states: list, start: int) -> list:
+        """``states`` through blocks ``start``… (each loaded once for all of them)."""
         for j in range(start, len(self.blocks)):
             block = self.host.load(j)
             out = []
