@@ -41,6 +41,7 @@ class PlanRow:
     align: int = 1  # the stage's ``align``: every allocator rounds this row's rank to a multiple of it
     cost_model: str = "lowrank"  # name in allocation.COST_MODELS: parameters at a rank
     cost_args: dict = field(default_factory=dict)  # what that cost model reads besides the shape (CoSpaDi's k/s)
+    alternative: bool = False  # one of a stage group's options for this module (``key`` then names the method)
 
     def __post_init__(self):
         if self.compensation and self.cost_model == "lowrank":
@@ -73,6 +74,12 @@ class PlanRow:
         """The full names of the modules this row acts on."""
         return [self.name]
 
+    @property
+    def key(self) -> str:
+        """The row's name in the allocators' tables: ``name``, or ``name@method`` for an alternative (a module
+        offered by several stages of a group has one row per method)."""
+        return f"{self.name}@{self.method}" if self.alternative else self.name
+
     def describe(self) -> str:
         """The knob in words (``rank 123``), from the cost model."""
         return cost_of(self).describe(self)
@@ -81,6 +88,8 @@ class PlanRow:
         d = {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
         if not self.cost_args:
             del d["cost_args"]
+        if not self.alternative:
+            del d["alternative"]
         return d
 
 
@@ -165,7 +174,7 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
                 name = f"{prefix}.{bi}.{sub}"
                 if not _wanted(name, targets, ignore):
                     continue
-                if name in owner and not compensation:
+                if name in owner and not compensation and not recipe.same_group(owner[name], si):
                     raise LrcError(f"stages[{si}]: {name} is already compressed by stages[{owner[name]}]")
                 owner.setdefault(name, si)
                 hits += 1
@@ -194,7 +203,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
                            "`lrc compensate --allocator energy` on the result")
         bias = getattr(mod, "bias", None) is not None if isinstance(mod, nn.Linear) else False
         row = PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
-                      compensation=compensation, standalone=name not in seen,
+                      compensation=compensation, standalone=name not in seen or stage.group is not None,
                       base_params=None if isinstance(mod, nn.Linear) else
                       sum(p.numel() for p in mod.parameters()), align=stage.align)
         method_cls = METHODS[stage.method]
@@ -204,6 +213,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
             method = methods[si]
             row.cost_model = method_cls.cost_model
             row.cost_args = method.cost_args(row, bi, num_blocks, _value_bits(mod))
+        row.alternative = stage.group is not None
         rows.append(row)
         seen.add(name)
     owner = {r.name: r.stage for r in rows if not r.compensation}
@@ -252,7 +262,7 @@ def check_order(rows: list, recipe: Recipe) -> None:
         for r in mine:
             for name in row_modules(r):
                 kind, by = left.get(name, ("dense", None))
-                if kind not in method.acts_on:
+                if kind not in method.acts_on and not recipe.same_group(by, si):  # alternatives: one will act
                     raise LrcError(f"stages[{si}]: {stage.method} cannot follow stages[{by}] "
                                    f"({recipe.stages[by].method}) on {name}: that leaves {MODULE_KINDS[kind]}, and "
                                    f"{stage.method} acts on {' or '.join(MODULE_KINDS[k] for k in sorted(method.acts_on))}"

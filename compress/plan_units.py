@@ -67,10 +67,11 @@ def unit_rows(model: nn.Module, recipe, si: int, owner: dict[str, int]) -> tuple
         notes += n
     for row in rows:
         for name in row.members.values():
-            if name in owner:  # the Linear stages were planned first, a later one may have claimed it
+            if name in owner and not recipe.same_group(owner[name], si):  # Linear stages were planned first
                 first, then = sorted((si, owner[name]))
                 raise LrcError(f"stages[{then}]: {name} is already compressed by stages[{first}]")
-            owner[name] = si
+            owner.setdefault(name, si)
+        row.alternative = stage.group is not None
     if not rows:
         raise LrcError(f"stages[{si}]: {stage.method} found no unit to compress"
                        + (f" ({notes[0]})" if notes else ""))

@@ -134,6 +134,10 @@ class StageConfig(_Strict):
     calibration: CalibrationConfig | None = Field(
         None, description="this stage's own statistics set (e.g. task questions for EoRA), propagated through the "
                           "compressed blocks beside the recipe's calibration; default: the recipe's")
+    group: str | None = Field(None, description="stages with the same group offer their methods for the same "
+                                                "modules: the search allocator picks, per module, one method and "
+                                                "its knob (or dense) under the group's one param_ratio budget; "
+                                                "written for you by a stage's `methods: [...]`")
 
     @field_validator("method")
     @classmethod
@@ -259,6 +263,46 @@ class Recipe(_Strict):
                                                               "the dense model, shown in the summary, report and card; "
                                                               "0: none (it loads both models whole)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_methods(cls, data):
+        """``methods: [a, b, ...]`` on a stage → one stage per method, all in one ``group`` (``expand_methods``)."""
+        if isinstance(data, dict) and isinstance(data.get("stages"), list):
+            data = {**data, "stages": expand_methods(data["stages"])}
+        return data
+
+    @model_validator(mode="after")
+    def _groups(self):
+        for name in dict.fromkeys(st.group for st in self.stages if st.group is not None):
+            idx = [i for i, st in enumerate(self.stages) if st.group == name]
+            first = self.stages[idx[0]]
+            for i in idx:
+                st = self.stages[i]
+                if ALLOCATORS[st.allocator].reads != "anchors":
+                    raise ValueError(f"stages[{i}].group: alternatives are chosen by the search allocator; "
+                                     f"got allocator {st.allocator}")
+                if METHODS[st.method].kind == "compensation":
+                    raise ValueError(f"stages[{i}].group: {st.method} adds a residual and is no alternative")
+                for key in ("param_ratio", "allocator_options", "align"):
+                    if getattr(st, key) != getattr(first, key):
+                        raise ValueError(f"stages[{i}].{key}: every stage of group {name!r} shares one budget "
+                                         f"and search: {getattr(st, key)} differs from stages[{idx[0]}]'s "
+                                         f"{getattr(first, key)}")
+            if idx != list(range(idx[0], idx[-1] + 1)):
+                raise ValueError(f"stages[{idx[-1]}].group: the stages of group {name!r} must be consecutive")
+            if len({self.stages[i].method for i in idx}) < len(idx):
+                raise ValueError(f"stages[{idx[-1]}].group: group {name!r} offers a method twice")
+        return self
+
+    def same_group(self, i: int | None, j: int) -> bool:
+        """Whether stages ``i`` and ``j`` are alternatives for the same modules (one group)."""
+        return i is not None and self.stages[j].group is not None and self.stages[i].group == self.stages[j].group
+
+    def siblings(self, i: int) -> list[int]:
+        """The stages offering alternatives with stage ``i`` (its group, itself included; ``[i]`` without one)."""
+        g = self.stages[i].group
+        return [i] if g is None else [j for j, st in enumerate(self.stages) if st.group == g]
+
     @model_validator(mode="after")
     def _stage_calibration(self):
 
@@ -297,7 +341,33 @@ class Recipe(_Strict):
             data.pop("refine", None)
         for i, stage in enumerate(data["stages"]):
             stage["options"] = self.method_config(i).model_dump(mode="json")
+            if stage.get("group") is None:  # absent outside a group, as before groups existed (same caches)
+                stage.pop("group", None)
         return data
+
+
+def expand_methods(stages: list) -> list:
+    """A stage ``{methods: [a, b], ...}`` becomes ``[{method: a, group: "stages[i]", ...}, {method: b, ...}]``
+    (``options``, if given, maps each method to its own options); other stages pass unchanged."""
+    out = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or "methods" not in st:
+            out.append(st)
+            continue
+        methods = st["methods"]
+        if not isinstance(methods, list) or len(methods) < 1 or not all(isinstance(m, str) for m in methods):
+            raise ValueError(f"stages[{i}].methods: a list of method names")
+        if "method" in st:
+            raise ValueError(f"stages[{i}]: give method or methods, not both")
+        options = st.get("options") or {}
+        if not isinstance(options, dict) or set(options) - set(methods):
+            raise ValueError(f"stages[{i}].options: with methods, a mapping from each method to its options "
+                             f"(methods: {methods})")
+        rest = {k: v for k, v in st.items() if k not in ("methods", "options")}
+        group = rest.pop("group", None) or f"stages[{i}]"
+        for m in methods:
+            out.append({**rest, "method": m, "group": group, "options": options.get(m) or {}})
+    return out
 
 
 def _loc(loc: tuple) -> str:

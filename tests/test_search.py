@@ -254,3 +254,89 @@ def test_registered_and_accepted_by_recipes():
     with pytest.raises(LrcError, match="bogus"):
         parse_recipe({"stages": [{"method": "svd-llm", "param_ratio": 0.6, "allocator": "search",
                                   "allocator_options": {"bogus": 1}}]})
+
+
+# --- across methods: options covering sets of modules --------------------------------------------------------
+
+
+def test_cover_solver_equals_brute_force_with_units_over_several_modules():
+    """Groups act on sets of items (a unit on its members, a Linear on its module); every item covered once."""
+    from compress.allocation.search import brute_force_cover, solve_cover
+
+    rng = random.Random(1)
+    for _ in range(40):
+        items = list(range(rng.randint(2, 4)))
+        covers = [[i] for i in items]  # each module offered alone (dense first)
+        covers += [rng.sample(items, rng.randint(2, len(items))) for _ in range(rng.randint(1, 2))]  # units
+        costs = [[rng.randint(20, 40)] + [rng.randint(1, 30) for _ in range(rng.randint(1, 3))] for _ in covers]
+        for g, cov in enumerate(covers):
+            if len(cov) > 1:  # a unit's dense option costs what its members do
+                costs[g][0] = 40 * len(cov)
+        errors = [[0.0] + [rng.random() * rng.choice([1e-3, 1.0, 30.0]) for _ in g[1:]] for g in costs]
+        budget = rng.uniform(0.3, 0.9) * 40 * len(items)
+        best = brute_force_cover(costs, errors, covers, budget)
+        if best is None:
+            continue
+        pick = solve_cover(costs, errors, covers, budget)
+        covered = [i for g, j in enumerate(pick) if j is not None for i in covers[g]]
+        assert sorted(covered) == items  # each module exactly once
+        assert sum(costs[g][j] for g, j in enumerate(pick) if j is not None) <= budget
+        obj = sum(errors[g][j] for g, j in enumerate(pick) if j is not None)
+        assert obj == pytest.approx(sum(errors[g][j] for g, j in enumerate(best) if j is not None), abs=1e-12)
+
+
+def _unit(name="u", block=0):
+    from compress.methods.modegpt.rows import UnitRow
+
+    # an MLP-like unit over three modules: 3·64 parameters per kept neuron of 96
+    return UnitRow(name, 0, "modegpt", block, "mlp", {"gate": f"{name}.g", "up": f"{name}.u", "down": f"{name}.d"},
+                   96, 1, 3 * 64, 0, 3 * 64 * 96)
+
+
+def test_unit_candidates_follow_the_measured_curve():
+    from compress.allocation.search import unit_candidates, unit_knobs
+
+    row = _unit()
+    knobs = unit_knobs(row)
+    assert knobs[0] == 10 and knobs == sorted(knobs) and knobs[-1] < row.dim  # anchor ⌈0.1·96⌉ first
+    errs = [1.0 / (1 + k) for k in knobs]
+    curve = torch.tensor(list(zip(knobs, errs)), dtype=torch.float64)
+    cands = unit_candidates(row, curve, anchor_kl=0.2, depth=2.0, kept_ratio=0.4, options={"k_min": 0.1})
+    assert cands[0].knob is None and cands[0].error == 0 and cands[0].params == row.params_before
+    anchor = next(c for c in cands if c.knob == knobs[0])
+    assert anchor.error == pytest.approx(2.0 * 0.2)  # ε(anchor) = depth · KL
+    for c in cands[1:]:
+        assert c.error == pytest.approx(2.0 * 0.2 * (1 / (1 + c.knob)) / errs[0])
+        assert c.params == 3 * 64 * c.knob
+    high = unit_candidates(row, curve, 0.2, 1.0, 0.8)  # k_min 0.3 above a ratio of 0.5
+    assert all(c.k >= 0.3 for c in high[1:])
+
+
+def test_allocator_chooses_a_unit_or_its_members_never_both():
+    """A unit and Linear rows for its three members: each module ends covered once; with the unit's anchor KL tiny it
+    takes the unit (the Linear rows dropped), with it huge the Linears (the unit dropped)."""
+    from compress.allocation.search import dense_params, unit_knobs
+
+    unit = _unit()
+    rows_lin = [PlanRow(f"u.{m}", 0, "svd-llm", 0, o, i, False, None, None)
+                for m, o, i in (("g", 96, 64), ("u", 96, 64), ("d", 64, 96))]
+    for r in rows_lin:
+        r.alternative = True
+    rows = [unit, *rows_lin]
+    assert sum(dense_params(rows).values()) == unit.params_before
+    knobs = unit_knobs(unit)
+    for unit_kl, want_unit in ((1e-6, True), (1e3, False)):  # the unit's measured anchor KL sets its scale
+        table = SimpleNamespace(sigma={r.key: _sigma(3, 64) for r in rows_lin},
+                                curve={unit.key: torch.tensor([[k, (96 - k) / 86] for k in knobs],
+                                                              dtype=torch.float64)},
+                                anchor={**{r.key: 0.1 for r in rows_lin}, unit.key: unit_kl}, n_blocks=1)
+        search(SimpleNamespace(param_ratio=0.6, align=1), rows, table, {"trials": 0, "gamma": 0.0})
+        res = table.result
+        assert res["params"] <= res["budget"] == int(0.6 * unit.params_before)
+        chosen = {k for k, v in res["rows"].items() if v["chosen"] is not None}
+        if want_unit:
+            assert chosen == {unit.key} and table.dropped == {r.key for r in rows_lin}
+            assert unit.knob < unit.dim
+        else:
+            assert chosen == {r.key for r in rows_lin} and table.dropped == {unit.key}
+            assert all(r.factorize for r in rows_lin)

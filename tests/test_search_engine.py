@@ -81,7 +81,7 @@ def test_search_anchor_is_the_kl_of_one_matrix_replaced(tiny_model_dir, tokenize
     h.remove()
     spectrum = METHODS["svd-llm"](METHODS["svd-llm"].config_cls()).spectrum(module.weight.detach().double(),
                                                                              {"input_gram": gram})
-    A, B = spectrum.factors(row["anchor_rank"])
+    A, B = spectrum.factors(row["anchor_knob"])
     one = _load(tiny_model_dir("llama"))
     with torch.no_grad():
         one.get_submodule(name).weight.copy_((A @ B).float())

@@ -19,6 +19,14 @@ minimise ``Σ ε_{l,j} x_{l,j}`` with ``Σ_j x_{l,j} = 1`` per matrix and ``Σ c
 **Outer search**: ``(α, γ) ∈ [0, 3] × [0, 7]``, 10 seeded random trials, each solved, applied and measured (whole-model
 KL on the search sequences); the allocation with the lowest measured KL wins.
 
+**Across methods** (beyond LEMS, which ranks one decomposition): a group of stages (``methods: [modegpt, svd-llm]``
+in a recipe) offers alternatives for the same modules. Each option acts on a set of modules — a Linear's rank on its
+module, a block method's unit (MoDeGPT's MLP, q/k or v/o group) at a knob on all its members — and the program
+(``solve_cover``) chooses options so that every module is covered exactly once, under one budget over the modules'
+dense parameters. A unit's error curve is measured, not a spectrum's tail: its block's output error at a few kept
+fractions (``UNIT_FRACTIONS``), normalised at the anchor knob, times its own measured KL anchor (the engine rebuilds
+the unit with its method's hooks, on the dense block's statistics). With one method it is the plain search.
+
 What lrc does differently or beyond the reference:
 
 - the cost ``c_{l,j}`` is the row's cost model (``cost.py``: ``r(m+n)`` + bias for ``lowrank``), not ``k·mn``, and
@@ -43,7 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import LrcError
-from .budget import budget_params, set_rank
+from .budget import set_rank
 from .cost import cost_of
 from .registry import register_allocator
 
@@ -177,6 +185,42 @@ def candidates(row, sigma: torch.Tensor, anchor_kl: float, depth: float, kept_ra
     return out
 
 
+# the kept fractions at which a unit's (block method's) output error is measured: its candidates' grid
+UNIT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def unit_knobs(row, anchor_fraction: float = 0.1) -> list[int]:
+    """The knobs of a unit row (a block method's group of modules) at which the engine measures its output error:
+    the anchor knob (``anchor_fraction`` of its dims kept) first, then ``UNIT_FRACTIONS`` (deduplicated, only knobs
+    that save parameters under its cost model)."""
+    cost, out = cost_of(row), []
+    for f in (anchor_fraction, *UNIT_FRACTIONS):
+        k = cost.knob_for(row, f)
+        if k not in out and (not out or cost.saves(row, k)):
+            out.append(k)
+    return out
+
+
+def unit_candidates(row, curve: torch.Tensor, anchor_kl: float, depth: float, kept_ratio: float,
+                    options: SearchOptions | dict | None = None) -> list[Candidate]:
+    """A unit row's options: kept dense, then each measured knob of ``curve`` (rows ``(knob, output error)``, the
+    anchor knob first) with ``k`` = its kept share of parameters at least ``k_min`` and
+    ``ε = depth·anchor_kl·err(knob)/err(anchor)`` — the method's own measured error curve in place of a spectrum's
+    tail (the issue's "measured output error at a few knob values")."""
+    opts = SearchOptions.model_validate(options or {})
+    k_min = opts.k_min if opts.k_min is not None else (0.1 if kept_ratio < 0.5 else 0.3)
+    cost = cost_of(row)
+    pts = [(int(k), float(e)) for k, e in torch.as_tensor(curve).reshape(-1, 2).tolist()]
+    den = max(pts[0][1], 1e-12) if pts else 1.0
+    out = [Candidate(None, row.params_before, 0.0, 1.0)]
+    for knob, err in pts:
+        k = cost.params(row, knob) / row.params_before
+        if k + 1e-9 < k_min or not cost.saves(row, knob) or any(c.knob == knob for c in out):
+            continue
+        out.append(Candidate(knob, cost.params(row, knob), float(depth * anchor_kl * err / den), round(k, 4)))
+    return out
+
+
 # --- the knapsack -----------------------------------------------------------------------------------------------
 
 
@@ -194,47 +238,78 @@ def _check_feasible(costs, budget: float) -> None:
 
 def solve_mckp(costs: list[list[int]], errors: list[list[float]], budget: float, time_limit: float = 60) -> list[int]:
     """The exact multiple-choice knapsack (§12 "Program"): one option per group, ``Σ cost ≤ budget``, minimum
-    ``Σ error``; the chosen option's index per group. HiGHS via ``scipy.optimize.milp`` (binary x, one equality per
-    group, one budget row, MIP gap 0). The errors are scaled to at most ``ERROR_SCALE``: HiGHS's absolute
-    tolerances (gap 1e-6, dual feasibility 1e-7) then sit ~1e-12 below the largest error; scaled to 1 it returned
-    non-optimal picks on about 1 in 20 random mixed-magnitude instances (the brute-force checks).
-    The integer total is re-checked: a tolerance overshoot tightens the budget row and solves again.
-    ``ValueError`` when no choice fits the budget (or HiGHS finds no solution in ``time_limit``)."""
+    ``Σ error``; the chosen option's index per group (``solve_cover`` with one item per group)."""
+    _check_feasible(costs, budget)
+    return solve_cover(costs, errors, [[g] for g in range(len(costs))], budget, time_limit)
+
+
+def solve_cover(costs: list[list[int]], errors: list[list[float]], covers: list[list], budget: float,
+                time_limit: float = 60) -> list[int | None]:
+    """The program of a search across methods: group g's options all act on the items ``covers[g]`` (a Linear: its
+    module; a unit: its member modules); every item is covered by exactly one chosen option of one group, so a
+    group has one option chosen or none (another group covers its items); ``Σ cost ≤ budget``, minimum ``Σ error``.
+    With one item per group it is the multiple-choice knapsack. Returns each group's chosen index or None.
+
+    HiGHS via ``scipy.optimize.milp`` (binary x, one equality per item, one budget row, MIP gap 0). The errors are
+    scaled to at most ``ERROR_SCALE``: HiGHS's absolute tolerances (gap 1e-6, dual feasibility 1e-7) then sit
+    ~1e-12 below the largest error; scaled to 1 it returned non-optimal picks on about 1 in 20 random
+    mixed-magnitude instances (the brute-force checks). The integer total is re-checked: a tolerance overshoot
+    tightens the budget row and solves again. ``ValueError`` when no choice fits the budget (or HiGHS finds no
+    solution in ``time_limit``)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
 
-    if len(costs) != len(errors) or any(len(c) != len(e) for c, e in zip(costs, errors)):
-        raise ValueError("costs and errors must have the same groups and options")
-    _check_feasible(costs, budget)
+    if len(costs) != len(errors) or len(costs) != len(covers) or \
+            any(len(c) != len(e) or not c for c, e in zip(costs, errors)):
+        raise ValueError("costs, errors and covers must have the same groups and options (at least one each)")
+    items = list(dict.fromkeys(i for cov in covers for i in cov))
+    row_of = {i: k for k, i in enumerate(items)}
     sizes = [len(g) for g in costs]
     offsets = np.cumsum([0] + sizes)
     c = np.array([float(v) for g in errors for v in g])
     c = c * (ERROR_SCALE / (np.abs(c).max() or 1.0))
     w = np.array([float(v) for g in costs for v in g])
     n = len(c)
-    group = csr_array((np.ones(n), (np.repeat(np.arange(len(sizes)), sizes), np.arange(n))), shape=(len(sizes), n))
+    r_idx, c_idx = [], []
+    for g, cov in enumerate(covers):
+        for i in dict.fromkeys(cov):
+            r_idx += [row_of[i]] * sizes[g]
+            c_idx += list(range(offsets[g], offsets[g + 1]))
+    cover = csr_array((np.ones(len(r_idx)), (r_idx, c_idx)), shape=(len(items), n))
     limit = float(budget)
     for _ in range(5):
         res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(group, 1, 1), LinearConstraint(w[None, :], -np.inf, limit)],
+                   constraints=[LinearConstraint(cover, 1, 1), LinearConstraint(w[None, :], -np.inf, limit)],
                    options={"time_limit": float(time_limit), "mip_rel_gap": 0})
+        if res.status == 2 or (res.x is None and res.status == 1):
+            raise ValueError(f"search program infeasible: no choice fits the budget {budget:.0f}")
         if res.x is None or res.status not in (0, 1):  # 1: time limit with a feasible solution (not proven optimal)
-            raise ValueError(f"multiple-choice knapsack: HiGHS found no solution ({res.message})")
-        pick = [int(np.argmax(res.x[offsets[g]:offsets[g + 1]])) for g in range(len(sizes))]
-        over = sum(costs[g][j] for g, j in enumerate(pick)) - budget
+            raise ValueError(f"search program: HiGHS found no solution ({res.message})")
+        pick = [None if res.x[offsets[g]:offsets[g + 1]].max() < 0.5 else
+                int(np.argmax(res.x[offsets[g]:offsets[g + 1]])) for g in range(len(sizes))]
+        over = sum(costs[g][j] for g, j in enumerate(pick) if j is not None) - budget
         if over <= 0:
             return pick
         limit -= over + 0.5  # HiGHS's feasibility tolerance let the integer total pass the budget
-    raise ValueError(f"multiple-choice knapsack: HiGHS kept exceeding the budget {budget:.0f}")
+    raise ValueError(f"search program: HiGHS kept exceeding the budget {budget:.0f}")
 
 
 def brute_force_mckp(costs: list[list[int]], errors: list[list[float]], budget: float) -> list[int]:
     """Every combination (small instances only, for tests): the cheapest-error choice within the budget."""
     _check_feasible(costs, budget)
+    return brute_force_cover(costs, errors, [[g] for g in range(len(costs))], budget)
+
+
+def brute_force_cover(costs, errors, covers, budget) -> list[int | None] | None:
+    """``solve_cover`` by enumeration (small instances only, for tests); None when nothing fits."""
     best, best_err = None, math.inf
-    for pick in itertools.product(*(range(len(g)) for g in costs)):
-        if sum(costs[g][j] for g, j in enumerate(pick)) <= budget:
-            err = sum(errors[g][j] for g, j in enumerate(pick))
+    items = set(i for cov in covers for i in cov)
+    for pick in itertools.product(*([None, *range(len(g))] for g in costs)):
+        chosen = [i for g, j in enumerate(pick) if j is not None for i in covers[g]]
+        if len(chosen) != len(items) or set(chosen) != items:
+            continue
+        if sum(costs[g][j] for g, j in enumerate(pick) if j is not None) <= budget:
+            err = sum(errors[g][j] for g, j in enumerate(pick) if j is not None)
             if err < best_err:
                 best, best_err = list(pick), err
     return best
@@ -253,27 +328,55 @@ def trial_points(opts: SearchOptions, searching: bool) -> list[tuple[float, floa
     return points
 
 
+def row_candidates(row, table, opts: SearchOptions, ratio: float, depth: float) -> list[Candidate]:
+    """A row's options: a Linear's ranks from its spectrum, a unit's measured knobs from its curve."""
+    if getattr(row, "linear", True):
+        return candidates(row, table.sigma[row.key], float(table.anchor[row.key]), depth, ratio, opts)
+    return unit_candidates(row, table.curve[row.key], float(table.anchor[row.key]), depth, ratio, opts)
+
+
+def dense_params(rows) -> dict[str, int]:
+    """Each targeted module's dense parameters, once however many rows offer it (a unit's members not offered
+    alone share the unit's remainder)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        if getattr(r, "linear", True):
+            out[r.name] = r.params_before
+    for r in rows:
+        if not getattr(r, "linear", True):
+            rest = [m for m in r.modules() if m not in out]
+            known = sum(out[m] for m in r.modules() if m in out)
+            for m in rest:
+                out[m] = 0
+            if rest:
+                out[rest[0]] = r.params_before - known
+    return out
+
+
 def _solve_trial(rows, table, opts, ratio, n_blocks, budget, alpha, gamma):
-    """One knapsack at (α, γ): the rows' candidates, the chosen index per row, and the predicted total ε."""
-    cands = [candidates(r, table.sigma[r.name], float(table.anchor[r.name]),
-                        depth_multiplier(r.block, n_blocks, alpha, gamma), ratio, opts) for r in rows]
+    """One program at (α, γ): the rows' candidates, the chosen index per row (None: another row covers its
+    modules) and the predicted total ε."""
+    cands = [row_candidates(r, table, opts, ratio, depth_multiplier(r.block, n_blocks, alpha, gamma)) for r in rows]
     try:
-        pick = solve_mckp([[c.params for c in g] for g in cands], [[c.error for c in g] for g in cands], budget,
-                          opts.time_limit)
+        pick = solve_cover([[c.params for c in g] for g in cands], [[c.error for c in g] for g in cands],
+                           [r.modules() for r in rows], budget, opts.time_limit)
     except ValueError as err:
         raise LrcError(f"search allocator: param_ratio {ratio} cannot be met with its candidates ({err}); lower "
                        f"allocator_options.k_min") from err
-    return cands, pick, sum(g[j].error for g, j in zip(cands, pick))
+    return cands, pick, sum(g[j].error for g, j in zip(cands, pick) if j is not None)
 
 
 def search(stage, rows, table, options) -> None:
-    """LEMS's allocation (§12). ``table``: ``sigma`` (name → whitened singular values), ``anchor`` (name → KL with
-    only that matrix at ``anchor_rank``), ``n_blocks``, and ``evaluate`` (a list of allocations, each name → rank or
-    None for dense, → one measured whole-model KL each; None: no outer search). Sets each row's rank and writes
-    ``table.result`` (trials, the chosen one, every row's candidates and choice) for the report."""
+    """LEMS's allocation (§12), across methods when ``rows`` come from a stage group (alternatives for the same
+    modules). ``table``: ``sigma`` (row key → whitened singular values; Linear rows), ``curve`` (row key →
+    ``(knob, output error)`` rows; unit rows), ``anchor`` (row key → KL at its anchor), ``n_blocks``, and
+    ``evaluate`` (a list of allocations, each row key → knob or None for dense, → one measured whole-model KL each;
+    None: no outer search). Sets each chosen row's knob, writes the rows no option was chosen from to
+    ``table.dropped`` (their modules are another method's) and ``table.result`` (trials, the chosen one, every
+    row's candidates and choice) for the report."""
     opts = SearchOptions.model_validate(options or {})
     ratio = stage.param_ratio
-    budget = budget_params(rows, ratio)
+    budget = int(ratio * sum(dense_params(rows).values()))
     n_blocks = getattr(table, "n_blocks", None) or max(r.block for r in rows) + 1
     evaluate = getattr(table, "evaluate", None)
     searching = evaluate is not None and opts.trials > 0
@@ -281,7 +384,7 @@ def search(stage, rows, table, options) -> None:
     solved = [_solve_trial(rows, table, opts, ratio, n_blocks, budget, a, g) for a, g in points]
     allocations, which = [], []
     for cands, pick, _ in solved:
-        alloc = {r.name: g[j].knob for r, g, j in zip(rows, cands, pick)}
+        alloc = {r.key: None if j is None else g[j].knob for r, g, j in zip(rows, cands, pick)}
         if alloc not in allocations:
             allocations.append(alloc)
         which.append(allocations.index(alloc))
@@ -292,43 +395,62 @@ def search(stage, rows, table, options) -> None:
             raise ValueError(f"search: evaluate returned {len(measured)} KLs for {len(allocations)} allocations")
     chosen = min(range(len(solved)), key=lambda t: (measured[which[t]] if searching else 0.0, t))
     cands, pick, _ = solved[chosen]
+    table.dropped = set()
     for r, g, j in zip(rows, cands, pick):
-        c = g[j]
-        if c.knob is None:
-            r.rank, r.factorize, r.note = None, False, "search: kept dense"
+        if j is None:
+            table.dropped.add(r.key)
         else:
-            set_rank(r, c.knob, f"search: rank {c.knob} (k={c.k:.2f}), predicted ε {c.error:.4g}")
+            _set(r, g[j])
     table.result = _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks, allocations)
 
 
+def _set(row, c: Candidate) -> None:
+    """The chosen option on its row: a rank (or dense) for a Linear, kept dims for a unit (all of them = dense)."""
+    how = f"search: {row.method} " if getattr(row, "alternative", False) else "search: "
+    if not getattr(row, "linear", True):
+        row.knob = c.knob if c.knob is not None else row.dim
+        row.kept_fraction_target = round(c.k, 6)
+        row.note = f"{how}{row.describe()}" + (f", predicted ε {c.error:.4g}" if c.knob is not None else
+                                               " (kept dense)")
+    elif c.knob is None:
+        row.rank, row.factorize, row.note = None, False, f"{how}kept dense"
+    else:
+        set_rank(row, c.knob, f"{how}rank {c.knob} (k={c.k:.2f}), predicted ε {c.error:.4g}")
+
+
 def _additive(rows, table, opts, allocations) -> list[float]:
-    """LEMS's error model without the depth term, ``Σ_l KL_l·e_l(r_l)`` (dense: 0), for each allocation: what the
-    per-matrix anchors predict for the whole model, to set beside the KL measured for it."""
-    curves = {r.name: error_curve(table.sigma[r.name], anchor_rank(r, opts.anchor_fraction)) for r in rows}
-    return [sum(float(table.anchor[r.name]) * curves[r.name](a[r.name]) for r in rows if a[r.name] is not None)
-            for a in allocations]
+    """LEMS's error model without the depth term, ``Σ_l KL_l·e_l(knob_l)`` (dense: 0), for each allocation: what
+    the per-row anchors predict for the whole model, to set beside the KL measured for it."""
+    errs = {r.key: {c.knob: c.error for c in row_candidates(r, table, opts, 0.0, 1.0)} for r in rows}
+    return [sum(errs[r.key][a[r.key]] for r in rows if a[r.key] is not None) for a in allocations]
 
 
 def _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks, allocations) -> dict:
     """The search as JSON for the report: trials (α, γ, measured KL, predicted total ε), the chosen trial, and per
-    row its anchor, depth multiplier, candidates and chosen index (at the chosen trial's α, γ)."""
+    row its method, anchor, depth multiplier, candidates and chosen index (None: not chosen; at the chosen trial's
+    α, γ)."""
     cands, pick, _ = solved[chosen]
     alpha, gamma = points[chosen]
     additive = _additive(rows, table, opts, allocations)
     return {
         "budget": int(budget),
-        "params": int(sum(g[j].params for g, j in zip(cands, pick))),
+        "params": int(sum(g[j].params for g, j in zip(cands, pick) if j is not None)),
         "trials": [{"alpha": a, "gamma": g, "kl": measured[which[t]], "predicted": float(s[2]),
                     "allocation": which[t]} for t, ((a, g), s) in enumerate(zip(points, solved))],
         "chosen": chosen,
         "additive_kl": additive,
         "additive_rank_correlation": _spearman(additive, measured),
-        "rows": {r.name: {"block": r.block, "anchor_rank": anchor_rank(r, opts.anchor_fraction),
-                          "anchor_kl": float(table.anchor[r.name]),
-                          "depth": depth_multiplier(r.block, n_blocks, alpha, gamma),
-                          "candidates": [c.to_dict() for c in g], "chosen": j}
+        "rows": {r.key: {"block": r.block, "method": r.method, "anchor_knob": _anchor_knob(r, opts),
+                         "anchor_kl": float(table.anchor[r.key]),
+                         "depth": depth_multiplier(r.block, n_blocks, alpha, gamma),
+                         "candidates": [c.to_dict() for c in g], "chosen": j}
                  for r, g, j in zip(rows, cands, pick)},
     }
+
+
+def _anchor_knob(row, opts) -> int:
+    return anchor_rank(row, opts.anchor_fraction) if getattr(row, "linear", True) else \
+        unit_knobs(row, opts.anchor_fraction)[0]
 
 
 def _spearman(predicted: list[float], measured: list) -> float | None:
@@ -342,7 +464,7 @@ def _spearman(predicted: list[float], measured: list) -> float | None:
     return float(spearmanr([p for p, _ in pairs], [m for _, m in pairs]).statistic)
 
 
-register_allocator("search", search, reads="anchors", options=SearchOptions,
+register_allocator("search", search, reads="anchors", options=SearchOptions, any_kind=True,
                    description="LEMS (ICML 2026, methods.md §12): ranks by an exact multiple-choice knapsack over "
                                "predicted errors (whitened spectrum × one measured KL per matrix × depth), "
                                "(α, γ) searched by measured whole-model KL")

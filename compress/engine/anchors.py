@@ -12,14 +12,18 @@
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 
 import torch
 
 from ..allocation.cost import cost_of
-from ..allocation.search import SearchOptions, anchor_rank
+from ..allocation.search import SearchOptions, anchor_rank, unit_knobs
 from .capture import move_outside_blocks
+from .passes import run_pass
+from .stats import COLLECTORS
 from .stream import hidden, replayed
 
 STATE_BUDGET_BYTES = 1 << 30  # candidates' hidden states kept on the device at once
@@ -45,10 +49,13 @@ class Anchors:
     from the first search stage's options (one search set per run)."""
 
     def __init__(self, model, prefix, blocks, host, ids, x0, kwargs, opts: SearchOptions, cache, progress,
-                 stored: dict | None = None, names: list[str] = ()):
+                 stored: dict | None = None, names: list[str] = (), methods: dict | None = None,
+                 batch_size: int = 8):
         self.model, self.prefix, self.blocks, self.host, self.kwargs = model, prefix, blocks, host, kwargs
-        self.cache, self.progress, self.opts = cache, progress, opts
-        self.stored = {k.removeprefix("anchor:"): v for k, v in (stored or {}).items()}
+        self.cache, self.progress, self.opts, self.batch_size = cache, progress, opts, batch_size
+        self.methods = methods or {}  # stage index → configured method (the block methods' rebuild hooks)
+        self.raw = dict(stored or {})  # ``anchor:<key>`` and, for units, ``curve:<key>``
+        self.stored = {k.removeprefix("anchor:"): v for k, v in self.raw.items() if k.startswith("anchor:")}
         self.measures = any(n not in self.stored for n in names)  # some anchor is measured during the walk
         self.ids = ids[:opts.samples]
         self.x0 = x0[:opts.samples]
@@ -105,8 +112,8 @@ class Anchors:
     # anchors ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, i: int, block, x_in: torch.Tensor, pending: list) -> dict[str, torch.Tensor]:
-        out = {row.name: self.stored[row.name] for _, _, row in pending if row.name in self.stored}
-        todo = [item for item in pending if item[2].name not in out]
+        out = {row.key: self.stored[row.key] for _, _, row in pending if row.key in self.stored}
+        todo = [item for item in pending if item[2].key not in out]
         h = x_in[:self.opts.samples].to(self.host.device)
         factors = {}
         per = max(1, STATE_BUDGET_BYTES // (h.numel() * h.element_size()))
@@ -126,19 +133,84 @@ class Anchors:
                 states.append(y)
             states = self._through(states, i + 1)
             for (_, _, row), kl in zip(chunk, self._kls(states)):
-                out[row.name] = torch.tensor([kl], dtype=torch.float64)
+                out[row.key] = torch.tensor([kl], dtype=torch.float64)
         for module, spectrum, row in pending:  # the factors every trial slices
             top = min(max(cost_of(row).max_saving(row), 1), int(spectrum.sigma.numel()))
             A, B = spectrum.factors(top)
-            factors[f"{row.name}.A"], factors[f"{row.name}.B"] = A.float().cpu().contiguous(), \
+            factors[f"{row.key}.A"], factors[f"{row.key}.B"] = A.float().cpu().contiguous(), \
                 B.float().cpu().contiguous()
         self.cache.save_tensors(f"search_factors_{i}", factors)
         return out
 
+    # units of block methods --------------------------------------------------------------------------------------
+    def _unit_stats(self, i: int, block, x_in, rows: list) -> dict:
+        """The statistics the units' methods declare (collector → full module name → tensor), from one pass of the
+        dense block over all of its calibration inputs (what the engine would collect without ``sequential``)."""
+        prefix = f"{self.prefix}.{i}."
+        needs: dict[str, set[str]] = {}
+        for r in rows:
+            for coll, members in self.methods[r.stage].statistics(r).items():
+                needs.setdefault(coll, set()).update(n.removeprefix(prefix) for _, n in members)
+        modules = dict(block.named_modules())
+        collectors = [COLLECTORS[c](modules, {n: n for n in names}) for c, names in sorted(needs.items())]
+        try:
+            run_pass(block, x_in, self.kwargs[i], self.batch_size, self.host.device)
+        finally:
+            for c in collectors:
+                c.remove()
+        return {c.name: {prefix + k: v for k, v in c.acc.items()} for c in collectors}
+
+    def _rebuilt(self, i: int, block, units: list, stats: dict):
+        """A copy of ``block`` with each ``(row, knob)`` of ``units`` rebuilt by its method at that knob."""
+        b = copy.deepcopy(block)
+        prefix = f"{self.prefix}.{i}."
+        by_stage: dict[int, list] = {}
+        for row, knob in units:
+            by_stage.setdefault(row.stage, []).append(dataclasses.replace(row, knob=int(knob)))
+        for si, rows in by_stage.items():
+            method = self.methods[si]
+            roles = method.roles(b, self.model.config, rows, prefix)
+            for _, _, phase_rows in method.phases(rows, roles):
+                method.rebuild(b, roles, phase_rows, stats)
+        return b
+
+    @torch.no_grad()
+    def units(self, i: int, block, x_in: torch.Tensor, rows: list) -> dict[str, torch.Tensor]:
+        """For each unit row (a block method's group of modules) of block ``i``: ``curve:<key>``, its block's output
+        error ``‖Y′ − Y‖²/‖Y‖²`` on the search sequences at each of ``unit_knobs`` (rows ``(knob, error)``, the
+        anchor knob first), and ``anchor:<key>``, the whole-model KL with only it rebuilt at the anchor knob. The
+        statistics are kept per block in the run cache (``search_units_<i>``) for the trials."""
+        stats = self._unit_stats(i, block, x_in, rows)
+        self.cache.save_tensors(f"search_units_{i}", {f"{c}|{n}": v.cpu() for c, d in stats.items()
+                                                        for n, v in d.items()})
+        out = {k: self.raw[k] for r in rows for k in (f"anchor:{r.key}", f"curve:{r.key}") if k in self.raw}
+        todo = [r for r in rows if f"anchor:{r.key}" not in out or f"curve:{r.key}" not in out]
+        if not todo:
+            return out
+        h = x_in[:self.opts.samples].to(self.host.device)
+        y0, self.as_tuple = hidden(block(h, **self.kwargs[i]))
+        ref = y0.double().pow(2).sum()
+        states = []
+        for n, r in enumerate(todo):
+            self.progress.phase(f"search anchors, block {i + 1}: unit {n + 1}/{len(todo)} "
+                                f"({r.name.removeprefix(f'{self.prefix}.{i}.')}, {len(unit_knobs(r))} knobs)")
+            pts = []
+            for knob in unit_knobs(r, self.opts.anchor_fraction):
+                y, _ = hidden(self._rebuilt(i, block, [(r, knob)], stats)(h, **self.kwargs[i]))
+                pts.append((knob, float((y.double() - y0.double()).pow(2).sum() / ref)))
+                if len(pts) == 1:
+                    states.append(y)
+            out[f"curve:{r.key}"] = torch.tensor(pts, dtype=torch.float64)
+        for r, kl in zip(todo, self._kls(self._through(states, i + 1))):
+            out[f"anchor:{r.key}"] = torch.tensor([kl], dtype=torch.float64)
+        return out
+
     # trials ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, allocations: list[dict[str, int | None]], block_of: dict[str, int]) -> list[float]:
-        """Whole-model KL of each allocation (``{row name: rank or None for dense}``), cached by allocation."""
+    def evaluate(self, allocations: list[dict[str, int | None]], rows: dict) -> list[float]:
+        """Whole-model KL of each allocation (``{row key: knob or None for dense}``; ``rows``: key → plan row),
+        cached by allocation. A Linear's rank slices its cached factors; units are rebuilt at their knob from the
+        block's cached statistics."""
         key = hashlib.sha256(json.dumps(allocations, sort_keys=True).encode()).hexdigest()[:16]
         stored = self.cache.load_tensors(f"search_eval_{key}")
         if stored is not None:
@@ -147,23 +219,28 @@ class Anchors:
         for j in range(len(self.blocks)):
             self.progress.phase(f"search: {len(allocations)} allocation(s) through block {j + 1}/{len(self.blocks)}")
             block = self.host.load(j)
-            names = [n for n, b in block_of.items() if b == j]
-            factors = self.cache.load_tensors(f"search_factors_{j}") or {} if names else {}
-            modules = dict(block.named_modules())
+            mine = [k for k, r in rows.items() if r.block == j]
+            factors = self.cache.load_tensors(f"search_factors_{j}") or {} \
+                if any(getattr(rows[k], "linear", True) for k in mine) else {}
+            stats = self._cached_stats(j) if any(not getattr(rows[k], "linear", True) for k in mine) else {}
             prefix = f"{self.prefix}.{j}."
             for t, alloc in enumerate(allocations):
+                units = [(rows[k], alloc[k]) for k in mine
+                         if not getattr(rows[k], "linear", True) and alloc.get(k) is not None]
+                b = self._rebuilt(j, block, units, stats) if units else block
+                modules = dict(b.named_modules())
                 changed = []
                 try:
-                    for n in names:
-                        rank = alloc.get(n)
-                        if rank is None:
+                    for k in mine:
+                        rank = alloc.get(k)
+                        if rank is None or not getattr(rows[k], "linear", True):
                             continue
-                        module = modules[n.removeprefix(prefix)]
-                        A, B = factors[f"{n}.A"][:, :rank], factors[f"{n}.B"][:rank]
+                        module = modules[rows[k].name.removeprefix(prefix)]
+                        A, B = factors[f"{k}.A"][:, :rank], factors[f"{k}.B"][:rank]
                         changed.append((module, module.weight.data.clone()))
                         module.weight.data.copy_((A.to(module.weight.device) @ B.to(module.weight.device))
                                                  .to(module.weight.dtype))
-                    states[t], self.as_tuple = hidden(block(states[t], **self.kwargs[j]))
+                    states[t], self.as_tuple = hidden(b(states[t], **self.kwargs[j]))
                 finally:
                     for module, original in changed:
                         module.weight.data.copy_(original)
@@ -171,3 +248,11 @@ class Anchors:
         kls = self._kls(states)
         self.cache.save_tensors(f"search_eval_{key}", {"kl": torch.tensor(kls, dtype=torch.float64)})
         return kls
+
+    def _cached_stats(self, j: int) -> dict:
+        """Block ``j``'s unit statistics as ``units`` kept them, on the device."""
+        out: dict[str, dict] = {}
+        for k, v in (self.cache.load_tensors(f"search_units_{j}") or {}).items():
+            c, n = k.split("|", 1)
+            out.setdefault(c, {})[n] = v.to(self.host.device)
+        return out

@@ -107,12 +107,14 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
                    reference=None, anchors=None) -> dict[str, torch.Tensor]:
     """Spectra (or, for ``sensitivity`` stages, the perplexity sweep; for ``search``, the spectra and each matrix's
     measured KL anchor, ``anchor:<name>``) of the block's rows on dense inputs."""
-    rel = {r.name.removeprefix(prefix): r for r in rows}
+    units = [r for r in rows if not r.linear]  # a block method's units offered to the search
+    rows = [r for r in rows if r.linear]
+    rel = {r.name.removeprefix(prefix) for r in rows}
     if not rel:  # only the block's outputs are needed (the next block's inputs, block influence)
         run_pass(block, x_in, kwargs, recipe.engine.batch_size, device, out=x_out)
-        return {}
+        return anchors.units(index, block, x_in, units) if units else {}
     modules = dict(block.named_modules())
-    groups = block_groups(block, x_in, kwargs, device, set(rel))
+    groups = block_groups(block, x_in, kwargs, device, rel)
     owner = {n: g[0] for g in groups for n in g if n in rel}
     methods = {si: METHODS[s.method](recipe.method_config(si)) for si, s in enumerate(recipe.stages)}
     needs = set().union(*(set(methods[r.stage].needs) for r in rows
@@ -125,26 +127,27 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
             c.remove()
     out, pending, anchored = {}, [], []
     source = dict(reference.named_modules()) if reference is not None else modules
-    for n, r in rel.items():
+    for r in rows:
+        n = r.name.removeprefix(prefix)
         # no token reached it (an expert never routed to): the plain spectrum of its weights (or residual) stands
         # in; the block loop reports it and leaves it as is
         starved = bool(collectors) and not collectors[0].tokens(n)
         if r.compensation:  # the whitened residual of the model as it is now against the reference weights
             delta = effective_weight(source[n]).to(device) - effective_weight(modules[n])
             gram = next(c for c in collectors if c.name == "input_gram")
-            out[r.name] = torch.linalg.svdvals(delta).cpu() if starved else \
+            out[r.key] = torch.linalg.svdvals(delta).cpu() if starved else \
                 residual_spectrum(delta, gram.result(n), methods[r.stage].config.rtol).cpu()
             continue
         W = modules[n].weight.detach().double()
         kind = SPECTRUM[recipe.stages[r.stage].allocator]
         if kind == "weights" or starved:
-            out[r.name] = torch.linalg.svdvals(W).cpu()
+            out[r.key] = torch.linalg.svdvals(W).cpu()
             continue
         stats = {c.name: c.result(n) for c in collectors}
         stats.update(extra.get(r.name, {}))
         spectrum = methods[r.stage].spectrum(W, stats)
         if kind in ("method", "anchors"):
-            out[r.name] = spectrum.sigma.cpu()
+            out[r.key] = spectrum.sigma.cpu()
         if kind == "anchors":
             anchored.append((modules[n], spectrum, r))
         elif kind == "sweep":
@@ -153,6 +156,8 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
         out.update(sweep(index, block, x_in, pending))
     if anchored:
         out.update({f"anchor:{k}": v for k, v in anchors(index, block, x_in, anchored).items()})
+    if units:
+        out.update(anchors.units(index, block, x_in, units))
     return out
 
 
@@ -169,7 +174,7 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
     if cached is not None:
         return cached
     rows = [r for r in plan if SPECTRUM.get(recipe.stages[r.stage].allocator) not in (None, "influence")
-            and r.linear]  # the matrices whose spectra an allocator reads
+            and (r.linear or SPECTRUM[recipe.stages[r.stage].allocator] == "anchors")]  # what allocators read
     influence = any(SPECTRUM.get(s.allocator) == "influence" for s in recipe.stages)
     if not rows and not influence:
         return {}
@@ -180,7 +185,7 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
     anchor_key = _sweep_key(model, ids, recipe, lazy, "search", ANCHOR_FIELDS) if any(
         SPECTRUM[recipe.stages[r.stage].allocator] == "anchors" for r in rows) else None
     anchors = _anchors(run, _load_sweep(anchor_key, "search-anchors"),
-                       [r.name for r in rows if SPECTRUM[recipe.stages[r.stage].allocator] == "anchors"]) \
+                       [r.key for r in rows if SPECTRUM[recipe.stages[r.stage].allocator] == "anchors"]) \
         if anchor_key else None
     spectra: dict[str, torch.Tensor] = {}
     data_free = not influence and all(SPECTRUM[recipe.stages[r.stage].allocator] == "weights" for r in rows)
@@ -193,8 +198,8 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
             block = lazy.load(i, device) if lazy is not None else block.to(device)
             if data_free:
                 modules = dict(block.named_modules())
-                spectra.update({r.name: torch.linalg.svdvals(modules[r.name.removeprefix(f"{prefix}.{i}.")]
-                                                             .weight.detach().double()).cpu() for r in brows})
+                spectra.update({r.key: torch.linalg.svdvals(modules[r.name.removeprefix(f"{prefix}.{i}.")]
+                                                            .weight.detach().double()).cpu() for r in brows})
             else:
                 x_out = cache.acts(i + 1, shape, dtype, create=True, stream="spectra")
                 ref = ref_blocks[i].to(device) if ref_blocks is not None else None
@@ -209,10 +214,11 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
                 x_in = x_out
             lazy.unload(i) if lazy is not None else block.to("cpu")
     if sweep_key is not None:
-        _store_sweep(sweep_key, {r.name: spectra[r.name] for r in rows
+        _store_sweep(sweep_key, {r.key: spectra[r.key] for r in rows
                                  if SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"})
     if anchor_key is not None:
-        _store_sweep(anchor_key, {k: v for k, v in spectra.items() if k.startswith("anchor:")}, "search-anchors")
+        _store_sweep(anchor_key, {k: v for k, v in spectra.items() if k.startswith(("anchor:", "curve:"))},
+                     "search-anchors")
     cache.acts_path(len(blocks), "spectra").unlink(missing_ok=True)
     cache.save_tensors("spectra", spectra)
     return spectra
@@ -259,42 +265,54 @@ def _store_sweep(key: str, table: dict, kind: str = "sensitivity") -> None:
 def _anchors(run, stored: dict | None = None, names: list[str] = ()) -> Anchors:
     """The ``search`` stages' measurements (``anchors.py``), on the main stream's first calibration windows;
     ``stored``: anchors measured by an earlier run (``anchor:<name>``), not measured again."""
-    si = next(i for i, s in enumerate(run.recipe.stages) if SPECTRUM[s.allocator] == "anchors")
-    opts = SearchOptions.model_validate(run.recipe.stages[si].allocator_options)
+    recipe = run.recipe
+    si = next(i for i, s in enumerate(recipe.stages) if SPECTRUM[s.allocator] == "anchors")
+    opts = SearchOptions.model_validate(recipe.stages[si].allocator_options)
+    methods = {i: METHODS[s.method](recipe.method_config(i)) for i, s in enumerate(recipe.stages)
+               if SPECTRUM.get(s.allocator) == "anchors"}
     return Anchors(run.model, run.prefix, run.blocks, Host(run.blocks, run.device, run.lazy), run.main.ids,
-                   run.main.x_in, run.main.dev_kwargs, opts, run.cache, run.progress, stored,
-                   names)
+                   run.main.x_in, run.main.dev_kwargs, opts, run.cache, run.progress, stored, names, methods,
+                   recipe.engine.batch_size)
 
 
 class SearchTable:
-    """What the ``search`` allocator reads (``allocation/search.py``): each matrix's spectrum and measured anchor,
-    the number of blocks, and ``evaluate`` (whole-model KL of allocations, ``anchors.Anchors.evaluate``)."""
+    """What the ``search`` allocator reads (``allocation/search.py``), by row key: each Linear's spectrum, each
+    unit's measured error curve, each row's measured anchor, the number of blocks, and ``evaluate`` (whole-model KL
+    of allocations, ``anchors.Anchors.evaluate``)."""
 
     def __init__(self, rows, spectra, n_blocks: int, anchors: Anchors | None):
-        self.sigma = {r.name: spectra[r.name] for r in rows}
-        self.anchor = {r.name: float(spectra[f"anchor:{r.name}"]) for r in rows}
-        self.n_blocks, self._anchors, self.result = n_blocks, anchors, None
-        self._block_of = {r.name: r.block for r in rows}
+        self.sigma = {r.key: spectra[r.key] for r in rows if r.linear}
+        self.curve = {r.key: spectra[f"curve:{r.key}"] for r in rows if not r.linear}
+        self.anchor = {r.key: float(spectra[f"anchor:{r.key}"]) for r in rows}
+        self.n_blocks, self._anchors, self.result, self.dropped = n_blocks, anchors, None, set()
+        self._rows = {r.key: r for r in rows}
         self.evaluate = self._evaluate if anchors is not None else None
 
     def _evaluate(self, allocations):
         with self._anchors:
-            return self._anchors.evaluate(allocations, self._block_of)
+            return self._anchors.evaluate(allocations, self._rows)
 
 
 def apply_global_allocation(plan, recipe, spectra, run=None) -> dict:
     """Every non-uniform stage's allocation; returns ``{stage index: the allocator's record}`` for allocators that
-    keep one (``search``: its trials and every matrix's candidates), for the report."""
+    keep one (``search``: its trials and every row's candidates), for the report. A group of stages (alternatives
+    for the same modules) is allocated once, on its first stage, over all their rows; the rows the search did not
+    choose leave ``plan`` (in place), so each module is left with the one row that acts on it."""
     records = {}
+    done = set()
     for si, stage in enumerate(recipe.stages):
-        if stage.allocator == "uniform":
+        if stage.allocator == "uniform" or si in done:
             continue
-        rows = [r for r in plan if r.stage == si]
+        group = recipe.siblings(si)
+        done.update(group)
+        rows = [r for r in plan if r.stage in group]
         if SPECTRUM[stage.allocator] == "anchors":
             table = SearchTable(rows, spectra, len(run.blocks) if run is not None else
                                 1 + max(r.block for r in rows), _anchors(run) if run is not None else None)
             allocate_global(stage, rows, table)
             records[si] = table.result
+            if table.dropped:
+                plan[:] = [r for r in plan if not (r.stage in group and r.key in table.dropped)]
         else:
             allocate_global(stage, rows, spectra)
     return records

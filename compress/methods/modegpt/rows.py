@@ -36,6 +36,7 @@ class UnitRow:
     cost_model: str = "structured"
     compensation: bool = field(default=False, repr=False)
     standalone: bool = field(default=True, repr=False)
+    alternative: bool = field(default=False, repr=False)  # one of a stage group's options (``plan.PlanRow``)
 
     rank = None  # no rank: the knob is ``knob``
     out_features = in_features = None
@@ -44,6 +45,11 @@ class UnitRow:
     def modules(self) -> list[str]:
         """The full names of the modules this unit acts on."""
         return list(self.members.values())
+
+    @property
+    def key(self) -> str:
+        """The row's name in the allocators' tables (``plan.PlanRow.key``)."""
+        return f"{self.name}@{self.method}" if self.alternative else self.name
 
     @property
     def factorize(self) -> bool | None:
@@ -62,7 +68,10 @@ class UnitRow:
         return f"{what} {self.knob if self.knob is not None else '?'}/{self.dim}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
+        d = {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
+        if not self.alternative:
+            del d["alternative"]
+        return d
 
 
 def _params(mod: nn.Linear) -> int:
