@@ -48,12 +48,7 @@ def test_bad_groups_are_one_line_errors(bad, field):
 
 def test_search_across_methods_meets_the_budget_and_reloads(tiny_model_dir, tokenizer, corpus_file, tmp_path):
     """MoDeGPT units and svd-llm Linears compete for the same modules: every module ends with one row (one
-    method), the budget over the modules holds, the report keeps both methods' candidates, and the checkpoint
-    loads in a process without lrc with the logits of the model in memory."""
-    from conftest import reload_logits
-
-    from compress import api
-
+    method), the budget over the modules holds, and the report keeps both methods' candidates."""
     recipe = _recipe(corpus_file)
     model = _load(tiny_model_dir("llama"))
     report = compress_model(model, recipe, tokenizer, cache_dir=tmp_path / "c")
