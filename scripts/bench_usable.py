@@ -36,6 +36,10 @@ STAGES = {
     "modegpt": {"method": "modegpt", "allocator": "block_influence"},
     "search/svd-llm": {"method": "svd-llm", "allocator": "search", "allocator_options": SEARCH},
     "search/kfac-svd": {"method": "kfac-svd", "allocator": "search", "allocator_options": SEARCH},
+    # across methods: MoDeGPT units compete with the same modules compressed Linear by Linear (one budget)
+    "search/modegpt,svd-llm": {"methods": ["modegpt", "svd-llm"], "allocator": "search", "allocator_options": SEARCH},
+    "search/modegpt,svd-llm,kfac-svd": {"methods": ["modegpt", "svd-llm", "kfac-svd"], "allocator": "search",
+                                        "allocator_options": SEARCH},
 }
 # AA-SVD's optimiser (lr 1e-4 … clip 1.0) with its 200 steps × 32 sequences scaled to this machine: 12 steps of 8
 # sequences per block (1.5 passes over the 64 calibration windows; ~1.7 s a step here)
