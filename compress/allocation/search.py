@@ -467,4 +467,5 @@ def _spearman(predicted: list[float], measured: list) -> float | None:
 register_allocator("search", search, reads="anchors", options=SearchOptions, any_kind=True,
                    description="LEMS (ICML 2026, methods.md §12): ranks by an exact multiple-choice knapsack over "
                                "predicted errors (whitened spectrum × one measured KL per matrix × depth), "
-                               "(α, γ) searched by measured whole-model KL")
+                               "(α, γ) searched by measured whole-model KL; across methods with a stage's "
+                               "methods: [...] (MoDeGPT units against Linears, one budget)")
