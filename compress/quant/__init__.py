@@ -1,0 +1,18 @@
+"""Weight quantization: the tensor math of quantized storage (issue 25, first piece; methods.md §7, §15).
+
+A matrix lrc writes (a factor, a resized dense Linear, a dictionary) can be stored as b-bit integer codes
+(b = 8, 4, 3 or 2) with a scale, and an integer zero point unless symmetric, per group of consecutive input
+columns of each row (:class:`QuantSpec`). Two quantizers produce a :class:`QuantizedWeight`: round-to-nearest
+(:func:`rtn`) and GPTQ error feedback using the Gram the matrix sees (:func:`gptq`). :mod:`compress.quant.pack`
+packs codes into bytes, and :func:`storage_bytes` counts exactly the bytes :meth:`QuantizedWeight.to_packed` holds
+(codes, scales, zeros).
+
+This package is pure tensor math: no module surgery, no checkpoint code. The quantized module type, the checkpoint
+format and its kernel, the byte budget of the allocators and EoRA on top of quantized weights come later.
+"""
+from .math import (SCALE_DTYPES, QuantizedWeight, QuantSpec, dequantize, gptq, quant_params, quantize, rtn,
+                   storage_bytes)
+from .pack import pack, packed_length, unpack
+
+__all__ = ["SCALE_DTYPES", "QuantSpec", "QuantizedWeight", "dequantize", "gptq", "pack", "packed_length",
+           "quant_params", "quantize", "rtn", "storage_bytes", "unpack"]
