@@ -94,9 +94,20 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
         "calibration_tokens": result["calibration_tokens"], "calibration_streams": result["calibration_streams"],
         "resumed_from_block": result["resumed_from_block"],
         **({"refine": _refine_summary(result["refine"])} if result.get("refine") else {}),
+        **({"quantization": _quant_summary(result["quantized"], recipe)} if result.get("quantized") else {}),
         **({"allocation": {str(k): v for k, v in result["allocation"].items()}} if result.get("allocation") else {}),
         "run_cache": str(result["cache"].dir), "torch": torch.__version__,
     }, bytes_per_param=next(model.parameters()).element_size())
+
+
+def _quant_summary(rows: list[dict], recipe) -> dict:
+    """The report's ``quantization`` section: the recipe's settings, every matrix (``engine/quantize.py``) and the
+    totals (bytes of the quantized matrices before and after, their weighted error)."""
+    before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+    return {"settings": recipe.quantize.model_dump(mode="json"), "matrices": len(rows),
+            "bytes_before": before, "bytes_after": after, "kept_bytes_fraction": after / before if before else None,
+            "mean_rel_error": sum(r["rel_error"] for r in rows) / len(rows),
+            "seconds": round(sum(r.get("block_seconds", 0.0) for r in rows), 3), "rows": rows}
 
 
 def _refine_summary(blocks: list[dict]) -> dict:

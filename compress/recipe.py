@@ -116,6 +116,34 @@ class RefineConfig(_Strict):
     seed: int = Field(0, description="seeds each block's mini-batch order (a resumed run refines identically)")
 
 
+class QuantizeConfig(_Strict):
+    """Quantized storage of the Linears a block holds after its stages (factors, resized and dense ones alike;
+    ``compress/quant``, methods.md §15): per group of ``group_size`` input columns a scale (and a zero point unless
+    symmetric), codes of ``bits`` bits packed into bytes. ``method``: ``rtn`` (round to nearest) or ``gptq`` (Frantar
+    et al. 2023, Alg. 1: error feedback with the Gram each matrix sees on the compressed model's calibration inputs
+    — a factor's second half sees the first half's outputs). Runs per block after its stages (and ``refine``); the
+    next block sees the quantized one."""
+    bits: Literal[8, 4, 3, 2] = Field(4, description="bits per code")
+    group_size: int | None = Field(128, description="input columns per scale (None: one per row; GPTQ/torchao: 128)")
+    symmetric: bool = Field(False, description="no zero points (codes centred at 2^(bits-1)); int8 with group_size "
+                                               "None and symmetric runs PyTorch's int8 weight-only kernel")
+    method: Literal["rtn", "gptq"] = Field("gptq", description="rtn or gptq (error feedback on the input Gram)")
+    damp: float = Field(0.01, ge=0, description="GPTQ: damping, a fraction of mean(diag H) (GPTQ: 0.01)")
+    act_order: bool = Field(False, description="GPTQ: columns by descending diag H (groups stay static)")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    targets: list[str] | None = Field(None, description="regexes on the Linears' full names (a factor's: "
+                                                        "'<module>.first' / '.second'); None: every Linear in the "
+                                                        "decoder blocks")
+    ignore: list[str] = Field(default_factory=list)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 or null (one group per row), got {v}")
+        return v
+
+
 class StageConfig(_Strict):
     method: str
     param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
@@ -253,11 +281,15 @@ class Recipe(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    stages: list[StageConfig] = Field(min_length=1)
+    stages: list[StageConfig] = Field(default_factory=list, description="at least one, unless quantize is given "
+                                                                         "(quantization alone: the baselines)")
     finetune: FinetuneConfig | None = Field(None, description="recovery training after the stages, before eval "
                                                               "(the options of lrc finetune; compress/finetune)")
     refine: RefineConfig | None = Field(None, description="block refinement after each block's stages (AA-SVD; "
                                                           "needs propagate: compressed)")
+    quantize: QuantizeConfig | None = Field(None, description="quantized storage of every Linear a block holds "
+                                                              "after its stages (and refine): int8/4/3/2, RTN or "
+                                                              "GPTQ (compress/quant)")
     eval: EvalConfig | None = Field(None, description="evaluate the compressed model before it is written")
     samples: int = Field(3, ge=0, le=4, description="fixed prompts answered greedily by the compressed and "
                                                               "the dense model, shown in the summary, report and card; "
@@ -270,6 +302,12 @@ class Recipe(_Strict):
         if isinstance(data, dict) and isinstance(data.get("stages"), list):
             data = {**data, "stages": expand_methods(data["stages"])}
         return data
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not self.stages and self.quantize is None:
+            raise ValueError("stages: give at least one stage (or a quantize section for quantization alone)")
+        return self
 
     @model_validator(mode="after")
     def _groups(self):
@@ -337,8 +375,9 @@ class Recipe(_Strict):
     def resolved(self) -> dict:
         """The recipe with every default filled in, method options included (saved next to the weights)."""
         data = self.model_dump(mode="json")
-        if data.get("refine") is None:  # absent, as before the section existed (same run caches and reports)
-            data.pop("refine", None)
+        for section in ("refine", "quantize"):  # absent, as before the sections existed (same caches, reports)
+            if data.get(section) is None:
+                data.pop(section, None)
         for i, stage in enumerate(data["stages"]):
             stage["options"] = self.method_config(i).model_dump(mode="json")
             if stage.get("group") is None:  # absent outside a group, as before groups existed (same caches)

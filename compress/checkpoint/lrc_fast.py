@@ -51,8 +51,8 @@ def plain(linear: nn.Module) -> bool:
 def prefer_layout(linear: nn.Linear, on: bool = True) -> None:
     """Store ``linear.weight`` column-major (a transposed view of a contiguous ``in x out`` tensor) when ``out > in``
     and ``on``, else row-major again. Same parameter object and values; ``F.linear`` and BLAS take either."""
-    w = linear.weight
-    if w.dim() != 2 or w.device.type == "meta":
+    w = linear._parameters.get("weight") if isinstance(linear, nn.Linear) else None
+    if w is None or w.dim() != 2 or w.device.type == "meta":  # not a Linear's weight (a quantized factor)
         return
     if on and w.shape[0] > w.shape[1] and w.is_contiguous():
         w.data = w.data.t().contiguous().t()

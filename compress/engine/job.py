@@ -32,6 +32,7 @@ class BlockJob:
     specs: dict = field(default_factory=dict)  # results: module name -> spec (``lrc.modules``)
     report: list = field(default_factory=list)  # results: report rows
     refined: dict | None = None  # results: the block's refinement (``refine.refine_block``), when the recipe asks
+    quantized: list | None = None  # results: the block's quantized matrices (``quantize.quantize_block``)
 
     @property
     def eng(self):
@@ -66,6 +67,7 @@ class Run:
     report: list = field(default_factory=list)  # results so far: report rows
     d_in: torch.Tensor | None = None  # the dense stream's inputs of the next block (``objective: dense``, refine)
     refined: list = field(default_factory=list)  # results so far: each block's refinement
+    quantized: list = field(default_factory=list)  # results so far: every quantized matrix (``quantize.py``)
     allocation: dict = field(default_factory=dict)  # the global allocators' records by stage (``search``)
 
     def __post_init__(self):

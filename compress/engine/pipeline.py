@@ -38,6 +38,7 @@ from .spectra import allocation_spectra, apply_global_allocation, gradient_needs
 from .stats import CrossGram, DenseInputs, attach, block_groups
 from .stream import Host
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
+from .quantize import quantize_block
 from .units import compress_units
 
 
@@ -60,6 +61,8 @@ def compress_block(job: BlockJob) -> tuple[dict, list]:
         _stages(job, dense_block)
     if job.recipe.refine is not None:
         _refine(job, dense_block)
+    if job.recipe.quantize is not None:  # last: stores what the stages (and refine) left, then re-propagates
+        job.quantized = quantize_block(job, job.recipe.quantize)
     return job.specs, job.report
 
 
@@ -209,6 +212,7 @@ def _restore(run: Run, resume: bool) -> int:
         run.report.extend(info["rows"])
         if "refine" in info:
             run.refined.append(info["refine"])
+        run.quantized.extend(info.get("quantize", []))
     return start
 
 
@@ -232,6 +236,9 @@ def _block_step(run: Run, i: int, shared) -> None:
     if job.refined is not None:
         info["refine"] = job.refined
         run.refined.append(job.refined)
+    if job.quantized is not None:
+        info["quantize"] = job.quantized
+        run.quantized.extend(job.quantized)
     cache.save_block(i, run.blocks[i].state_dict(), info)
     if shared is not None:
         shared.cleanup(i)
@@ -312,5 +319,5 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "block_phase_seconds": {k: round(v, 3) for k, v in progress.profile.items()},
             "calibration_tokens": int(run.main.ids.numel()), "calibration_streams": summary(streams),
-            "device": str(device), "resumed_from_block": start, "refine": run.refined,
+            "device": str(device), "resumed_from_block": start, "refine": run.refined, "quantized": run.quantized,
             "allocation": run.allocation}

@@ -7,12 +7,15 @@ columns of each row (:class:`QuantSpec`). Two quantizers produce a :class:`Quant
 packs codes into bytes, and :func:`storage_bytes` counts exactly the bytes :meth:`QuantizedWeight.to_packed` holds
 (codes, scales, zeros).
 
-This package is pure tensor math: no module surgery, no checkpoint code. The quantized module type, the checkpoint
-format and its kernel, the byte budget of the allocators and EoRA on top of quantized weights come later.
+The checkpoint's module type is ``QuantLinear`` (``lrc_quant.py``, remote code: storage layout and kernels in its
+docstring; registered as ``quant`` by ``module_type.py``); ``engine/quantize.py`` quantizes a block's Linears after
+its stages (a recipe's ``quantize`` section). The byte budget of the allocators comes later.
 """
 from .math import (SCALE_DTYPES, QuantizedWeight, QuantSpec, dequantize, gptq, quant_params, quantize, rtn,
                    storage_bytes)
 from .pack import pack, packed_length, unpack
+from .lrc_quant import QuantLinear
+from . import module_type  # noqa: F401  (registers the ``quant`` module type)
 
-__all__ = ["SCALE_DTYPES", "QuantSpec", "QuantizedWeight", "dequantize", "gptq", "pack", "packed_length",
+__all__ = ["SCALE_DTYPES", "QuantLinear", "QuantSpec", "QuantizedWeight", "dequantize", "gptq", "pack", "packed_length",
            "quant_params", "quantize", "rtn", "storage_bytes", "unpack"]

@@ -1,0 +1,219 @@
+"""lrc's quantized Linear (``quant``): integer codes packed into bytes, per-group scales (and zero points), and the
+forward that runs them — part of the remote code of every checkpoint that holds one (imports only torch).
+
+**Storage** (``QuantLinear``'s buffers, what ``model.safetensors`` holds): ``qweight`` (uint8, out x
+``packed_length(in, bits)``: the codes packed along each row, layouts below), ``scales`` (out x groups, float16 by
+default) and, unless symmetric, ``qzeros`` (uint8, out x ``packed_length(groups, bits)``); ``bias`` as the model's
+dtype. A group is ``group_size`` consecutive input columns of a row (the last may be shorter; ``group_size`` None:
+one group per row); ``ŵ = scale·(q − zero)``, symmetric codes have ``zero = 2^(b−1)``.
+
+**Packing**, per row (the last dimension), little-endian in every sense, with zero codes as padding at the end:
+
+* 8 bits: one code per byte, unchanged.
+* 4 bits: two codes per byte, the first code in the low nibble (``byte = c0 | c1 << 4``).
+* 2 bits: four codes per byte, the first code in the lowest two bits (``byte = c0 | c1 << 2 | c2 << 4 | c3 << 6``).
+* 3 bits: eight codes per three bytes: ``v = Σ_k c_k << 3k`` (k = 0..7, a 24-bit integer) stored as its bytes
+  ``v & 0xFF, v >> 8 & 0xFF, v >> 16``; a row of ``n`` codes takes ``3 * ceil(n / 8)`` bytes.
+
+``unpack(pack(q, b), b, n)`` returns ``q`` exactly, ``n`` being the original last-dimension length.
+
+**Forward** (``QuantLinear.kernel`` says which path a call takes). PyTorch's own weight-only kernels, the ones
+torchao's int4/int8 weight-only layouts call, where they apply: 4 bits with groups of 32/64/128/256 dividing
+``in_features`` on CPU with bfloat16 activations (``torch._weight_int4pack_mm_for_cpu``; the packed layout is built
+from ``qweight`` once per device), 8 bits symmetric with one group per row (``torch._weight_int8pack_mm``). Any
+other case (float32 activations, 3 or 2 bits, another group size, CUDA for now) multiplies by the dequantized weight,
+computed once and kept (no dequantization per call): bytes on disk shrink either way, memory at run time only on
+the kernel paths.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = (8, 4, 3, 2)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+
+
+def _unit(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one packing unit: 8 → (1, 1), 4 → (2, 1), 2 → (4, 1), 3 → (8, 3)."""
+    return (8, 3) if bits == 3 else (8 // bits, 1)
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes of ``bits`` bits take along the last dimension once packed."""
+    _check_bits(bits)
+    codes, nbytes = _unit(bits)
+    return -(-int(n) // codes) * nbytes
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes ``q`` (integers in ``[0, 2**bits − 1]``, shape ``(..., n)``) as uint8 ``(..., packed_length(n))``."""
+    _check_bits(bits)
+    if q.dim() == 0:
+        raise ValueError("pack needs at least one dimension")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits} bits")
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.clone()
+    codes, nbytes = _unit(bits)
+    n = q.shape[-1]
+    pad = -n % codes
+    if pad:
+        q = torch.cat([q, q.new_zeros(*q.shape[:-1], pad)], dim=-1)
+    q = q.reshape(*q.shape[:-1], -1, codes).to(torch.int32)
+    shifts = torch.arange(codes, dtype=torch.int32, device=q.device) * bits
+    word = (q << shifts).sum(dim=-1, dtype=torch.int32)  # (..., units): one integer of codes * bits bits per unit
+    if nbytes == 1:
+        return word.to(torch.uint8)
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=q.device) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return out.reshape(*out.shape[:-2], -1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``n`` uint8 codes along the last dimension of ``packed``."""
+    _check_bits(bits)
+    if packed.shape[-1] != packed_length(n, bits):
+        raise ValueError(f"packed last dimension {packed.shape[-1]} does not hold {n} codes of {bits} bits "
+                         f"(expected {packed_length(n, bits)} bytes)")
+    if bits == 8:
+        return packed.to(torch.uint8).clone()
+    codes, nbytes = _unit(bits)
+    p = packed.to(torch.int32)
+    if nbytes > 1:
+        p = p.reshape(*p.shape[:-1], -1, nbytes)
+        byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=p.device) * 8
+        p = (p << byte_shifts).sum(dim=-1, dtype=torch.int32)
+    shifts = torch.arange(codes, dtype=torch.int32, device=p.device) * bits
+    q = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(*q.shape[:-2], -1)[..., :n].to(torch.uint8)
+
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernel takes
+
+
+class QuantLinear(nn.Module):
+    """``y = x ŵᵀ + b`` with ``ŵ`` stored as ``bits``-bit codes (module docstring). Drop-in for ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = 128,
+                 symmetric: bool = False, bias: bool = False, scale_dtype=torch.float16, dtype=None):
+        super().__init__()
+        _check_bits(bits)
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = None if group_size in (None, -1) or group_size >= in_features else int(group_size)
+        self.symmetric = symmetric
+        groups = self.groups
+        self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, bits),
+                                                    dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype))
+        if not symmetric:
+            self.register_buffer("qzeros", torch.zeros(out_features, packed_length(groups, bits), dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self._cache: dict = {}  # (path, device, dtype) -> what that path runs (not saved)
+
+    @property
+    def groups(self) -> int:
+        g = self.group_size or self.in_features
+        return -(-self.in_features // g)
+
+    @property
+    def group_len(self) -> int:
+        return self.group_size or self.in_features
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 codes (out x in)."""
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        """The zero points (out x groups, float32)."""
+        if self.symmetric:
+            return torch.full((self.out_features, self.groups), float(1 << (self.bits - 1)),
+                              device=self.qweight.device)
+        return unpack(self.qzeros, self.bits, self.groups).float()
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """``ŵ = scale·(q − zero)`` (out x in), computed in float32."""
+        g, n = self.group_len, self.in_features
+        s = self.scales.float().repeat_interleave(g, 1)[:, :n]
+        z = self.zeros().repeat_interleave(g, 1)[:, :n]
+        return (s * (self.codes().float() - z)).to(dtype)
+
+    @property
+    def weight_approx(self) -> torch.Tensor:
+        """The dense matrix this module applies (materialised; for analysis)."""
+        return self.dequantized(self.scales.dtype if self.bias is None else self.bias.dtype)
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """The path a forward on ``x`` takes: ``int4_cpu``, ``int8`` or ``dequantized``."""
+        if self.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and \
+                self.group_len in INT4_GROUPS and self.in_features % self.group_len == 0:
+            return "int4_cpu"
+        if self.bits == 8 and self.symmetric and self.group_size is None and x.dtype in (torch.bfloat16,
+                                                                                          torch.float16,
+                                                                                          torch.float32):
+            return "int8"
+        return "dequantized"
+
+    def _prepared(self, path: str, x: torch.Tensor):
+        key = (path, x.device, x.dtype)
+        if key not in self._cache:
+            self._cache.clear()  # one layout at a time: the module's memory stays one copy
+            with torch.no_grad():
+                if path == "int4_cpu":
+                    packed = torch._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+                    s = self.scales.float()  # kernel: w = (q − 8)·s + z_float
+                    z = s * (8.0 - self.zeros())
+                    sz = torch.stack([s.t(), z.t()], dim=-1).to(x.dtype).contiguous()
+                    self._cache[key] = (packed, sz)
+                elif path == "int8":
+                    w8 = (self.codes().to(torch.int16) - 128).to(torch.int8)
+                    self._cache[key] = (w8.contiguous(), self.scales[:, 0].to(x.dtype).contiguous())
+                else:
+                    self._cache[key] = (self.dequantized(x.dtype).to(x.device),)
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self.kernel(x)
+        prepared = self._prepared(path, x)
+        if path == "dequantized":
+            return F.linear(x, prepared[0], self.bias)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        if path == "int4_cpu":
+            y = torch._weight_int4pack_mm_for_cpu(flat, prepared[0], self.group_len, prepared[1])
+        else:
+            y = torch._weight_int8pack_mm(flat, prepared[0], prepared[1])
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}  # moved or cast: rebuild what a path runs on first use
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def storage_bytes(self) -> int:
+        """Bytes this module holds on disk: packed codes, scales, zero points and bias."""
+        return sum(t.numel() * t.element_size() for t in (*self.buffers(), *self.parameters()))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")
+
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_quant(spec: dict, dtype=None, base=None, build=None) -> nn.Module:
+    """``quant``: ``in_features``, ``out_features``, ``bits``, ``group_size``, ``symmetric``, ``scale_dtype``,
+    ``bias``."""
+    return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec.get("group_size"),
+                       spec.get("symmetric", False), spec.get("bias", False),
+                       _SCALE_DTYPES[spec.get("scale_dtype", "float16")], dtype=dtype)
