@@ -24,7 +24,7 @@ from .output import atomic_dir, check_out
 from .plan import PlanRow, make_plan
 from .progress import Progress
 from .recipe import Recipe, load_recipe, parse_recipe
-from .report import build_report, count_params, peak_rss_gib, write_report
+from .report import build_report, checkpoint_bytes, count_params, peak_rss_gib, write_report
 
 __all__ = ["compress_model", "compress", "compensate", "save", "plan", "load", "with_overrides",
            "with_stage_calibration"]
@@ -173,6 +173,7 @@ def compress(model: str, recipe: Recipe | str | Path, out: str | Path, resume: b
         del net
         finish(tmp, model, tokenizer, recipe, report, out, resume, progress)
         (tmp / "lrc_recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False))
+        report["checkpoint_bytes"] = checkpoint_bytes(tmp)
         report["total_seconds"] = round(time.perf_counter() - t0, 3)  # fine-tuning, evaluation, samples included
         report["peak_rss_gib"] = round(peak_rss_gib(), 3)  # the checkpoint written (and evaluated) included
         write_report(tmp, report)

@@ -304,6 +304,13 @@ class Recipe(_Strict):
         return data
 
     @model_validator(mode="after")
+    def _quantize_last(self):
+        if self.quantize is not None and self.finetune is not None:
+            raise ValueError("finetune: quantized weights are not trained; fine-tune first, then quantize the "
+                             "fine-tuned checkpoint with a recipe that has only a quantize section")
+        return self
+
+    @model_validator(mode="after")
     def _something_to_do(self):
         if not self.stages and self.quantize is None:
             raise ValueError("stages: give at least one stage (or a quantize section for quantization alone)")

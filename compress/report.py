@@ -129,6 +129,32 @@ def write_report(directory: Path, report: dict) -> None:
         w.writerows(report["modules"])
 
 
+def checkpoint_bytes(directory) -> dict:
+    """Bytes of the tensors a written checkpoint holds (every ``*.safetensors`` file's data, read from the headers):
+    ``tensors`` in all, ``embeddings_and_head`` (names with ``embed`` or ``lm_head``; a tied head is stored once),
+    ``quantized`` (a ``QuantLinear``'s codes, scales, zero points and bias), and ``files`` (on disk, headers included)."""
+    import json
+    import struct
+    from pathlib import Path
+
+    out = {"tensors": 0, "embeddings_and_head": 0, "quantized": 0, "files": 0}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out["files"] += f.stat().st_size
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        quant = {k.rsplit(".", 1)[0] for k in header if k.endswith(".qweight")}
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            n = v["data_offsets"][1] - v["data_offsets"][0]
+            out["tensors"] += n
+            if "embed" in k or "lm_head" in k:
+                out["embeddings_and_head"] += n
+            if k.rsplit(".", 1)[0] in quant:
+                out["quantized"] += n
+    return out
+
+
 def summary_table(report: dict) -> Table:
     t = report["targeted"]
     mp = report["model_params"]
@@ -161,6 +187,18 @@ def summary_table(report: dict) -> Table:
         table.add_row("refined blocks", f"{rf['kept']}/{rf['of']} improved, block MSE to the dense outputs "
                                         f"{rf['mean_mse_before']:.4g} → {rf['mean_mse_after']:.4g} (mean), "
                                         f"{rf['seconds']:.0f} s")
+    qz = report.get("quantization")
+    if qz:
+        st = qz["settings"]
+        table.add_row("quantized", f"{qz['matrices']} matrices, {st['method']} int{st['bits']}"
+                                   f"{'/g' + str(st['group_size']) if st['group_size'] else ''}: "
+                                   f"{qz['bytes_before']:,} → {qz['bytes_after']:,} bytes "
+                                   f"(kept {qz['kept_bytes_fraction']:.4f}), weighted rel. error mean "
+                                   f"{qz['mean_rel_error']:.4f}")
+    cb = report.get("checkpoint_bytes")
+    if cb:
+        table.add_row("checkpoint tensors", f"{cb['tensors']:,} bytes ({cb['embeddings_and_head']:,} embeddings "
+                                            f"and head, {cb['quantized']:,} quantized)")
     ft = report.get("finetune")
     if ft:
         held = (f", held-out loss {ft['held_out_loss_before']:.4f} → {ft['held_out_loss_after']:.4f}"

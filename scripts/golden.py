@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 VOLATILE = {"seconds", "phase_seconds", "block_phase_seconds", "run_cache", "peak_rss_gib", "total_seconds", "eval_seconds", "model",
-            "seconds_omp", "seconds_update"}
+            "seconds_omp", "seconds_update",
+            "checkpoint_bytes"}  # read off model.safetensors, which is hashed itself
 # Version strings stamped by other libraries: what the lock pins (requirements.lock), not what lrc decides. A new
 # transformers writes its own version into config.json although not one weight moves; the fingerprints leave these
 # out, and a pin change that does move a byte lrc writes is caught by the weights, lrc's config or the report.
