@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .allocation import allocate, cost_of
+from .checkpoint.module_types import unit_params
 from .errors import LrcError
 from .recipe import Recipe
 from .roles import find_blocks
@@ -205,7 +206,7 @@ def make_plan(model: nn.Module, recipe: Recipe) -> list[PlanRow]:
         row = PlanRow(name, si, stage.method, bi, mod.out_features, mod.in_features, bias, None, None,
                       compensation=compensation, standalone=name not in seen or stage.group is not None,
                       base_params=None if isinstance(mod, nn.Linear) else
-                      sum(p.numel() for p in mod.parameters()), align=stage.align)
+                      unit_params(mod), align=stage.align)
         method_cls = METHODS[stage.method]
         if not compensation and method_cls.cost_model != "lowrank":  # e.g. CoSpaDi: dictionary rows, k/s, sharing
             if si not in methods:

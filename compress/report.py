@@ -25,7 +25,9 @@ def unique_parameters(model) -> list:
 
 def count_params(model) -> dict:
     """Unique parameters of the whole model, and how many of them are embeddings / output head."""
-    total = sum(p.numel() for p in unique_parameters(model))
+    from .checkpoint.module_types import stored_weights
+
+    total = sum(p.numel() for p in unique_parameters(model)) + stored_weights(model)  # quantized weights too
     emb = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
            for p in m.parameters()}
     n_emb = sum(p.numel() for p in emb.values())

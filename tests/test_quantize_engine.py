@@ -88,3 +88,28 @@ def test_kernels_agree_with_the_dequantized_weight(bits, group, sym):
     assert mb.kernel(xb) == want
     y = mb(xb).float()
     assert (y - ref).norm() / ref.norm() < 2e-2  # bfloat16 activations
+
+
+def test_eora_compensates_the_quantization_error(tiny_model_dir, corpus_file, tmp_path):
+    """``lrc compensate`` on a quantized dense model (quantization alone, 3 bits): EoRA's residual paths wrap the
+    ``QuantLinear`` modules, lower the KL to the dense model and reload."""
+    dense = str(tiny_model_dir("llama"))
+    api.compress(dense, _recipe(corpus_file, stages=(), bits=3, method="rtn"), tmp_path / "q",
+                 cache_dir=tmp_path / "c", progress=False, return_model=False)
+    fixed, report = api.compensate(dense, str(tmp_path / "q"), tmp_path / "e", rank=4,
+                                   calibration={"dataset": str(corpus_file), "samples": 8, "seq_len": 32},
+                                   cache_dir=tmp_path / "c2", progress=False)
+    from compress.methods.eora.lrc_compensated import CompensatedLinear
+
+    wrapped = [m for m in fixed.modules() if isinstance(m, CompensatedLinear)]
+    assert wrapped and all(isinstance(m.base, QuantLinear) for m in wrapped)
+    quantized = api.load(tmp_path / "q")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(dense).eval()
+    x = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        p = torch.log_softmax(base(x).logits, -1)
+        kl = {name: float((p.exp() * (p - torch.log_softmax(m(x).logits, -1))).sum(-1).mean())
+              for name, m in (("quantized", quantized), ("eora", fixed))}
+    assert kl["eora"] < kl["quantized"]

@@ -71,7 +71,8 @@ class LowRankLinear(nn.Module):
 def _float_dtype(module: nn.Module):
     """The dtype of ``module``'s first floating-point parameter: a module replaced earlier (a ``LowRankLinear``, any
     lrc module) has no ``.weight`` of its own, and its replacement must keep the model's dtype."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    hint = getattr(module, "compute_dtype", None)  # a module holding its weights as integer codes says it
+    return hint or next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def build_lowrank(spec: dict, dtype=None, base=None, build=None) -> nn.Module:

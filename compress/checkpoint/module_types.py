@@ -163,9 +163,14 @@ def unit_weights(m: nn.Module) -> int:
     return entry.weights(m) if entry is not None else linear_weights(m)
 
 
+def stored_weights(m: nn.Module) -> int:
+    """Weights ``m`` holds other than as parameters: integer codes (a quantized Linear's ``stored_weights()``)."""
+    return sum(x.stored_weights() for x in m.modules() if hasattr(x, "stored_weights"))
+
+
 def unit_params(m: nn.Module) -> int:
-    """Parameters of ``m`` (weights + biases)."""
-    return sum(p.numel() for p in m.parameters())
+    """Parameters of ``m`` (weights + biases), quantized weights included (they are weights, stored narrower)."""
+    return sum(p.numel() for p in m.parameters()) + stored_weights(m)
 
 
 def spec_types(spec: dict) -> Iterator[str]:

@@ -115,6 +115,7 @@ class QuantLinear(nn.Module):
         if not symmetric:
             self.register_buffer("qzeros", torch.zeros(out_features, packed_length(groups, bits), dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.compute_dtype = dtype or torch.float32  # the model's float type (what a wrapper around it is built in)
         self._cache: dict = {}  # (path, device, dtype) -> what that path runs (not saved)
 
     @property
@@ -192,12 +193,26 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
-        self._cache = {}  # moved or cast: rebuild what a path runs on first use
-        return super()._apply(fn, recurse)
+        """Moved or cast: the scales keep their stored type (``model.to(torch.bfloat16)`` must not round float16
+        scales), the bias and ``compute_dtype`` follow the model's; what a path runs is rebuilt on first use."""
+        self._cache = {}
+        scales = self._buffers["scales"]
+        probe = fn(torch.zeros((), dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        out = super()._apply(fn, recurse)
+        moved = self._buffers["scales"]
+        if moved.dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(moved.device)
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = {}
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def stored_weights(self) -> int:
+        """The matrix's weights, held as codes rather than parameters (lrc's parameter counts include them)."""
+        return self.in_features * self.out_features
 
     def storage_bytes(self) -> int:
         """Bytes this module holds on disk: packed codes, scales, zero points and bias."""

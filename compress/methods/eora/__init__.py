@@ -18,6 +18,7 @@ from ...checkpoint.module_types import effective_weight, register_module_type
 from ...linalg import weighted_error
 from ...report_row import report_row
 from ..base import MODULE_KINDS, Method, MethodConfig, register
+from ...checkpoint.lrc_layers import _float_dtype
 from .lrc_compensated import CompensatedLinear
 from .math import DEFAULT_RTOL, Residual, eora_residual, residual_spectrum
 from .module_type import COMPENSATED
@@ -55,7 +56,7 @@ class EoRA(Method):
         t0 = time.perf_counter()
         delta = original.double() - effective_weight(module)
         res = eora_residual(delta, stats["input_gram"], row.rank, self.config.rtol)
-        dev, dtype = original.device, next(module.parameters()).dtype
+        dev, dtype = original.device, _float_dtype(module)
         new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
         new.lora_A.weight.copy_(res.A)
         new.lora_B.weight.copy_(res.B)
