@@ -52,8 +52,8 @@ def effective_weight(m: nn.Module) -> torch.Tensor:
 
 
 def linear_weights(m: nn.Module) -> int:
-    """Weights of every ``nn.Linear`` in ``m`` (itself included)."""
-    return sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))
+    """Weights of every ``nn.Linear`` in ``m`` (itself included) and of every quantized one (``stored_weights``)."""
+    return sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear)) + stored_weights(m)
 
 
 def describe_linear(spec: dict) -> tuple[str, str]:

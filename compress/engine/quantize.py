@@ -74,7 +74,7 @@ def quantize_block(job, cfg) -> list[dict]:
     names = targets(block, prefix, cfg)
     if not names:
         return []
-    job.progress.phase(f"quantize: statistics of {len(names)} Linear(s)")
+    job.progress.phase(f"statistics of {len(names)} Linear(s) to quantize")
     modules = dict(block.named_modules())
     gram = COLLECTORS["input_gram"](modules, {n: n for n in names})
     try:

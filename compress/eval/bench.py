@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.module_types import unit_weights
+from ..checkpoint.module_types import stored_weights, unit_weights
 from ..models import load_model
 from ..plan import find_blocks, linear_units
 from ..report import unique_parameters
@@ -129,9 +129,11 @@ def measure(model, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: in
 
 def describe(model, path: str | None) -> dict:
     params = unique_parameters(model)
-    return {"params_total": sum(p.numel() for p in params), "params_block_linears": block_linear_params(model),
+    codes = [b for m in model.modules() if hasattr(m, "stored_weights") for b in m.buffers()]  # quantized weights
+    return {"params_total": sum(p.numel() for p in params) + stored_weights(model),
+            "params_block_linears": block_linear_params(model),
             "linear_macs_per_token": linear_macs_per_token(model),
-            "weights_gib": sum(p.numel() * p.element_size() for p in params) / 2**30,
+            "weights_gib": sum(t.numel() * t.element_size() for t in (*params, *codes)) / 2**30,
             "checkpoint_bytes": disk_bytes(path)}
 
 
