@@ -103,10 +103,20 @@ RELOAD_TYPES = RELOAD_LOGITS + textwrap.dedent("""
 """)
 
 
+def _quantized(W, bits):
+    from compress.quant import QuantLinear, QuantSpec, rtn
+
+    q = rtn(W.double(), QuantSpec(bits=bits, group_size=32))
+    m = QuantLinear(W.shape[1], W.shape[0], bits, 32, dtype=torch.float32)
+    for k, v in q.to_packed().items():
+        getattr(m, k).copy_(v)
+    return m
+
+
 def _every_module_type(model):
     """``model`` (the tiny Llama) with a module of every registered type that a checkpoint can hold: MoDeGPT's
     attention, a low-rank Linear, a dictionary owner wrapped by EoRA's residual, a sharer of its dictionary, a dense
-    Linear; returns the replaced names."""
+    Linear, a quantized Linear; returns the replaced names."""
     from compress.checkpoint.modeling_lrc import LowRankLinear
     from compress.methods.cospadi.lrc_dictionary import DictLinear
     from compress.methods.eora.lrc_compensated import CompensatedLinear
@@ -120,7 +130,8 @@ def _every_module_type(model):
                                     torch.randn(64, generator=g), shared_from="model.layers.0.mlp.down_proj")
     new = {"model.layers.0.self_attn": attention, "model.layers.0.mlp.gate_proj": LowRankLinear(64, 96, 8),
            "model.layers.0.mlp.down_proj": CompensatedLinear(owner, 3), "model.layers.1.mlp.down_proj": sharer,
-           "model.layers.1.mlp.up_proj": nn.Linear(64, 96, bias=False)}
+           "model.layers.1.mlp.up_proj": nn.Linear(64, 96, bias=False),
+           "model.layers.1.self_attn.q_proj": _quantized(torch.randn(64, 64, generator=g), bits=4)}
     for name, module in new.items():
         for p in module.parameters():
             if p.is_floating_point() and p is not owner.dictionary.weight and p is not owner.values:
@@ -147,8 +158,10 @@ def test_remote_code_is_the_registered_types_used_and_loads_without_lrc(tiny_mod
         {t.name for t in TYPES.values() if t.build is not None}  # every type a checkpoint can hold is here
     out = tmp_path / "ckpt"
     save_checkpoint(model, None, out)
-    expected_files = CORE_REMOTE | {TYPES[t].remote.name for t in ("attention", "compensated", "dictionary")}
-    assert expected_files == CORE_REMOTE | {"lrc_attention.py", "lrc_compensated.py", "lrc_dictionary.py"}
+    expected_files = CORE_REMOTE | {TYPES[t].remote.name for t in ("attention", "compensated", "dictionary",
+                                                                   "quant")}
+    assert expected_files == CORE_REMOTE | {"lrc_attention.py", "lrc_compensated.py", "lrc_dictionary.py",
+                                            "lrc_quant.py"}
     assert {p.name for p in out.glob("*.py")} == set(remote_code(modules)) == expected_files
 
     x = torch.randint(0, 150, (2, 12))

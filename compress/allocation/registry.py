@@ -22,7 +22,8 @@ class Allocator:
     its words for ``lrc methods``. ``options``: the pydantic model of ``allocator_options`` (None: takes none).
     ``unit_kinds``: the rows it can allocate: ``linear`` (one Linear), ``residual`` (a compensation stage's residual
     paths), or the kinds of structured units; ``any_kind``: every kind a method plans (an allocator that decides each
-    row by its own cost model alone, from shapes)."""
+    row by its own cost model alone, from shapes); ``block_units``: also the units of every block method (rows that
+    are no Linear and no residual: it measures them through the method's own hooks)."""
 
     name: str
     fn: Callable
@@ -32,6 +33,7 @@ class Allocator:
     unit_kinds: tuple[str, ...] = ("linear",)
     needs_text: str | None = None
     any_kind: bool = False
+    block_units: bool = False
 
     @property
     def needs(self) -> str:
@@ -39,7 +41,7 @@ class Allocator:
 
     def allocates(self, kind: str) -> bool:
         """True when it can allocate plan rows of ``kind``."""
-        return self.any_kind or kind in self.unit_kinds
+        return self.any_kind or kind in self.unit_kinds or (self.block_units and kind not in ("linear", "residual"))
 
     @property
     def is_global(self) -> bool:
@@ -60,11 +62,11 @@ ALLOCATORS: dict[str, Allocator] = {}
 
 def register_allocator(name: str, fn: Callable, reads: str | None, description: str, options: type | None = None,
                        unit_kinds: tuple[str, ...] = ("linear",), needs: str | None = None,
-                       any_kind: bool = False) -> Allocator:
+                       any_kind: bool = False, block_units: bool = False) -> Allocator:
     """Add an allocator to ``ALLOCATORS`` (a later registration under the same name replaces it)."""
     if needs is None and reads not in NEEDS:
         raise ValueError(f"allocator {name}: reads {reads!r} is none of {list(NEEDS)}; say what it reads in needs=")
-    entry = Allocator(name, fn, reads, description, options, tuple(unit_kinds), needs, any_kind)
+    entry = Allocator(name, fn, reads, description, options, tuple(unit_kinds), needs, any_kind, block_units)
     ALLOCATORS[name] = entry
     return entry
 

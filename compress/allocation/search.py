@@ -464,7 +464,7 @@ def _spearman(predicted: list[float], measured: list) -> float | None:
     return float(spearmanr([p for p, _ in pairs], [m for _, m in pairs]).statistic)
 
 
-register_allocator("search", search, reads="anchors", options=SearchOptions, any_kind=True,
+register_allocator("search", search, reads="anchors", options=SearchOptions, block_units=True,
                    description="LEMS (ICML 2026, methods.md §12): ranks by an exact multiple-choice knapsack over "
                                "predicted errors (whitened spectrum × one measured KL per matrix × depth), "
                                "(α, γ) searched by measured whole-model KL; across methods with a stage's "
