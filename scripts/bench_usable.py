@@ -10,7 +10,11 @@ on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``:
 recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
 --jsonl as they finish.
 
-A configuration is ``NAME[+refine][+ft]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``).
+A configuration is ``NAME[+refine][+ft][+qBITS[rtn]]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``),
+or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``). ``+q4`` / ``+q3`` store every block
+Linear the stages leave (factors included) as 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``:
+round to nearest); ``+q8``: 8-bit symmetric per output channel (PyTorch's int8 weight-only kernel). Embeddings and
+head stay in the model's dtype. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat KL: minutes per row).
 
     python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
 """
@@ -50,15 +54,26 @@ FINETUNE = {"data": "selfgen", "selfgen_samples": 128, "seq_len": 128, "loss": "
             "steps": 32, "batch_size": 4, "lr": 1e-4, "warmup": 3, "holdout": 8, "eval_every": 32}
 
 
-def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: bool) -> dict:
+def quantize_for(mod: str) -> dict:
+    """The recipe's ``quantize`` section of a ``+q…`` modifier."""
+    bits = int(mod[1])
+    if bits == 8:
+        return {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn" if mod.endswith("rtn") else "gptq"}
+    return {"bits": bits, "group_size": 128, "method": "rtn" if mod.endswith("rtn") else "gptq"}
+
+
+def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, chat: bool = True) -> dict:
     head, kept = config.rsplit(":", 1)
     name, *mods = head.split("+")
     data = {"calibration": {"dataset": str(CALIB), "samples": samples, "seq_len": seq_len},
             "engine": {"device": "cpu", "batch_size": 8},
-            "stages": [{**STAGES[name], "param_ratio": float(kept)}],
-            "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": True,
+            "stages": [] if name == "dense" else [{**STAGES[name], "param_ratio": float(kept)}],
+            "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": chat,
                      **({"tasks": TASKS, "limit": 200} if zeroshot else {})},
             "samples": 0}
+    for m in mods:
+        if m.startswith("q"):
+            data["quantize"] = quantize_for(m)
     if "refine" in mods or "refine2" in mods:
         data["refine"] = REFINE if "refine" in mods else REFINE_LONG
     if "ft" in mods:
@@ -66,7 +81,8 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
     return data
 
 
-def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, cache: str) -> dict:
+def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, cache: str,
+        chat: bool = True) -> dict:
     import torch
 
     from compress import api
@@ -75,7 +91,7 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
     if config == "dense":
         return _dense(model_spec, windows, zeroshot)
-    recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot))
+    recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot, chat))
     with tempfile.TemporaryDirectory() as tmp:
         _, report = api.compress(model_spec, recipe, Path(tmp) / "out", cache_dir=cache, progress=False,
                                  return_model=False)
@@ -96,6 +112,14 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
            "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
     if "refine" in report:
         out["refine"] = {k: v for k, v in report["refine"].items() if k != "blocks"}
+    cb = report["checkpoint_bytes"]
+    out["checkpoint_bytes"] = cb
+    out["dense_params"] = report["model_params"]["before"]["total"]  # embeddings and head included
+    # as a bfloat16 checkpoint: the quantized tensors as written, every other tensor at 2 bytes a value
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[recipe.model.dtype]
+    out["bf16_bytes"] = cb["quantized"] + (cb["tensors"] - cb["quantized"]) * 2 // width
+    if "quantization" in report:
+        out["quantization"] = {k: v for k, v in report["quantization"].items() if k != "rows"}
     if "allocation" in report:
         out["search_trials"] = [t for rec in report["allocation"].values() if rec for t in rec["trials"]]
     if "finetune" in report:
@@ -173,6 +197,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--zeroshot", action="store_true", help="also the four zero-shot tasks at limit 200 (~9 min)")
+    ap.add_argument("--no-chat", action="store_true", help="skip lrc eval --chat (the answer score and chat KL)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc"))
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
@@ -183,7 +208,8 @@ def main() -> None:
         print(markdown(rows, dense_reference(rows, ROOT / "docs" / "results" / "smollm2-dense-eval.json")))
         return
     if a.one:
-        print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.zeroshot, a.cache)))
+        print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.zeroshot, a.cache,
+                                         not a.no_chat)))
         return
     done = {json.loads(line)["config"] for line in a.jsonl.read_text().splitlines()} if a.jsonl.is_file() else set()
     for config in a.configs:
@@ -191,7 +217,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--model", a.model, "--samples", str(a.samples), "--seq-len",
                str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--jsonl", str(a.jsonl),
-               "--one", config] + (["--zeroshot"] if a.zeroshot else [])
+               "--one", config] + (["--zeroshot"] if a.zeroshot else []) + (["--no-chat"] if a.no_chat else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

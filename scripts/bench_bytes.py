@@ -1,0 +1,122 @@
+"""Issue 25's comparison: perplexity against checkpoint bytes — quantization alone (RTN, GPTQ), low rank in
+bfloat16, and low rank with quantized factors (not a test).
+
+Rows are ``scripts/bench_usable.py`` configurations (its protocol: SmolLM2-135M-Instruct in fp32 on the CPU,
+calibration 64 × 512 tokens of wiki_passages, WikiText-2 on the first 32 × 512 windows), run by it into
+``--jsonl``; this script renders them: a markdown table and an SVG plot of perplexity (log scale) against the bytes
+of the checkpoint as a bfloat16 model would store it (quantized tensors as written, every other tensor at 2 bytes;
+embeddings and head included, never quantized here), one curve per family.
+
+    python scripts/bench_usable.py --no-chat --jsonl docs/results/bytes-smollm2-64x512.jsonl \\
+        --configs dense+q4rtn:1 dense+q3rtn:1 dense+q4:1 dense+q3:1 svd-llm+q4:0.8 modegpt+q4:0.8 ...
+    python scripts/bench_bytes.py --jsonl docs/results/bytes-smollm2-64x512.jsonl --svg docs/results/bytes.svg
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSE_PPL_JSON = ROOT / "docs" / "results" / "smollm2-dense-eval.json"
+
+
+def family(config: str) -> str:
+    """The curve a row belongs to: ``RTN`` / ``GPTQ`` (quantization alone), else its method (and refinement) with
+    ``+ int8`` / ``+ int4`` … for quantized factors, ``bf16`` without."""
+    head = config.rsplit(":", 1)[0]
+    name, *mods = head.split("+")
+    q = next((m for m in mods if m.startswith("q")), None)
+    if name == "dense":
+        return "RTN" if q and q.endswith("rtn") else "GPTQ"
+    base = "+".join([name, *(m for m in mods if not m.startswith("q"))])
+    return f"{base} + {'RTN ' if q and q.endswith('rtn') else ''}int{q[1]}" if q else f"{base} (bf16)"
+
+
+def dense_bytes(rows: list[dict]) -> int:
+    return 2 * next(r["dense_params"] for r in rows if r.get("dense_params"))
+
+
+def markdown(rows: list[dict], dense_ppl: float) -> str:
+    total = dense_bytes(rows)
+    lines = ["| configuration | family | bytes (bf16 checkpoint) | of dense | perplexity | × dense | "
+             "quantized matrices: bytes kept | weighted error |", "|---|---|---:|---:|---:|---:|---:|---:|",
+             f"| dense | bf16 | {total:,} | 1.000 | {dense_ppl:.2f} | 1.00 | – | – |"]
+    for r in sorted(rows, key=lambda r: r["bf16_bytes"]):
+        q = r.get("quantization") or {}
+        kept = f"{q['kept_bytes_fraction']:.3f}" if q else "–"
+        err = f"{q['mean_rel_error']:.4f}" if q else "–"
+        lines.append(f"| {r['config']} | {family(r['config'])} | {r['bf16_bytes']:,} | "
+                     f"{r['bf16_bytes'] / total:.3f} | {r['perplexity']:,.2f} | {r['perplexity'] / dense_ppl:.2f} | "
+                     f"{kept} | {err} |")
+    return "\n".join(lines)
+
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+
+
+def svg(rows: list[dict], dense_ppl: float, width: int = 760, height: int = 460) -> str:
+    """Perplexity (log) against the fraction of the dense bf16 bytes, one polyline per family (points sorted by
+    bytes), the dense model as a point at (1, its perplexity)."""
+    total = dense_bytes(rows)
+    pts: dict[str, list[tuple[float, float, str]]] = {}
+    for r in rows:
+        pts.setdefault(family(r["config"]), []).append((r["bf16_bytes"] / total, r["perplexity"], r["config"]))
+    left, right, top, bottom = 70, 250, 20, 50
+    xs = [x for v in pts.values() for x, _, _ in v] + [1.0]
+    ys = [y for v in pts.values() for _, y, _ in v] + [dense_ppl]
+    x0, x1 = 0.0, max(1.05, max(xs) * 1.05)
+    y0, y1 = math.log10(min(ys) / 1.2), math.log10(min(max(ys), 1e4) * 1.2)
+
+    def X(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def Y(y):
+        return top + (y1 - math.log10(min(max(y, 1e-9), 1e4))) / (y1 - y0) * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for k in range(int(x1 / 0.1) + 1):  # x grid every 0.1
+        x = k * 0.1
+        out.append(f'<line x1="{X(x):.1f}" y1="{top}" x2="{X(x):.1f}" y2="{height - bottom}" stroke="#eee"/>')
+        out.append(f'<text x="{X(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:.1f}</text>')
+    for e in range(math.floor(y0), math.ceil(y1) + 1):
+        for m in (1, 2, 5):
+            y = m * 10 ** e
+            if y0 <= math.log10(y) <= y1:
+                out.append(f'<line x1="{left}" y1="{Y(y):.1f}" x2="{width - right}" y2="{Y(y):.1f}" stroke="#eee"/>')
+                out.append(f'<text x="{left - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">checkpoint bytes '
+               f'/ dense bf16 bytes (embeddings and head included)</text>')
+    out.append(f'<text x="16" y="{(top + height - bottom) / 2}" transform="rotate(-90 16 {(top + height - bottom) / 2})" '
+               f'text-anchor="middle">WikiText-2 perplexity (log)</text>')
+    out.append(f'<circle cx="{X(1.0):.1f}" cy="{Y(dense_ppl):.1f}" r="4" fill="black"/>')
+    out.append(f'<text x="{width - right + 10}" y="{top + 12}">● dense bf16 ({dense_ppl:.2f})</text>')
+    for i, (fam, p) in enumerate(sorted(pts.items())):
+        c = COLORS[i % len(COLORS)]
+        p = sorted(p)
+        out.append('<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>'.format(
+            c, " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y, _ in p)))
+        for x, y, cfg in p:
+            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.5" fill="{c}"><title>{cfg}: {y:.2f} at '
+                       f'{x:.3f}</title></circle>')
+        out.append(f'<text x="{width - right + 10}" y="{top + 30 + 16 * i}" fill="{c}">— {fam}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jsonl", type=Path, required=True)
+    ap.add_argument("--svg", type=Path, help="write the plot here")
+    a = ap.parse_args()
+    rows = [json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]
+    dense_ppl = next(iter(json.loads(DENSE_PPL_JSON.read_text())["perplexity"].values()))["perplexity"]
+    print(markdown(rows, dense_ppl))
+    if a.svg:
+        a.svg.write_text(svg(rows, dense_ppl))
+
+
+if __name__ == "__main__":
+    main()
