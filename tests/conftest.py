@@ -181,3 +181,30 @@ def kill_at(monkeypatch, at: int, error: BaseException) -> None:
 
     monkeypatch.setattr(Progress, "phase", lambda self, text: maybe_kill(self, text))
     monkeypatch.setattr(pipeline, "after_block", lambda i: maybe_kill(None))
+
+
+class Crash(RuntimeError):
+    """The failure ``resume_after_crash`` injects."""
+
+
+def resume_after_crash(monkeypatch, model: str, recipe, out: Path, cache_dir: Path, reference: Path,
+                       after: int = 1) -> dict:
+    """A compression of ``model`` killed once block ``after`` is saved, then resumed with its run cache: asserts it
+    resumed from the next block and that its weights and config are the bytes of ``reference`` (an uninterrupted
+    run's checkpoint); returns the resumed run's report."""
+    from compress import api
+    from compress.engine import pipeline
+
+    def crash(i):
+        if i == after:
+            raise Crash(f"injected failure after block {after}")
+
+    monkeypatch.setattr(pipeline, "after_block", crash)
+    with pytest.raises(Crash):
+        api.compress(model, recipe, out, cache_dir=cache_dir, progress=False)
+    monkeypatch.setattr(pipeline, "after_block", lambda i: None)
+    _, report = api.compress(model, recipe, out, resume=True, cache_dir=cache_dir, progress=False)
+    assert report["resumed_from_block"] == after + 1
+    for name in ("model.safetensors", "config.json"):
+        assert (Path(out) / name).read_bytes() == (Path(reference) / name).read_bytes(), name
+    return report

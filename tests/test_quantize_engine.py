@@ -115,14 +115,10 @@ def test_eora_compensates_the_quantization_error(tiny_model_dir, corpus_file, tm
     assert kl["eora"] < kl["quantized"]
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_modegpt_quantized_resumes_byte_identically(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     """MoDeGPT's resized Linears (inside its attention module too) quantized with GPTQ; a run killed after block 1
     resumes to the bytes of an uninterrupted one; casting to bfloat16 keeps the float16 scales."""
-    from compress.engine import pipeline
+    from conftest import resume_after_crash
 
     model = str(tiny_model_dir("qwen2"))
     recipe = _recipe(corpus_file, stages=(("modegpt", 0.7),), symmetric=True)
@@ -130,22 +126,12 @@ def test_modegpt_quantized_resumes_byte_identically(tiny_model_dir, corpus_file,
     names = {r["name"] for r in report["quantization"]["rows"]}
     assert any(".mlp." in n for n in names) and any(".self_attn." in n for n in names)
 
-    def crash(i):
-        if i == 1:
-            raise Crash("injected failure after block 1")
+    again = resume_after_crash(monkeypatch, model, recipe, tmp_path / "b", tmp_path / "c2", tmp_path / "a")
 
-    monkeypatch.setattr(pipeline, "after_block", crash)
-    with pytest.raises(Crash):
-        api.compress(model, recipe, tmp_path / "b", cache_dir=tmp_path / "c2", progress=False)
-    monkeypatch.setattr(pipeline, "after_block", lambda i: None)
-    _, again = api.compress(model, recipe, tmp_path / "b", resume=True, cache_dir=tmp_path / "c2", progress=False)
     def timeless(rows):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
-    assert again["resumed_from_block"] == 2
     assert timeless(again["quantization"]["rows"]) == timeless(report["quantization"]["rows"])
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     half = out.to(torch.bfloat16)
     q = next(m for m in half.modules() if isinstance(m, QuantLinear))
     assert q.scales.dtype == torch.float16 and q.compute_dtype == torch.bfloat16

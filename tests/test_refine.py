@@ -7,13 +7,12 @@ import torch
 
 from compress import api
 from compress.api import compress_model
-from compress.engine import pipeline
 from compress.engine.refine import block_mse, refine_block, trainable
 from compress.errors import LrcError
 from compress.linalg import dense_target
 from compress.methods import METHODS
 from compress.recipe import RefineConfig, parse_recipe
-from conftest import reload_logits, tiny_recipe
+from conftest import reload_logits, resume_after_crash, tiny_recipe
 
 
 def _with_refine(recipe, **opts):
@@ -179,27 +178,12 @@ def test_refine_after_modegpt_and_reload(tiny_model_dir, tokenizer, corpus_file,
         torch.testing.assert_close(expected, out(x).logits, atol=1e-5, rtol=0)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_refine_resumes_byte_identically(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     model = str(tiny_model_dir("llama"))
     recipe = _with_refine(tiny_recipe(corpus_file, param_ratio=0.5), steps=6)
     api.compress(model, recipe, tmp_path / "ref", cache_dir=tmp_path / "c1", progress=False)
-
-    def crash(i):
-        if i == 1:
-            raise Crash("injected failure after block 1")
-
-    monkeypatch.setattr(pipeline, "after_block", crash)
-    with pytest.raises(Crash):
-        api.compress(model, recipe, tmp_path / "out", cache_dir=tmp_path / "c2", progress=False)
-    monkeypatch.setattr(pipeline, "after_block", lambda i: None)
-    _, report = api.compress(model, recipe, tmp_path / "out", resume=True, cache_dir=tmp_path / "c2", progress=False)
-    assert report["resumed_from_block"] == 2 and report["refine"]["of"] == 3
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    report = resume_after_crash(monkeypatch, model, recipe, tmp_path / "out", tmp_path / "c2", tmp_path / "ref")
+    assert report["refine"]["of"] == 3
 
 
 def test_refine_needs_compressed_propagation(corpus_file):

@@ -5,7 +5,7 @@ import torch
 
 from compress import api
 from compress.api import compress_model
-from conftest import tiny_recipe
+from conftest import resume_after_crash, tiny_recipe
 
 OPTS = {"trials": 3, "samples": 2, "temperature": 0.6}
 
@@ -90,15 +90,10 @@ def test_search_anchor_is_the_kl_of_one_matrix_replaced(tiny_model_dir, tokenize
     assert row["anchor_kl"] == pytest.approx(expected, rel=2e-2)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_search_checkpoint_loads_without_lrc_and_resumes_after_a_crash(tiny_model_dir, corpus_file, tmp_path,
                                                                        monkeypatch):
     """Mixed ranks: the checkpoint loads in a process that cannot import lrc with the same logits; a run killed
     after block 1 resumes (anchors, trials and blocks from the run cache) to the bytes of an uninterrupted one."""
-    from compress.engine import pipeline
     from conftest import reload_logits
 
     model = str(tiny_model_dir("qwen2"))
@@ -110,19 +105,8 @@ def test_search_checkpoint_loads_without_lrc_and_resumes_after_a_crash(tiny_mode
     with torch.no_grad():
         torch.testing.assert_close(expected, out(x).logits, atol=1e-5, rtol=0)
 
-    def crash(i):
-        if i == 1:
-            raise Crash("injected failure after block 1")
-
-    monkeypatch.setattr(pipeline, "after_block", crash)
-    with pytest.raises(Crash):
-        api.compress(model, recipe, tmp_path / "b", cache_dir=tmp_path / "c2", progress=False)
-    monkeypatch.setattr(pipeline, "after_block", lambda i: None)
-    _, again = api.compress(model, recipe, tmp_path / "b", resume=True, cache_dir=tmp_path / "c2", progress=False)
-    assert again["resumed_from_block"] == 2
+    again = resume_after_crash(monkeypatch, model, recipe, tmp_path / "b", tmp_path / "c2", tmp_path / "a")
     assert again["allocation"] == report["allocation"]
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 def test_anchors_are_reused_at_another_budget(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

@@ -80,19 +80,14 @@ def test_one_method_and_no_depth_is_a_plain_rank_search(tiny_model_dir, tokenize
 
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_mixed_checkpoint_reloads_resumes_and_finetunes(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     """GQA (qwen2): the mixed checkpoint (resized MoDeGPT modules beside low-rank factors) loads in a process that
     cannot import lrc with the logits of the model in memory; a run killed after block 1 resumes to the bytes of
     an uninterrupted one; ``lrc finetune`` trains it."""
     from compress import api
-    from compress.engine import pipeline
     from compress.finetune import FinetuneConfig
     from compress.finetune.run import finetune
-    from conftest import reload_logits
+    from conftest import reload_logits, resume_after_crash
 
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
     model = str(tiny_model_dir("qwen2"))
@@ -104,18 +99,8 @@ def test_mixed_checkpoint_reloads_resumes_and_finetunes(tiny_model_dir, corpus_f
     with torch.no_grad():
         torch.testing.assert_close(reload_logits(tmp_path / "a", x, tmp_path), out(x).logits, atol=1e-5, rtol=0)
 
-    def crash(i):
-        if i == 1:
-            raise Crash("injected failure after block 1")
-
-    monkeypatch.setattr(pipeline, "after_block", crash)
-    with pytest.raises(Crash):
-        api.compress(model, recipe, tmp_path / "b", cache_dir=tmp_path / "c2", progress=False)
-    monkeypatch.setattr(pipeline, "after_block", lambda i: None)
-    _, again = api.compress(model, recipe, tmp_path / "b", resume=True, cache_dir=tmp_path / "c2", progress=False)
-    assert again["resumed_from_block"] == 2 and again["allocation"] == report["allocation"]
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    again = resume_after_crash(monkeypatch, model, recipe, tmp_path / "b", tmp_path / "c2", tmp_path / "a")
+    assert again["allocation"] == report["allocation"]
     ft = finetune(str(tmp_path / "a"), FinetuneConfig(data=str(corpus_file), steps=4, lr=1e-3, warmup=1,
                                                       batch_size=4, seq_len=32, holdout=4, eval_every=2,
                                                       train="all"), tmp_path / "ft", device="cpu")
