@@ -62,6 +62,7 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
     """Dry run: per-module rank and parameters before/after, and totals. Loads only the config."""
     from . import api
     from .plan import totals
+    from .recipe import load_recipe
 
     try:
         rows = api.plan(model, recipe, progress=True)
@@ -89,6 +90,12 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
               f"{t['dense_modules']} kept dense{comp}); params {t['targeted_params_before']:,} → "
               + (f"{t['targeted_params_after']:,} (kept {kept:.4f} of targeted; embeddings and lm_head excluded)"
                  if kept is not None else "data-dependent"))
+    q = load_recipe(recipe).quantize
+    if q is not None:
+        out.print(f"then quantized ({q.method}, int{q.bits}, "
+                  f"{'groups of ' + str(q.group_size) if q.group_size else 'one scale per row'}"
+                  f"{', symmetric' if q.symmetric else ''}): every Linear the blocks hold after the stages, factors "
+                  "included; the report's quantization section and checkpoint_bytes give the bytes")
     if json_out:
         json_out.write_text(json.dumps({"modules": [r.to_dict() for r in rows], "totals": t}, indent=2))
 
