@@ -68,7 +68,7 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
         rows = api.plan(model, recipe, progress=True)
     except LrcError as e:
         _fail(e)
-    last = max(r.block for r in rows)
+    last = max((r.block for r in rows), default=0)
     table = Table(title=f"plan: {recipe.name} on {model}")
     for col in ("module", "method", "shape (out x in)", "rank / kept dims / atoms", "params before", "params after",
                 "note"):
@@ -82,14 +82,17 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
                           or not r.linear else r.describe(),
                           f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
                           r.note)
-    out.print(table)
     t = totals(rows)
-    kept = t["kept_fraction_of_targeted"]
-    comp = f", {t['compensated_modules']} compensated" if t["compensated_modules"] else ""
-    out.print(f"targeted Linears: {t['targeted_modules']} ({t['factorized_modules']} factorized, "
-              f"{t['dense_modules']} kept dense{comp}); params {t['targeted_params_before']:,} → "
-              + (f"{t['targeted_params_after']:,} (kept {kept:.4f} of targeted; embeddings and lm_head excluded)"
-                 if kept is not None else "data-dependent"))
+    if rows:
+        out.print(table)
+        kept = t["kept_fraction_of_targeted"]
+        comp = f", {t['compensated_modules']} compensated" if t["compensated_modules"] else ""
+        out.print(f"targeted Linears: {t['targeted_modules']} ({t['factorized_modules']} factorized, "
+                  f"{t['dense_modules']} kept dense{comp}); params {t['targeted_params_before']:,} → "
+                  + (f"{t['targeted_params_after']:,} (kept {kept:.4f} of targeted; embeddings and lm_head excluded)"
+                     if kept is not None else "data-dependent"))
+    else:
+        out.print("no stage: no module is decomposed")
     q = load_recipe(recipe).quantize
     if q is not None:
         out.print(f"then quantized ({q.method}, int{q.bits}, "

@@ -169,8 +169,9 @@ def summary_table(report: dict) -> Table:
         words = {rt.word for rt in types if rt.units == units}
         names = len({r["name"] for r in report["modules"] if r["type"] in words})
         table.add_row(label, ", ".join(parts) if units else f"{names} ({', '.join(parts)})")
-    table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
-                                     f"(kept {t['kept_fraction_of_targeted']:.4f})")
+    if t.get("params_before"):  # a recipe with stages (quantization alone has none)
+        table.add_row("targeted params", f"{t['params_before']:,} → {t['params_after']:,} "
+                                         f"(kept {t['kept_fraction_of_targeted']:.4f})")
     if t.get("storage_bytes_after") is not None:
         table.add_row("targeted storage", f"{t['storage_bytes_before']:,} → {t['storage_bytes_after']:,} bytes "
                                           f"(kept {t['kept_storage_fraction']:.4f}; values + support masks)")

@@ -135,3 +135,23 @@ def test_modegpt_quantized_resumes_byte_identically(tiny_model_dir, corpus_file,
     half = out.to(torch.bfloat16)
     q = next(m for m in half.modules() if isinstance(m, QuantLinear))
     assert q.scales.dtype == torch.float16 and q.compute_dtype == torch.bfloat16
+
+
+def test_cli_plan_and_compress_quantization_alone(tiny_model_dir, corpus_file, tmp_path):
+    """``lrc plan`` says what the section will do; ``lrc compress`` of a recipe without stages prints its summary."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"dataset": str(corpus_file), "samples": 8, "seq_len": 32},
+                                      "engine": {"device": "cpu"}, "quantize": {"bits": 4, "group_size": 16},
+                                      "samples": 0}))
+    model = str(tiny_model_dir("llama"))
+    res = CliRunner().invoke(app, ["plan", model, "--recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert "no stage" in res.output and "then quantized (gptq, int4, groups of 16)" in res.output
+    res = CliRunner().invoke(app, ["compress", model, "--recipe", str(recipe), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "quantized" in res.output and "checkpoint tensors" in res.output
