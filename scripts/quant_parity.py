@@ -1,6 +1,7 @@
 """Parity of lrc's round-to-nearest quantizer with torchao's (issue 25, "baselines inside lrc … checked for parity
 against a well-kept quantization library"): every block Linear of a model quantized by both, 4-bit asymmetric groups
-of 128 (torchao 0.18 ``IntxWeightOnlyConfig(int4, PerGroup(128), ASYMMETRIC)``), the dequantized weights compared
+of ``--group`` columns (torchao 0.18 ``IntxWeightOnlyConfig(int4, PerGroup(g), ASYMMETRIC)``; torchao needs g to
+divide every input size: 64 for SmolLM2's 576 and 1536, hence the default), the dequantized weights compared
 matrix by matrix and the WikiText-2 perplexity of both models side by side in one process (not a test; torchao is no
 dependency of lrc: ``pip install --target DIR torchao==0.18.0`` and put DIR on PYTHONPATH).
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
@@ -55,7 +57,7 @@ def main() -> None:
     models = {"torchao": copy.deepcopy(model), "lrc-fp32-scales": copy.deepcopy(model),
               "lrc-fp16-scales": copy.deepcopy(model)}
     ao = models["torchao"]
-    quantize_(ao, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128),
+    quantize_(ao, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(a.group),
                                        mapping_type=MappingType.ASYMMETRIC),
               filter_fn=lambda m, fqn: type(m) is torch.nn.Linear and ".layers." in fqn)
     ref = {n: ao.get_submodule(n).weight.dequantize().double() for n, _ in block_linears(model)}
@@ -63,7 +65,7 @@ def main() -> None:
     for name, scale in (("lrc-fp32-scales", "float32"), ("lrc-fp16-scales", "float16")):
         worst = 0.0
         for n, m in block_linears(models[name]):
-            w = rtn(m.weight.detach().double(), QuantSpec(bits=4, group_size=128, scale_dtype=scale))
+            w = rtn(m.weight.detach().double(), QuantSpec(bits=4, group_size=a.group, scale_dtype=scale))
             d = w.dequantize(torch.float64)
             worst = max(worst, float((d - ref[n]).abs().max() / ref[n].abs().max()))
             with torch.no_grad():
@@ -72,7 +74,7 @@ def main() -> None:
     out = {"dense": perplexity(model, tok, text, seq_len=512, max_windows=a.windows).perplexity}
     for name, m in models.items():
         out[name] = perplexity(m, tok, text, seq_len=512, max_windows=a.windows).perplexity
-    result = {"model": a.model, "windows": a.windows, "perplexity": out,
+    result = {"model": a.model, "windows": a.windows, "group_size": a.group, "perplexity": out,
               "max_weight_difference_vs_torchao": diffs,
               "definition": "max over matrices of max|Ŵ_lrc − Ŵ_torchao| / max|Ŵ_torchao|"}
     print(json.dumps(result, indent=2))
