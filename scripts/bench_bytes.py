@@ -106,13 +106,18 @@ def svg(rows: list[dict], dense_ppl: float, width: int = 760, height: int = 460)
     return "\n".join(out)
 
 
+def dense_perplexity() -> float:
+    """The dense model's WikiText-2 perplexity under the same protocol (``docs/results/smollm2-dense-eval.json``)."""
+    return next(iter(json.loads(DENSE_PPL_JSON.read_text())["perplexity"].values()))["perplexity"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--svg", type=Path, help="write the plot here")
     a = ap.parse_args()
     rows = [json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]
-    dense_ppl = next(iter(json.loads(DENSE_PPL_JSON.read_text())["perplexity"].values()))["perplexity"]
+    dense_ppl = dense_perplexity()
     print(markdown(rows, dense_ppl))
     if a.svg:
         a.svg.write_text(svg(rows, dense_ppl))

@@ -29,6 +29,7 @@ import bench_floor  # noqa: E402
 import bench_modegpt  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_usable  # noqa: E402
+import bench_bytes  # noqa: E402
 import bench_scale  # noqa: E402
 import bench_selfgen  # noqa: E402
 import bench_speed  # noqa: E402
@@ -117,6 +118,7 @@ SECTIONS = {
     "speed": lambda: bench_speed.markdown(rows("speed-smollm2.jsonl")),
     "selfgen": lambda: bench_selfgen.markdown(rows("selfgen-smollm2.jsonl")),
     "finetune": lambda: bench_finetune.markdown(rows("finetune-smollm2.jsonl")),
+    "bytes": lambda: bench_bytes.markdown(rows("bytes-smollm2-64x512.jsonl"), bench_bytes.dense_perplexity()),
     "usable": lambda: bench_usable.markdown(rows("usable-smollm2-64x512.jsonl"), bench_usable.dense_reference(
         rows("usable-smollm2-64x512.jsonl"), RESULTS / "smollm2-dense-eval.json")),
 }
