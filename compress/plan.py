@@ -140,7 +140,8 @@ def fused_experts(block: nn.Module, experts: set[int]):
             yield sub, mod, names
 
 
-def _wanted(name: str, targets: list[re.Pattern] | None, ignore: list[re.Pattern]) -> bool:
+def wanted(name: str, targets: list[re.Pattern] | None, ignore: list[re.Pattern]) -> bool:
+    """Whether a module's full ``name`` matches ``targets`` (None: every module) and none of ``ignore``."""
     return (targets is None or any(t.search(name) for t in targets)) and not any(t.search(name) for t in ignore)
 
 
@@ -165,7 +166,7 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
         for bi, block in enumerate(blocks):
             for sub, mod, params in fused_experts(block, experts):
                 name = f"{prefix}.{bi}.{sub}"
-                if any(_wanted(n, targets, ignore) for n in (name, *(f"{name}.{p}" for p in params))):
+                if any(wanted(n, targets, ignore) for n in (name, *(f"{name}.{p}" for p in params))):
                     raise LrcError(f"{name}: fused 3-D expert weights ({type(mod).__name__}) are not supported; lrc "
                                    "compresses Linear layers (to keep the experts dense and compress the rest, add "
                                    f"'{re.escape(sub)}' to stages[{si}].ignore)")
@@ -173,7 +174,7 @@ def stage_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, str, int,
                 if is_router(mod, experts):
                     continue
                 name = f"{prefix}.{bi}.{sub}"
-                if not _wanted(name, targets, ignore):
+                if not wanted(name, targets, ignore):
                     continue
                 if name in owner and not compensation and not recipe.same_group(owner[name], si):
                     raise LrcError(f"stages[{si}]: {name} is already compressed by stages[{owner[name]}]")

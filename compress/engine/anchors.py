@@ -192,10 +192,11 @@ class Anchors:
         ref = y0.double().pow(2).sum()
         states = []
         for n, r in enumerate(todo):
+            knobs = unit_knobs(r, self.opts.anchor_fraction)
             self.progress.phase(f"search anchors, block {i + 1}: unit {n + 1}/{len(todo)} "
-                                f"({r.name.removeprefix(f'{self.prefix}.{i}.')}, {len(unit_knobs(r))} knobs)")
+                                f"({r.name.removeprefix(f'{self.prefix}.{i}.')}, {len(knobs)} knobs)")
             pts = []
-            for knob in unit_knobs(r, self.opts.anchor_fraction):
+            for knob in knobs:
                 y, _ = hidden(self._rebuilt(i, block, [(r, knob)], stats)(h, **self.kwargs[i]))
                 pts.append((knob, float((y.double() - y0.double()).pow(2).sum() / ref)))
                 if len(pts) == 1:

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from ..plan import wanted
 from ..quant import QuantLinear, QuantSpec, gptq, rtn
 from ..quant.module_type import quant_spec
 from .passes import run_pass
@@ -27,13 +28,7 @@ def targets(block: nn.Module, prefix: str, cfg) -> list[str]:
     """The block's plain ``nn.Linear`` modules (names relative to the block) the section selects."""
     want = [re.compile(t) for t in cfg.targets] if cfg.targets else None
     ignore = [re.compile(t) for t in cfg.ignore]
-    out = []
-    for sub, mod in block.named_modules():
-        name = prefix + sub
-        if type(mod) is nn.Linear and (want is None or any(t.search(name) for t in want)) \
-                and not any(t.search(name) for t in ignore):
-            out.append(sub)
-    return out
+    return [sub for sub, mod in block.named_modules() if type(mod) is nn.Linear and wanted(prefix + sub, want, ignore)]
 
 
 def spec_of(cfg) -> QuantSpec:
