@@ -101,13 +101,18 @@ def compress_model(model, recipe: Recipe | str | Path, tokenizer=None, cache_dir
 
 
 def _quant_summary(rows: list[dict], recipe) -> dict:
-    """The report's ``quantization`` section: the recipe's settings, every matrix (``engine/quantize.py``) and the
-    totals (bytes of the quantized matrices before and after, their weighted error)."""
+    """The report's ``quantization`` section: the recipe's settings, every matrix (``engine/quantize.py``; the
+    embeddings and an untied head first, with their ``kind``) and the totals (bytes of the quantized matrices before
+    and after, a tied head's table counted once; their mean error)."""
     before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+    emb = [r for r in rows if r.get("kind")]
     return {"settings": recipe.quantize.model_dump(mode="json"), "matrices": len(rows),
             "bytes_before": before, "bytes_after": after, "kept_bytes_fraction": after / before if before else None,
             "mean_rel_error": sum(r["rel_error"] for r in rows) / len(rows),
-            "seconds": round(sum(r.get("block_seconds", 0.0) for r in rows), 3), "rows": rows}
+            **({"embeddings": {"bytes_before": sum(r["bytes_before"] for r in emb),
+                               "bytes_after": sum(r["bytes_after"] for r in emb)}} if emb else {}),
+            "seconds": round(sum(r.get("block_seconds", 0.0) for r in rows) + sum(r.get("seconds", 0.0) for r in emb),
+                             3), "rows": rows}
 
 
 def _refine_summary(blocks: list[dict]) -> dict:

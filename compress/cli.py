@@ -99,6 +99,11 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
                   f"{'groups of ' + str(q.group_size) if q.group_size else 'one scale per row'}"
                   f"{', symmetric' if q.symmetric else ''}): every Linear the blocks hold after the stages, factors "
                   "included; the report's quantization section and checkpoint_bytes give the bytes")
+        if q.embeddings is not None:
+            e = q.embeddings
+            out.print(f"and the embeddings (with the output head) quantized first (rtn, int{e.bits}, "
+                      f"{'groups of ' + str(e.group_size) if e.group_size else 'one scale per row'}"
+                      f"{', symmetric' if e.symmetric else ''})")
     if json_out:
         json_out.write_text(json.dumps({"modules": [r.to_dict() for r in rows], "totals": t}, indent=2))
 

@@ -43,6 +43,7 @@ class PlanRow:
     cost_model: str = "lowrank"  # name in allocation.COST_MODELS: parameters at a rank
     cost_args: dict = field(default_factory=dict)  # what that cost model reads besides the shape (CoSpaDi's k/s)
     alternative: bool = False  # one of a stage group's options for this module (``key`` then names the method)
+    bits: int | None = None  # a byte-budget search's bit width for this module (16: not quantized; None: quantize.bits)
 
     def __post_init__(self):
         if self.compensation and self.cost_model == "lowrank":
@@ -91,6 +92,8 @@ class PlanRow:
             del d["cost_args"]
         if not self.alternative:
             del d["alternative"]
+        if self.bits is None:
+            del d["bits"]
         return d
 
 

@@ -81,8 +81,8 @@ def unit_rows(model: nn.Module, recipe, si: int, owner: dict[str, int]) -> tuple
 def check_stage(stage, si: int, recipe) -> None:
     """What a block-unit stage accepts beyond the recipe's checks (which refuse allocators that cannot allocate its
     units): a ``param_ratio`` budget and the layer objective (its closed forms fit each unit on its own inputs)."""
-    if stage.param_ratio is None:
+    if stage.param_ratio is None and stage.byte_ratio is None:
         raise LrcError(f"stages[{si}]: {stage.method} takes a param_ratio budget (the kept fraction of its units' "
-                       "parameters); rank and energy budgets are for low-rank methods")
+                       "parameters; byte_ratio with search); rank and energy budgets are for low-rank methods")
     if recipe.engine.objective != "layer":
         raise LrcError(f"engine.objective: {stage.method} supports the layer objective only")

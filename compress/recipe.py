@@ -116,6 +116,24 @@ class RefineConfig(_Strict):
     seed: int = Field(0, description="seeds each block's mini-batch order (a resumed run refines identically)")
 
 
+class EmbeddingQuantConfig(_Strict):
+    """``quantize.embeddings``: the token embeddings stored as ``bits``-bit codes, round to nearest (RTN) per group of
+    ``group_size`` consecutive entries of each row (None: one scale per row), and the output head with them: a head
+    tied to the embeddings uses the quantized table (stored once), an untied head becomes a ``QuantLinear`` of the
+    same settings. Scales are stored as the section's ``scale_dtype``. The default (int8, one symmetric scale per row)
+    is the layout of PyTorch's int8 weight-only kernel, which the head then runs."""
+    bits: Literal[8, 4, 3, 2] = Field(8, description="bits per code")
+    group_size: int | None = Field(None, description="entries of a row per scale (None: one per row; int4: 32-128)")
+    symmetric: bool = Field(True, description="no zero points (codes centred at 2^(bits-1))")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 or null (one group per row), got {v}")
+        return v
+
+
 class QuantizeConfig(_Strict):
     """Quantized storage of the Linears a block holds after its stages (factors, resized and dense ones alike;
     ``compress/quant``, methods.md §15): per group of ``group_size`` input columns a scale (and a zero point unless
@@ -135,6 +153,12 @@ class QuantizeConfig(_Strict):
                                                         "'<module>.first' / '.second'); None: every Linear in the "
                                                         "decoder blocks")
     ignore: list[str] = Field(default_factory=list)
+    embeddings: EmbeddingQuantConfig | None = Field(
+        None, description="the token embeddings (and the output head, tied or not) quantized too, RTN, before the "
+                          "first block (the calibration streams see them); None: left as they are")
+    bits_options: list[Literal[16, 8, 4, 3, 2]] | None = Field(
+        None, description="widths a byte-budget search may give each module of its stage (16: not quantized); the "
+                          "stage gives byte_ratio instead of param_ratio; other modules get bits")
 
     @field_validator("group_size")
     @classmethod
@@ -144,11 +168,17 @@ class QuantizeConfig(_Strict):
         return v
 
 
+BUDGETS = ("param_ratio", "rank", "energy", "byte_ratio")
+
+
 class StageConfig(_Strict):
     method: str
     param_ratio: float | None = Field(None, description="fraction of targeted parameters KEPT, in (0, 1]")
     rank: int | None = Field(None, ge=1)
     energy: float | None = None
+    byte_ratio: float | None = Field(None, description="fraction of the targeted modules' bytes KEPT, dense bytes "
+                                                       "counted at 16 bits a value; the search allocator chooses "
+                                                       "each module's knob and bit width (quantize.bits_options)")
     allocator: str = Field(
         "uniform", description="a registered allocator (lrc methods): uniform: same ratio per matrix; energy / welore "
                                "/ loss / sensitivity: one global budget over the stage's matrices from their spectra "
@@ -190,19 +220,19 @@ class StageConfig(_Strict):
             ALLOCATORS[info.data["allocator"]].check_options(v)
         return v
 
-    @field_validator("param_ratio", "energy")
+    @field_validator("param_ratio", "energy", "byte_ratio")
     @classmethod
     def _fraction(cls, v, info):
-        what = "parameters" if info.field_name == "param_ratio" else "spectral energy"
+        what = {"param_ratio": "parameters", "energy": "spectral energy", "byte_ratio": "bytes"}[info.field_name]
         if v is not None and not 0 < v <= 1:
             raise ValueError(f"must be in (0, 1] (fraction of {what} kept); got {v}")
         return v
 
     @model_validator(mode="after")
     def _one_budget(self):
-        given = [k for k in ("param_ratio", "rank", "energy") if getattr(self, k) is not None]
+        given = [k for k in BUDGETS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one budget of param_ratio, rank, energy; got {given or 'none'}")
+            raise ValueError(f"give exactly one budget of {', '.join(BUDGETS)}; got {given or 'none'}")
         return self
 
     @model_validator(mode="after")
@@ -236,13 +266,16 @@ class StageConfig(_Strict):
     @model_validator(mode="after")
     def _global_needs_ratio(self):
 
-        if ALLOCATORS[self.allocator].is_global and self.param_ratio is None:
+        if self.byte_ratio is not None and ALLOCATORS[self.allocator].reads != "anchors":
+            raise ValueError(f"byte_ratio: a byte budget trades rank against bit width by predicted error; use "
+                             f"allocator search (got {self.allocator})")
+        if ALLOCATORS[self.allocator].is_global and self.param_ratio is None and self.byte_ratio is None:
             raise ValueError(f"allocator {self.allocator} distributes a param_ratio budget; give param_ratio")
         return self
 
     @property
     def budget(self) -> tuple[str, float]:
-        for k in ("param_ratio", "rank", "energy"):
+        for k in BUDGETS:
             if getattr(self, k) is not None:
                 return k, getattr(self, k)
         raise AssertionError
@@ -311,6 +344,20 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _byte_budget(self):
+        byte = [i for i, st in enumerate(self.stages) if st.byte_ratio is not None]
+        options = self.quantize.bits_options if self.quantize is not None else None
+        if byte and not options:
+            raise ValueError(f"stages[{byte[0]}].byte_ratio: a byte budget needs a quantize section with "
+                             "bits_options (the widths to choose from, e.g. [4, 8, 16])")
+        if options and not byte:
+            raise ValueError("quantize.bits_options: chosen per module by a search stage with byte_ratio; give one "
+                             "(or use bits alone)")
+        if len(byte) > 1 and len({self.stages[i].group or i for i in byte}) > 1:
+            raise ValueError(f"stages[{byte[1]}].byte_ratio: one byte budget per recipe (one search stage or group)")
+        return self
+
+    @model_validator(mode="after")
     def _something_to_do(self):
         if not self.stages and self.quantize is None:
             raise ValueError("stages: give at least one stage (or a quantize section for quantization alone)")
@@ -328,7 +375,7 @@ class Recipe(_Strict):
                                      f"got allocator {st.allocator}")
                 if METHODS[st.method].kind == "compensation":
                     raise ValueError(f"stages[{i}].group: {st.method} adds a residual and is no alternative")
-                for key in ("param_ratio", "allocator_options", "align"):
+                for key in ("param_ratio", "byte_ratio", "allocator_options", "align"):
                     if getattr(st, key) != getattr(first, key):
                         raise ValueError(f"stages[{i}].{key}: every stage of group {name!r} shares one budget "
                                          f"and search: {getattr(st, key)} differs from stages[{idx[0]}]'s "
@@ -387,8 +434,12 @@ class Recipe(_Strict):
                 data.pop(section, None)
         for i, stage in enumerate(data["stages"]):
             stage["options"] = self.method_config(i).model_dump(mode="json")
-            if stage.get("group") is None:  # absent outside a group, as before groups existed (same caches)
-                stage.pop("group", None)
+            for key in ("group", "byte_ratio"):  # absent when unused, as before they existed (same caches)
+                if stage.get(key) is None:
+                    stage.pop(key, None)
+        for key in ("bits_options", "embeddings"):  # absent when unused, as before they existed (same caches)
+            if data.get("quantize") is not None and data["quantize"].get(key) is None:
+                data["quantize"].pop(key)
         return data
 
 

@@ -28,9 +28,9 @@ def count_params(model) -> dict:
     from .checkpoint.module_types import stored_weights
 
     total = sum(p.numel() for p in unique_parameters(model)) + stored_weights(model)  # quantized weights too
-    emb = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-           for p in m.parameters()}
-    n_emb = sum(p.numel() for p in emb.values())
+    heads = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    emb = {id(p): p for m in heads for p in m.parameters()}
+    n_emb = sum(p.numel() for p in emb.values()) + sum(stored_weights(m) for m in heads)  # tied quantized head: 0
     return {"total": total, "embeddings_and_head": n_emb, "excluding_embeddings_and_head": total - n_emb}
 
 

@@ -113,14 +113,25 @@ def _quantized(W, bits):
     return m
 
 
+def _quantized_table(W):
+    from compress.quant import QuantEmbedding, QuantSpec, rtn
+
+    q = rtn(W.detach().double(), QuantSpec(bits=8, group_size=None, symmetric=True))
+    m = QuantEmbedding(W.shape[0], W.shape[1], 8, None, True, dtype=torch.float32)
+    for k, v in q.to_packed().items():
+        getattr(m, k).copy_(v)
+    return m
+
+
 def _every_module_type(model):
     """``model`` (the tiny Llama) with a module of every registered type that a checkpoint can hold: MoDeGPT's
     attention, a low-rank Linear, a dictionary owner wrapped by EoRA's residual, a sharer of its dictionary, a dense
-    Linear, a quantized Linear; returns the replaced names."""
+    Linear, a quantized Linear, quantized embeddings and the head tied to them; returns the replaced names."""
     from compress.checkpoint.modeling_lrc import LowRankLinear
     from compress.methods.cospadi.lrc_dictionary import DictLinear
     from compress.methods.eora.lrc_compensated import CompensatedLinear
     from compress.methods.modegpt.lrc_attention import LrcAttention
+    from compress.quant import QuantTiedHead
 
     g = torch.Generator().manual_seed(0)
     attention = LrcAttention.from_base(model.model.layers[0].self_attn, qk_dim=8, vo_dim=12)
@@ -131,13 +142,16 @@ def _every_module_type(model):
     new = {"model.layers.0.self_attn": attention, "model.layers.0.mlp.gate_proj": LowRankLinear(64, 96, 8),
            "model.layers.0.mlp.down_proj": CompensatedLinear(owner, 3), "model.layers.1.mlp.down_proj": sharer,
            "model.layers.1.mlp.up_proj": nn.Linear(64, 96, bias=False),
-           "model.layers.1.self_attn.q_proj": _quantized(torch.randn(64, 64, generator=g), bits=4)}
+           "model.layers.1.self_attn.q_proj": _quantized(torch.randn(64, 64, generator=g), bits=4),
+           "model.embed_tokens": _quantized_table(model.model.embed_tokens.weight),
+           "lm_head": QuantTiedHead("model.embed_tokens", 64, model.config.vocab_size)}
     for name, module in new.items():
         for p in module.parameters():
             if p.is_floating_point() and p is not owner.dictionary.weight and p is not owner.values:
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         model.set_submodule(name, module)
+    model.lm_head.lrc_link(model.get_submodule)
     return list(new)
 
 

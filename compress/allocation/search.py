@@ -51,6 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import LrcError
+from .bits import linear_bytes, unit_bytes
 from .budget import set_rank
 from .cost import cost_of
 from .registry import register_allocator
@@ -94,15 +95,23 @@ class SearchOptions(BaseModel):
 @dataclass(frozen=True)
 class Candidate:
     """One option of a matrix in the knapsack: ``knob`` (rank; None = kept dense), its ``params`` (cost model), its
-    predicted ``error`` ε and ``k = rank / r_eq`` (1.0 for dense)."""
+    predicted ``error`` ε and ``k = rank / r_eq`` (1.0 for dense); under a byte budget also its width ``bits``
+    (16: not quantized) and ``bytes`` (``bits.py``), the program's cost then."""
 
     knob: int | None
     params: int
     error: float
     k: float
+    bits: int | None = None
+    bytes: int | None = None
+
+    @property
+    def cost(self) -> int:
+        return self.params if self.bytes is None else self.bytes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return d if self.bits is not None else {k: v for k, v in d.items() if k not in ("bits", "bytes")}
 
 
 # --- the error model (§12) -------------------------------------------------------------------------------------
@@ -133,19 +142,22 @@ def anchor_rank(row, anchor_fraction: float = 0.1) -> int:
     return cost_of(row).align(row, r0)
 
 
+def tail_curve(sigma: torch.Tensor) -> Callable[[int], float]:
+    """``t(r) = 1 − E(r)/E`` with ``E(r) = Σ_{i≤r} s_i²``, clamped to [0, 1] (0 for a zero spectrum): the relative
+    whitened error a rank-r truncation leaves."""
+    s2 = torch.as_tensor(sigma).detach().to("cpu", torch.float64).flatten() ** 2
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s2, 0)]).tolist()  # cum[r] = E(r)
+    total = cum[-1]
+    if total <= 0:
+        return lambda r: 0.0
+    return lambda r: min(max(1.0 - cum[min(max(int(r), 0), len(cum) - 1)] / total, 0.0), 1.0)
+
+
 def error_curve(sigma: torch.Tensor, r0: int) -> Callable[[int], float]:
     """``e(r) = (1 − E(r)/E) / max(1 − E(r0)/E, 1e-6)`` with ``E(r) = Σ_{i≤r} s_i²`` (§12): 1 at ``r0``,
     non-increasing in ``r``, 0 from ``len(sigma)`` on. ``sigma``: the method's whitened singular values, descending
     (may be shorter than ``min(m, n)``; the missing ones are 0). A zero spectrum loses nothing: ``e ≡ 0``."""
-    s2 = torch.as_tensor(sigma).detach().to("cpu", torch.float64).flatten() ** 2
-    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s2, 0)]).tolist()  # cum[r] = E(r)
-    total = cum[-1]
-
-    def tail(r: int) -> float:  # 1 − E(r)/E, clamped (rounding) to [0, 1]
-        return min(max(1.0 - cum[min(max(int(r), 0), len(cum) - 1)] / total, 0.0), 1.0)
-
-    if total <= 0:
-        return lambda r: 0.0
+    tail = tail_curve(sigma)
     den = max(tail(r0), 1e-6)
     return lambda r: tail(r) / den
 
@@ -166,7 +178,7 @@ def rank_step(row, multiple: int) -> int:
 
 
 def candidates(row, sigma: torch.Tensor, anchor_kl: float, depth: float, kept_ratio: float,
-               options: SearchOptions | dict | None = None) -> list[Candidate]:
+               options: SearchOptions | dict | None = None, widths=None) -> list[Candidate]:
     """The row's knapsack options (§12 "Candidates"): kept dense (``params_before``, error 0) first, then ranks
     ``r = k·r_eq`` (``k`` from ``k_min`` to 0.95 by 0.05, rounded down to ``rank_step``, at least ``row.align``,
     deduplicated, only those that save parameters under the row's cost model) with ``ε = depth·anchor_kl·e(r)``."""
@@ -182,6 +194,38 @@ def candidates(row, sigma: torch.Tensor, anchor_kl: float, depth: float, kept_ra
             continue
         seen.add(r)
         out.append(Candidate(r, cost.params(row, r), float(depth * anchor_kl * e(r)), k))
+    return out if widths is None else with_widths(row, out, sigma, depth * anchor_kl, widths, opts)
+
+
+def with_widths(row, ranks: list[Candidate], sigma, scale: float, widths, opts) -> list[Candidate]:
+    """A Linear row's options at every width of ``widths`` (``Widths``): each rank (and dense) at each width, priced
+    in bytes (``bits.linear_bytes``), its error the truncation tail plus the quantization error on the energy kept,
+    ``s·(t(r) + (1 − t(r))·q_f)`` (dense: ``s·q_d``), with ``s = depth·KL_l / t(r0)`` (``bits.py``'s model)."""
+    if cost_of(row).name != "lowrank":
+        raise LrcError(f"search: a byte budget prices low-rank Linears and MoDeGPT units; {row.name} has cost model "
+                       f"{cost_of(row).name}")
+    t = tail_curve(sigma)
+    s = scale / max(t(anchor_rank(row, opts.anchor_fraction)), 1e-6)
+    q = widths.errors(row.key)
+    out = []
+    for c in ranks:
+        for b in widths.bits:
+            spec = widths.spec(b)
+            tr = 0.0 if c.knob is None else t(c.knob)
+            qe = 0.0 if spec is None else q[b][0 if c.knob is None else 1]
+            out.append(Candidate(c.knob, c.params, float(s * (tr + (1 - tr) * qe)), c.k, b,
+                                 linear_bytes(row, c.knob, spec)))
+    return pareto(out)
+
+
+def pareto(options: list[Candidate]) -> list[Candidate]:
+    """The options no other option beats on both bytes and error (ties: the first), cheapest first: a dominated
+    one is never in an optimal choice (a narrow width can cost more than 16 bits at tiny ranks: a scale per row)."""
+    out, best = [], math.inf
+    for c in sorted(options, key=lambda c: (c.cost, c.error)):
+        if c.error < best:
+            out.append(c)
+            best = c.error
     return out
 
 
@@ -202,7 +246,7 @@ def unit_knobs(row, anchor_fraction: float = 0.1) -> list[int]:
 
 
 def unit_candidates(row, curve: torch.Tensor, anchor_kl: float, depth: float, kept_ratio: float,
-                    options: SearchOptions | dict | None = None) -> list[Candidate]:
+                    options: SearchOptions | dict | None = None, widths=None) -> list[Candidate]:
     """A unit row's options: kept dense, then each measured knob of ``curve`` (rows ``(knob, output error)``, the
     anchor knob first) with ``k`` = its kept share of parameters at least ``k_min`` and
     ``ε = depth·anchor_kl·err(knob)/err(anchor)`` — the method's own measured error curve in place of a spectrum's
@@ -218,7 +262,17 @@ def unit_candidates(row, curve: torch.Tensor, anchor_kl: float, depth: float, ke
         if k + 1e-9 < k_min or not cost.saves(row, knob) or any(c.knob == knob for c in out):
             continue
         out.append(Candidate(knob, cost.params(row, knob), float(depth * anchor_kl * err / den), round(k, 4)))
-    return out
+    if widths is None:
+        return out
+    measured = widths.unit_errors(row.key)  # (knob, bits) → output error with the unit's Linears at that width
+    wide = []
+    for c in out:
+        for b in widths.bits:
+            spec = widths.spec(b)
+            err = c.error if spec is None else \
+                depth * anchor_kl * measured[(row.dim if c.knob is None else c.knob, b)] / den
+            wide.append(Candidate(c.knob, c.params, float(err), c.k, b, unit_bytes(c.params, spec)))
+    return pareto(wide)
 
 
 # --- the knapsack -----------------------------------------------------------------------------------------------
@@ -330,9 +384,10 @@ def trial_points(opts: SearchOptions, searching: bool) -> list[tuple[float, floa
 
 def row_candidates(row, table, opts: SearchOptions, ratio: float, depth: float) -> list[Candidate]:
     """A row's options: a Linear's ranks from its spectrum, a unit's measured knobs from its curve."""
+    widths = getattr(table, "widths", None)
     if getattr(row, "linear", True):
-        return candidates(row, table.sigma[row.key], float(table.anchor[row.key]), depth, ratio, opts)
-    return unit_candidates(row, table.curve[row.key], float(table.anchor[row.key]), depth, ratio, opts)
+        return candidates(row, table.sigma[row.key], float(table.anchor[row.key]), depth, ratio, opts, widths)
+    return unit_candidates(row, table.curve[row.key], float(table.anchor[row.key]), depth, ratio, opts, widths)
 
 
 def dense_params(rows) -> dict[str, int]:
@@ -358,10 +413,11 @@ def _solve_trial(rows, table, opts, ratio, n_blocks, budget, alpha, gamma):
     modules) and the predicted total ε."""
     cands = [row_candidates(r, table, opts, ratio, depth_multiplier(r.block, n_blocks, alpha, gamma)) for r in rows]
     try:
-        pick = solve_cover([[c.params for c in g] for g in cands], [[c.error for c in g] for g in cands],
+        pick = solve_cover([[c.cost for c in g] for g in cands], [[c.error for c in g] for g in cands],
                            [r.modules() for r in rows], budget, opts.time_limit)
     except ValueError as err:
-        raise LrcError(f"search allocator: param_ratio {ratio} cannot be met with its candidates ({err}); lower "
+        what = "byte_ratio" if getattr(table, "widths", None) is not None else "param_ratio"
+        raise LrcError(f"search allocator: {what} {ratio} cannot be met with its candidates ({err}); lower "
                        f"allocator_options.k_min") from err
     return cands, pick, sum(g[j].error for g, j in zip(cands, pick) if j is not None)
 
@@ -375,8 +431,7 @@ def search(stage, rows, table, options) -> None:
     ``table.dropped`` (their modules are another method's) and ``table.result`` (trials, the chosen one, every
     row's candidates and choice) for the report."""
     opts = SearchOptions.model_validate(options or {})
-    ratio = stage.param_ratio
-    budget = int(ratio * sum(dense_params(rows).values()))
+    ratio, budget = search_budget(stage, rows, getattr(table, "widths", None))
     n_blocks = getattr(table, "n_blocks", None) or max(r.block for r in rows) + 1
     evaluate = getattr(table, "evaluate", None)
     searching = evaluate is not None and opts.trials > 0
@@ -384,7 +439,8 @@ def search(stage, rows, table, options) -> None:
     solved = [_solve_trial(rows, table, opts, ratio, n_blocks, budget, a, g) for a, g in points]
     allocations, which = [], []
     for cands, pick, _ in solved:
-        alloc = {r.key: None if j is None else g[j].knob for r, g, j in zip(rows, cands, pick)}
+        alloc = {r.key: None if j is None else g[j].knob if g[j].bits is None else [g[j].knob, g[j].bits]
+                 for r, g, j in zip(rows, cands, pick)}
         if alloc not in allocations:
             allocations.append(alloc)
         which.append(allocations.index(alloc))
@@ -404,9 +460,23 @@ def search(stage, rows, table, options) -> None:
     table.result = _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks, allocations)
 
 
+def search_budget(stage, rows, widths) -> tuple[float, int]:
+    """The stage's kept ratio and the program's budget: ``param_ratio`` of the modules' dense parameters, or
+    ``byte_ratio`` of their 16-bit bytes (2 a value) under a byte budget (its ratio read as 0 for ``k_min``: every
+    rank is offered, as narrow widths leave room for small ones)."""
+    dense = sum(dense_params(rows).values())
+    if widths is not None:
+        return 0.0, int(stage.byte_ratio * 2 * dense)
+    return stage.param_ratio, int(stage.param_ratio * dense)
+
+
 def _set(row, c: Candidate) -> None:
-    """The chosen option on its row: a rank (or dense) for a Linear, kept dims for a unit (all of them = dense)."""
+    """The chosen option on its row: a rank (or dense) for a Linear, kept dims for a unit (all of them = dense);
+    under a byte budget also its width (``row.bits``)."""
+    row.bits = c.bits
     how = f"search: {row.method} " if getattr(row, "alternative", False) else "search: "
+    if c.bits is not None:
+        how += f"int{c.bits} " if c.bits < 16 else "16-bit "
     if not getattr(row, "linear", True):
         row.knob = c.knob if c.knob is not None else row.dim
         row.kept_fraction_target = round(c.k, 6)
@@ -421,8 +491,10 @@ def _set(row, c: Candidate) -> None:
 def _additive(rows, table, opts, allocations) -> list[float]:
     """LEMS's error model without the depth term, ``Σ_l KL_l·e_l(knob_l)`` (dense: 0), for each allocation: what
     the per-row anchors predict for the whole model, to set beside the KL measured for it."""
-    errs = {r.key: {c.knob: c.error for c in row_candidates(r, table, opts, 0.0, 1.0)} for r in rows}
-    return [sum(errs[r.key][a[r.key]] for r in rows if a[r.key] is not None) for a in allocations]
+    errs = {r.key: {c.knob if c.bits is None else (c.knob, c.bits): c.error
+                    for c in row_candidates(r, table, opts, 0.0, 1.0)} for r in rows}
+    return [sum(errs[r.key][a[r.key] if not isinstance(a[r.key], list) else tuple(a[r.key])]
+                for r in rows if a[r.key] is not None) for a in allocations]
 
 
 def _result(rows, table, opts, points, solved, which, measured, chosen, budget, n_blocks, allocations) -> dict:
@@ -435,6 +507,8 @@ def _result(rows, table, opts, points, solved, which, measured, chosen, budget, 
     return {
         "budget": int(budget),
         "params": int(sum(g[j].params for g, j in zip(cands, pick) if j is not None)),
+        **({"bytes": int(sum(g[j].bytes for g, j in zip(cands, pick) if j is not None)), "unit": "bytes"}
+           if getattr(table, "widths", None) is not None else {}),
         "trials": [{"alpha": a, "gamma": g, "kl": measured[which[t]], "predicted": float(s[2]),
                     "allocation": which[t]} for t, ((a, g), s) in enumerate(zip(points, solved))],
         "chosen": chosen,

@@ -12,21 +12,60 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 
 import torch
+from torch import nn
 
+from ..allocation.bits import FACTOR_PROBE, fake_quant
 from ..allocation.cost import cost_of
-from ..allocation.search import SearchOptions, anchor_rank, unit_knobs
+from ..allocation.search import SearchOptions, anchor_rank, equal_rank, unit_knobs
 from .capture import move_outside_blocks
 from .passes import run_pass
 from .stats import COLLECTORS
 from .stream import hidden, replayed
 
 STATE_BUDGET_BYTES = 1 << 30  # candidates' hidden states kept on the device at once
+
+
+@contextlib.contextmanager
+def _rounded(block, names: list[str], spec):
+    """Every ``nn.Linear`` at or under ``names`` (relative to ``block``) with its weight rounded to ``spec`` (RTN,
+    dequantized) for the duration; the weights are restored after."""
+    saved = []
+    try:
+        for name in names:
+            for mod in block.get_submodule(name).modules():
+                if isinstance(mod, nn.Linear) and spec is not None:
+                    saved.append((mod, mod.weight.data.clone()))
+                    mod.weight.data.copy_(fake_quant(mod.weight.data, spec))
+        yield block
+    finally:
+        for mod, w in saved:
+            mod.weight.data.copy_(w)
+
+
+def width_tag(spec) -> str:
+    """A byte budget's quantizer settings other than the width (``qcurve:<tag>:<key>`` entries of the stored
+    anchors: measured once per setting, each width a row)."""
+    return f"g{spec.group_size or 0}{'s' if spec.symmetric else 'a'}-{spec.scale_dtype}"
+
+
+def probe_factors(row, spectrum):
+    """The factors ``(A, B)`` at ``FACTOR_PROBE·r_eq`` (aligned) whose quantization error stands for every rank's
+    (``allocation/bits.py``)."""
+    r = cost_of(row).align(row, max(int(FACTOR_PROBE * equal_rank(row)), row.align))
+    return spectrum.factors(max(1, min(r, int(spectrum.sigma.numel()))))
+
+
+def split(value) -> tuple[int | None, int | None]:
+    """An allocation's value as ``(knob, bits)``: a knob (or None: dense), or ``[knob, bits]`` under a byte
+    budget."""
+    return (value[0], value[1]) if isinstance(value, (list, tuple)) else (value, None)
 
 
 def options_of(recipe, row) -> SearchOptions:
@@ -50,8 +89,9 @@ class Anchors:
 
     def __init__(self, model, prefix, blocks, host, ids, x0, kwargs, opts: SearchOptions, cache, progress,
                  stored: dict | None = None, names: list[str] = (), methods: dict | None = None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, widths: dict | None = None):
         self.model, self.prefix, self.blocks, self.host, self.kwargs = model, prefix, blocks, host, kwargs
+        self.widths = widths or {}  # a byte budget's narrower widths: bits → QuantSpec
         self.cache, self.progress, self.opts, self.batch_size = cache, progress, opts, batch_size
         self.methods = methods or {}  # stage index → configured method (the block methods' rebuild hooks)
         self.raw = dict(stored or {})  # ``anchor:<key>`` and, for units, ``curve:<key>``
@@ -178,40 +218,64 @@ class Anchors:
     def units(self, i: int, block, x_in: torch.Tensor, rows: list) -> dict[str, torch.Tensor]:
         """For each unit row (a block method's group of modules) of block ``i``: ``curve:<key>``, its block's output
         error ``‖Y′ − Y‖²/‖Y‖²`` on the search sequences at each of ``unit_knobs`` (rows ``(knob, error)``, the
-        anchor knob first), and ``anchor:<key>``, the whole-model KL with only it rebuilt at the anchor knob. The
-        statistics are kept per block in the run cache (``search_units_<i>``) for the trials."""
+        anchor knob first), and ``anchor:<key>``, the whole-model KL with only it rebuilt at the anchor knob. Under
+        a byte budget also ``qcurve:<tag>:<key>``: the same error with the unit's Linears rounded (RTN) to each
+        width, at each knob and dense (``knob = dim``). The statistics are kept per block in the run cache
+        (``search_units_<i>``) for the trials."""
         stats = self._unit_stats(i, block, x_in, rows)
         self.cache.save_tensors(f"search_units_{i}", {f"{c}|{n}": v.cpu() for c, d in stats.items()
                                                         for n, v in d.items()})
+        qkey = (lambda r: f"qcurve:{width_tag(next(iter(self.widths.values())))}:{r.key}") if self.widths else None
         out = {k: self.raw[k] for r in rows for k in (f"anchor:{r.key}", f"curve:{r.key}") if k in self.raw}
+        if qkey is not None:
+            out.update({qkey(r): self.raw[qkey(r)] for r in rows if self._has_widths(self.raw.get(qkey(r)))})
         todo = [r for r in rows if f"anchor:{r.key}" not in out or f"curve:{r.key}" not in out]
-        if not todo:
+        qtodo = [r for r in rows if qkey is not None and qkey(r) not in out]
+        if not todo and not qtodo:
             return out
         h = x_in[:self.opts.samples].to(self.host.device)
         y0, self.as_tuple = hidden(block(h, **self.kwargs[i]))
         ref = y0.double().pow(2).sum()
-        states = []
-        for n, r in enumerate(todo):
+
+        def err(b) -> float:
+            y, _ = hidden(b(h, **self.kwargs[i]))
+            return float((y.double() - y0.double()).pow(2).sum() / ref), y
+
+        states, prefix = [], f"{self.prefix}.{i}."
+        for n, r in enumerate([*todo, *(r for r in qtodo if r not in todo)]):
             knobs = unit_knobs(r, self.opts.anchor_fraction)
-            self.progress.phase(f"search anchors, block {i + 1}: unit {n + 1}/{len(todo)} "
-                                f"({r.name.removeprefix(f'{self.prefix}.{i}.')}, {len(knobs)} knobs)")
-            pts = []
-            for knob in knobs:
-                y, _ = hidden(self._rebuilt(i, block, [(r, knob)], stats)(h, **self.kwargs[i]))
-                pts.append((knob, float((y.double() - y0.double()).pow(2).sum() / ref)))
-                if len(pts) == 1:
-                    states.append(y)
-            out[f"curve:{r.key}"] = torch.tensor(pts, dtype=torch.float64)
+            curve, widths = r in todo, r in qtodo
+            self.progress.phase(f"search anchors, block {i + 1}: unit {n + 1}/{len(todo) + len(qtodo)} "
+                                f"({r.name.removeprefix(prefix)}, {len(knobs)} knobs)")
+            pts, qpts = [], []
+            for knob in [*knobs, *([r.dim] if widths else [])]:
+                b = block if knob == r.dim else self._rebuilt(i, block, [(r, knob)], stats)
+                if curve and knob != r.dim:
+                    e, y = err(b)
+                    pts.append((knob, e))
+                    if len(pts) == 1:
+                        states.append(y)
+                for bits, spec in (self.widths.items() if widths else ()):
+                    with _rounded(b, [m.removeprefix(prefix) for m in r.modules()], spec):
+                        qpts.append((knob, bits, err(b)[0]))
+            if curve:
+                out[f"curve:{r.key}"] = torch.tensor(pts, dtype=torch.float64)
+            if widths:
+                out[qkey(r)] = torch.tensor(qpts, dtype=torch.float64)
         for r, kl in zip(todo, self._kls(self._through(states, i + 1))):
             out[f"anchor:{r.key}"] = torch.tensor([kl], dtype=torch.float64)
         return out
 
+    def _has_widths(self, stored) -> bool:
+        """Whether a stored ``qcurve`` has every width this run offers."""
+        return stored is not None and set(self.widths) <= {int(b) for b in stored[:, 1].tolist()}
+
     # trials ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, allocations: list[dict[str, int | None]], rows: dict) -> list[float]:
-        """Whole-model KL of each allocation (``{row key: knob or None for dense}``; ``rows``: key → plan row),
-        cached by allocation. A Linear's rank slices its cached factors; units are rebuilt at their knob from the
-        block's cached statistics."""
+        """Whole-model KL of each allocation (``{row key: knob or None for dense}``, or ``[knob, bits]`` under a byte
+        budget; ``rows``: key → plan row), cached by allocation. A Linear's rank slices its cached factors; units are
+        rebuilt at their knob from the block's cached statistics; a width rounds each stored matrix (RTN)."""
         key = hashlib.sha256(json.dumps(allocations, sort_keys=True).encode()).hexdigest()[:16]
         stored = self.cache.load_tensors(f"search_eval_{key}")
         if stored is not None:
@@ -226,24 +290,39 @@ class Anchors:
             stats = self._cached_stats(j) if any(not getattr(rows[k], "linear", True) for k in mine) else {}
             prefix = f"{self.prefix}.{j}."
             for t, alloc in enumerate(allocations):
-                units = [(rows[k], alloc[k]) for k in mine
-                         if not getattr(rows[k], "linear", True) and alloc.get(k) is not None]
+                picks = {k: split(alloc.get(k)) for k in mine}
+                units = [(rows[k], picks[k][0]) for k in mine
+                         if not getattr(rows[k], "linear", True) and picks[k][0] is not None]
                 b = self._rebuilt(j, block, units, stats) if units else block
                 modules = dict(b.named_modules())
                 changed = []
                 try:
                     for k in mine:
-                        rank = alloc.get(k)
-                        if rank is None or not getattr(rows[k], "linear", True):
+                        rank, bits = picks[k]
+                        spec = self.widths.get(bits)
+                        if not getattr(rows[k], "linear", True):
+                            if spec is not None:  # the unit's Linears at its width
+                                for m in rows[k].modules():
+                                    for mod in modules[m.removeprefix(prefix)].modules():
+                                        if isinstance(mod, nn.Linear):
+                                            changed.append((mod, mod.weight.data.clone()))
+                                            mod.weight.data.copy_(fake_quant(mod.weight.data, spec))
+                            continue
+                        if rank is None and spec is None:
                             continue
                         module = modules[rows[k].name.removeprefix(prefix)]
-                        A, B = factors[f"{k}.A"][:, :rank], factors[f"{k}.B"][:rank]
                         changed.append((module, module.weight.data.clone()))
-                        module.weight.data.copy_((A.to(module.weight.device) @ B.to(module.weight.device))
-                                                 .to(module.weight.dtype))
+                        if rank is None:
+                            module.weight.data.copy_(fake_quant(module.weight.data, spec))
+                            continue
+                        dev = module.weight.device
+                        A, B = factors[f"{k}.A"][:, :rank].to(dev), factors[f"{k}.B"][:rank].to(dev)
+                        if spec is not None:  # each factor rounded on its own, as they are stored
+                            A, B = fake_quant(A, spec), fake_quant(B, spec)
+                        module.weight.data.copy_((A @ B).to(module.weight.dtype))
                     states[t], self.as_tuple = hidden(b(states[t], **self.kwargs[j]))
                 finally:
-                    for module, original in changed:
+                    for module, original in reversed(changed):
                         module.weight.data.copy_(original)
             self.host.unload(j)
         kls = self._kls(states)

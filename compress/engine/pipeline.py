@@ -38,7 +38,7 @@ from .spectra import allocation_spectra, apply_global_allocation, gradient_needs
 from .stats import CrossGram, DenseInputs, attach, block_groups
 from .stream import Host
 from .streams import capture, load_tokens, make_streams, restore, stream_of, summary, to_device
-from .quantize import quantize_block
+from .quantize import quantize_block, quantize_embeddings
 from .units import compress_units
 
 
@@ -290,6 +290,10 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
         run.extra = gradient_stats(run, Host(blocks, device, lazy))
         phases["gradients"] = time.perf_counter() - t_f
     start = _restore(run, resume)
+    emb_specs, emb_rows = {}, []
+    if recipe.quantize is not None and recipe.quantize.embeddings is not None:  # again on resume: same bytes
+        progress.phase("quantize the embeddings")
+        emb_specs, emb_rows = quantize_embeddings(model, recipe.quantize)
     if start == 0:
         progress.phase("capture block-0 inputs")
         capture(streams, model, blocks, cache, run.dtype, recipe.engine.batch_size, device)
@@ -315,9 +319,10 @@ def compress_blocks(model, tokenizer, recipe: Recipe, cache_dir: Path, resume: b
     progress.done()
     total = time.perf_counter() - t_start
     phases["blocks"] = total - sum(phases.values())
-    return {"modules": run.specs, "rows": run.report, "cache": cache, "seconds": total,
+    return {"modules": {**emb_specs, **run.specs}, "rows": run.report, "cache": cache, "seconds": total,
             "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
             "block_phase_seconds": {k: round(v, 3) for k, v in progress.profile.items()},
             "calibration_tokens": int(run.main.ids.numel()), "calibration_streams": summary(streams),
-            "device": str(device), "resumed_from_block": start, "refine": run.refined, "quantized": run.quantized,
+            "device": str(device), "resumed_from_block": start, "refine": run.refined,
+            "quantized": emb_rows + run.quantized,
             "allocation": run.allocation}

@@ -8,6 +8,14 @@ One pass of the block over the compressed stream's calibration inputs collects e
 the weighted error ``‖(W − Ŵ)X‖/‖WX‖`` from the same Gram and its bytes before and after. The block's outputs are
 then recomputed from the quantized block (with compressed propagation), so the next block sees quantization error
 as a deployed model would (GPTQ's sequential order over blocks).
+
+With ``quantize.embeddings`` the token embeddings become a ``QuantEmbedding`` (RTN) before the first block
+(``quantize_embeddings``, called by the pipeline after a resume restored the finished blocks and before block 0's
+inputs are captured): the calibration streams then carry the embeddings a deployed model has, like the blocks' own
+quantization error. RTN is a function of the weights alone, so a resumed run quantizes them again to the same bytes
+(the run cache holds the blocks only). A head tied to the embeddings becomes a ``QuantTiedHead`` that uses the
+quantized table (stored once) and the config no longer ties them (``tie_word_embeddings: false``: transformers would
+tie ``lm_head.weight`` to a ``weight`` the embeddings no longer have); an untied head becomes a ``QuantLinear``.
 """
 from __future__ import annotations
 
@@ -17,9 +25,10 @@ import time
 import torch
 from torch import nn
 
+from ..errors import LrcError
 from ..plan import wanted
-from ..quant import QuantLinear, QuantSpec, gptq, rtn
-from ..quant.module_type import quant_spec
+from ..quant import QuantEmbedding, QuantLinear, QuantSpec, QuantTiedHead, gptq, rtn
+from ..quant.module_type import embedding_spec, quant_spec, tied_head_spec
 from .passes import run_pass
 from .stats import COLLECTORS
 
@@ -31,17 +40,44 @@ def targets(block: nn.Module, prefix: str, cfg) -> list[str]:
     return [sub for sub, mod in block.named_modules() if type(mod) is nn.Linear and wanted(prefix + sub, want, ignore)]
 
 
-def spec_of(cfg) -> QuantSpec:
-    return QuantSpec(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
+def spec_of(cfg, bits: int | None = None) -> QuantSpec:
+    """The section's ``QuantSpec`` at ``bits`` (default ``cfg.bits``)."""
+    return QuantSpec(bits=bits or cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                     scale_dtype=cfg.scale_dtype)
+
+
+def widths(rows, prefix: str) -> dict[str, int]:
+    """Module name (relative to the block) → the bit width a byte-budget search chose for it (``row.bits``; 16: left
+    unquantized); modules of rows without one are absent (they get ``quantize.bits``)."""
+    return {m.removeprefix(prefix): r.bits for r in rows if getattr(r, "bits", None) is not None
+            for m in r.modules()}
+
+
+def width_of(name: str, chosen: dict[str, int]) -> int | None:
+    """The width of Linear ``name``: its own module's, or that of the module it is part of (a factor
+    ``<module>.first``)."""
+    while name:
+        if name in chosen:
+            return chosen[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def embedding_spec_of(cfg) -> QuantSpec:
+    """The ``QuantSpec`` of ``cfg.embeddings`` (scales stored as the section's ``scale_dtype``)."""
+    e = cfg.embeddings
+    return QuantSpec(bits=e.bits, group_size=e.group_size, symmetric=e.symmetric, scale_dtype=cfg.scale_dtype)
 
 
 @torch.no_grad()
-def quantize_linear(mod: nn.Linear, gram: torch.Tensor | None, cfg) -> tuple[QuantLinear, dict]:
-    """``mod`` as a ``QuantLinear`` (same device and dtype) and its report fields."""
-    spec = spec_of(cfg)
+def quantize_linear(mod: nn.Linear, gram: torch.Tensor | None, cfg, spec: QuantSpec | None = None,
+                    method: str | None = None) -> tuple[QuantLinear, dict]:
+    """``mod`` as a ``QuantLinear`` (same device and dtype) and its report fields; ``spec`` and ``method`` default to
+    the section's."""
+    spec, method = spec or spec_of(cfg), method or cfg.method
     W = mod.weight.detach().double()
     H = gram.double() if gram is not None else None
-    q = gptq(W, H, spec, damp=cfg.damp, act_order=cfg.act_order) if cfg.method == "gptq" else rtn(W, spec)
+    q = gptq(W, H, spec, damp=cfg.damp, act_order=cfg.act_order) if method == "gptq" else rtn(W, spec)
     new = QuantLinear(mod.in_features, mod.out_features, spec.bits, spec.group_size, spec.symmetric,
                       mod.bias is not None, spec.torch_scale_dtype, dtype=mod.weight.dtype)
     for k, v in q.to_packed().items():
@@ -55,7 +91,7 @@ def quantize_linear(mod: nn.Linear, gram: torch.Tensor | None, cfg) -> tuple[Qua
         err = float(torch.sqrt(torch.trace(D @ H @ D.T).clamp_min(0) / torch.trace(W @ H @ W.T).clamp_min(1e-300)))
     else:
         err = float(D.norm() / W.norm().clamp_min(1e-300))
-    info = {"bits": spec.bits, "group_size": spec.group_size, "method": cfg.method, "rel_error": err,
+    info = {"bits": spec.bits, "group_size": spec.group_size, "method": method, "rel_error": err,
             "bytes_before": sum(p.numel() * p.element_size() for p in mod.parameters()),
             "bytes_after": new.storage_bytes()}
     return new, info
@@ -66,7 +102,8 @@ def quantize_block(job, cfg) -> list[dict]:
     stream's outputs when the compressed model propagates; returns one report row per matrix."""
     t0 = time.perf_counter()
     block, prefix, main, eng = job.block, job.prefix, job.main, job.eng
-    names = targets(block, prefix, cfg)
+    chosen = widths(job.rows, prefix)
+    names = [n for n in targets(block, prefix, cfg) if width_of(n, chosen) != 16]
     if not names:
         return []
     job.progress.phase(f"statistics of {len(names)} Linear(s) to quantize")
@@ -78,9 +115,10 @@ def quantize_block(job, cfg) -> list[dict]:
         gram.remove()
     rows = []
     for n in names:
-        job.progress.phase(f"quantize {n} ({cfg.method}, int{cfg.bits})")
+        bits = width_of(n, chosen) or cfg.bits
+        job.progress.phase(f"quantize {n} ({cfg.method}, int{bits})")
         t = time.perf_counter()
-        new, info = quantize_linear(modules[n], gram.acc.get(n), cfg)
+        new, info = quantize_linear(modules[n], gram.acc.get(n), cfg, spec_of(cfg, bits))
         block.set_submodule(n, new)
         job.specs[prefix + n] = quant_spec(new)
         m = modules[n]
@@ -94,3 +132,63 @@ def quantize_block(job, cfg) -> list[dict]:
     if rows:
         rows[0]["block_seconds"] = round(time.perf_counter() - t0, 3)
     return rows
+
+
+@torch.no_grad()
+def quantize_table(emb: nn.Embedding, spec: QuantSpec) -> tuple[QuantEmbedding, dict]:
+    """``emb`` as a ``QuantEmbedding`` (RTN; same device and dtype) and its report fields (``rel_error``:
+    ``‖W − Ŵ‖/‖W‖``, no Gram: a lookup has no inputs to weight it)."""
+    W = emb.weight.detach().double()
+    q = rtn(W, spec)
+    new = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, spec.bits, spec.group_size, spec.symmetric,
+                         spec.torch_scale_dtype, dtype=emb.weight.dtype)
+    for k, v in q.to_packed().items():
+        getattr(new, k).copy_(v)
+    err = float((W - q.dequantize(torch.float64)).norm() / W.norm().clamp_min(1e-300))
+    info = {"bits": spec.bits, "group_size": spec.group_size, "method": "rtn", "rel_error": err,
+            "bytes_before": emb.weight.numel() * emb.weight.element_size(), "bytes_after": new.storage_bytes()}
+    return new.to(emb.weight.device), info
+
+
+def _untie(model) -> None:
+    """The config no longer ties the head to the embeddings (and the model forgets the tie it computed at init)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+
+
+def quantize_embeddings(model, cfg) -> tuple[dict, list[dict]]:
+    """Replace ``model``'s input embeddings by a ``QuantEmbedding`` and its output head by a ``QuantTiedHead``
+    (tied) or a ``QuantLinear`` (untied), RTN with ``cfg.embeddings``; returns ``(specs, report rows)``."""
+    t0 = time.perf_counter()
+    spec, names = embedding_spec_of(cfg), {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    name = names.get(id(emb))
+    if type(emb) is not nn.Embedding or name is None:
+        raise LrcError(f"quantize.embeddings: the input embeddings are a {type(emb).__name__}, not a plain "
+                       "nn.Embedding (one that scales or mixes its rows is not supported)")
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    if head is not None and not tied and type(head) is not nn.Linear:
+        raise LrcError(f"quantize.embeddings: the output head is a {type(head).__name__}, not an nn.Linear")
+    new, info = quantize_table(emb, spec)
+    model.set_submodule(name, new)
+    specs = {name: embedding_spec(new)}
+    rows = [{"name": name, "kind": "embeddings", "out_features": new.num_embeddings,
+             "in_features": new.embedding_dim, **info, "tied_head": names[id(head)] if tied else None}]
+    if head is not None:
+        hname = names[id(head)]
+        if tied:
+            tied_head = QuantTiedHead(name, new.embedding_dim, new.num_embeddings)
+            tied_head.lrc_link(lambda _: new)
+            model.set_submodule(hname, tied_head)
+            specs[hname] = tied_head_spec(tied_head)
+        else:
+            qhead, hinfo = quantize_linear(head, None, cfg, spec, "rtn")
+            model.set_submodule(hname, qhead)
+            specs[hname] = quant_spec(qhead)
+            rows.append({"name": hname, "kind": "head", "out_features": head.out_features,
+                         "in_features": head.in_features, **hinfo})
+    _untie(model)
+    rows[0]["seconds"] = round(time.perf_counter() - t0, 4)
+    return specs, rows

@@ -24,7 +24,8 @@ from .passes import run_pass
 from .stats import MODEL_STATS, attach, block_groups
 from .stream import Host
 from .sweep import Sweep
-from .anchors import Anchors
+from .anchors import Anchors, probe_factors, width_tag
+from ..allocation.bits import Widths, quant_errors, spec_for
 from ..allocation.search import SearchOptions
 
 
@@ -150,6 +151,9 @@ def _block_spectra(block, index, prefix, rows, recipe, x_in, x_out, kwargs, devi
             out[r.key] = spectrum.sigma.cpu()
         if kind == "anchors":
             anchored.append((modules[n], spectrum, r))
+            if anchors.widths:  # a byte budget: RTN's error at each width, of the matrix and of its factors
+                out[f"qerr:{r.key}"] = quant_errors(W, stats.get("input_gram"), probe_factors(r, spectrum),
+                                                    anchors.widths)
         elif kind == "sweep":
             pending.append((modules[n], spectrum, r))
     if pending:  # every candidate of the block through the blocks after it together
@@ -217,7 +221,7 @@ def allocation_spectra(run) -> dict[str, torch.Tensor]:
         _store_sweep(sweep_key, {r.key: spectra[r.key] for r in rows
                                  if SPECTRUM[recipe.stages[r.stage].allocator] == "sweep"})
     if anchor_key is not None:
-        _store_sweep(anchor_key, {k: v for k, v in spectra.items() if k.startswith(("anchor:", "curve:"))},
+        _store_sweep(anchor_key, {k: v for k, v in spectra.items() if k.startswith(("anchor:", "curve:", "qcurve:"))},
                      "search-anchors")
     cache.acts_path(len(blocks), "spectra").unlink(missing_ok=True)
     cache.save_tensors("spectra", spectra)
@@ -272,7 +276,16 @@ def _anchors(run, stored: dict | None = None, names: list[str] = ()) -> Anchors:
                if SPECTRUM.get(s.allocator) == "anchors"}
     return Anchors(run.model, run.prefix, run.blocks, Host(run.blocks, run.device, run.lazy), run.main.ids,
                    run.main.x_in, run.main.dev_kwargs, opts, run.cache, run.progress, stored, names, methods,
-                   recipe.engine.batch_size)
+                   recipe.engine.batch_size, byte_widths(recipe))
+
+
+def byte_widths(recipe) -> dict:
+    """``{bits: QuantSpec}`` of a byte budget's narrower widths (``quantize.bits_options`` below 16); {} without
+    one."""
+    q = recipe.quantize
+    if q is None or not q.bits_options:
+        return {}
+    return {b: spec_for(q, b) for b in q.bits_options if b < 16}
 
 
 class SearchTable:
@@ -280,10 +293,16 @@ class SearchTable:
     unit's measured error curve, each row's measured anchor, the number of blocks, and ``evaluate`` (whole-model KL
     of allocations, ``anchors.Anchors.evaluate``)."""
 
-    def __init__(self, rows, spectra, n_blocks: int, anchors: Anchors | None):
+    def __init__(self, rows, spectra, n_blocks: int, anchors: Anchors | None, quant=None):
         self.sigma = {r.key: spectra[r.key] for r in rows if r.linear}
         self.curve = {r.key: spectra[f"curve:{r.key}"] for r in rows if not r.linear}
         self.anchor = {r.key: float(spectra[f"anchor:{r.key}"]) for r in rows}
+        self.widths = None  # a byte budget's widths and quantization errors (``allocation/bits.py``)
+        if quant is not None and quant.bits_options:
+            tag = width_tag(spec_for(quant, min(quant.bits_options)))
+            self.widths = Widths(sorted(quant.bits_options), quant,
+                                 {r.key: spectra[f"qerr:{r.key}"] for r in rows if r.linear},
+                                 {r.key: spectra[f"qcurve:{tag}:{r.key}"] for r in rows if not r.linear})
         self.n_blocks, self._anchors, self.result, self.dropped = n_blocks, anchors, None, set()
         self._rows = {r.key: r for r in rows}
         self.evaluate = self._evaluate if anchors is not None else None
@@ -308,7 +327,8 @@ def apply_global_allocation(plan, recipe, spectra, run=None) -> dict:
         rows = [r for r in plan if r.stage in group]
         if SPECTRUM[stage.allocator] == "anchors":
             table = SearchTable(rows, spectra, len(run.blocks) if run is not None else
-                                1 + max(r.block for r in rows), _anchors(run) if run is not None else None)
+                                1 + max(r.block for r in rows), _anchors(run) if run is not None else None,
+                                recipe.quantize if stage.byte_ratio is not None else None)
             allocate_global(stage, rows, table)
             records[si] = table.result
             if table.dropped:

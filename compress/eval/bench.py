@@ -38,7 +38,7 @@ def block_linear_params(model) -> int:
 
 def linear_macs_per_token(model) -> int:
     head = model.get_output_embeddings()
-    return block_linear_params(model) + (head.weight.numel() if head is not None else 0)
+    return block_linear_params(model) + (unit_weights(head) if head is not None else 0)  # a quantized head too
 
 
 def disk_bytes(path: str | None) -> int | None:

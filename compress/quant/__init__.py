@@ -9,13 +9,14 @@ packs codes into bytes, and :func:`storage_bytes` counts exactly the bytes :meth
 
 The checkpoint's module type is ``QuantLinear`` (``lrc_quant.py``, remote code: storage layout and kernels in its
 docstring; registered as ``quant`` by ``module_type.py``); ``engine/quantize.py`` quantizes a block's Linears after
-its stages (a recipe's ``quantize`` section). The byte budget of the allocators comes later.
+its stages (a recipe's ``quantize`` section), and the token embeddings with a tied or untied head when the section
+has ``embeddings`` (``QuantEmbedding``, ``QuantTiedHead``). The byte budget of the allocators comes later.
 """
 from .math import (SCALE_DTYPES, QuantizedWeight, QuantSpec, dequantize, gptq, quant_params, quantize, rtn,
                    storage_bytes)
 from .pack import pack, packed_length, unpack
-from .lrc_quant import QuantLinear
-from . import module_type  # noqa: F401  (registers the ``quant`` module type)
+from .lrc_quant import QuantEmbedding, QuantLinear, QuantTiedHead
+from . import module_type  # noqa: F401  (registers the ``quant*`` module types)
 
-__all__ = ["SCALE_DTYPES", "QuantLinear", "QuantSpec", "QuantizedWeight", "dequantize", "gptq", "pack", "packed_length",
-           "quant_params", "quantize", "rtn", "storage_bytes", "unpack"]
+__all__ = ["SCALE_DTYPES", "QuantEmbedding", "QuantLinear", "QuantSpec", "QuantTiedHead", "QuantizedWeight",
+           "dequantize", "gptq", "pack", "packed_length", "quant_params", "quantize", "rtn", "storage_bytes", "unpack"]

@@ -19,11 +19,16 @@ one group per row); ``ŵ = scale·(q − zero)``, symmetric codes have ``zero = 
 
 **Forward** (``QuantLinear.kernel`` says which path a call takes). PyTorch's own weight-only kernels, the ones
 torchao's int4/int8 weight-only layouts call, where they apply: 4 bits with groups of 32/64/128/256 dividing
-``in_features`` on CPU with bfloat16 activations (``torch._weight_int4pack_mm_for_cpu``; the packed layout is built
-from ``qweight`` once per device), 8 bits symmetric with one group per row (``torch._weight_int8pack_mm``). Any
-other case (float32 activations, 3 or 2 bits, another group size, CUDA for now) multiplies by the dequantized weight,
-computed once and kept (no dequantization per call): bytes on disk shrink either way, memory at run time only on
-the kernel paths.
+``in_features`` (and ``out_features`` a multiple of 16) on CPU with bfloat16 activations
+(``torch._weight_int4pack_mm_for_cpu``; the packed layout is built from ``qweight`` once per device), 8 bits
+symmetric with one group per row (``torch._weight_int8pack_mm``). Any other case (float32 activations, 3 or 2 bits,
+another group size, CUDA for now) multiplies by the dequantized weight, computed once and kept (no dequantization
+per call): bytes on disk shrink either way, memory at run time only on the kernel paths.
+
+**Embeddings** (``recipe.quantize.embeddings``): ``QuantEmbedding`` is a ``QuantLinear`` of shape ``num_embeddings x
+embedding_dim`` (same buffers; groups along the embedding dimension) whose forward gathers and dequantizes only the
+rows it is asked for; ``QuantTiedHead``, the output head of a model that ties it to the embeddings, holds no tensors
+and runs ``h Ŵᵀ`` through the embedding's table with the kernels above (the table is stored once).
 """
 from __future__ import annotations
 
@@ -153,7 +158,8 @@ class QuantLinear(nn.Module):
     def kernel(self, x: torch.Tensor) -> str:
         """The path a forward on ``x`` takes: ``int4_cpu``, ``int8`` or ``dequantized``."""
         if self.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and \
-                self.group_len in INT4_GROUPS and self.in_features % self.group_len == 0:
+                self.group_len in INT4_GROUPS and self.in_features % self.group_len == 0 and \
+                self.out_features % 16 == 0:  # the kernel's packing takes rows 16 at a time
             return "int4_cpu"
         if self.bits == 8 and self.symmetric and self.group_size is None and x.dtype in (torch.bfloat16,
                                                                                           torch.float16,
@@ -232,3 +238,108 @@ def build_quant(spec: dict, dtype=None, base=None, build=None) -> nn.Module:
     return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec.get("group_size"),
                        spec.get("symmetric", False), spec.get("bias", False),
                        _SCALE_DTYPES[spec.get("scale_dtype", "float16")], dtype=dtype)
+
+
+class QuantEmbedding(QuantLinear):
+    """An embedding table ``Ŵ`` (``num_embeddings x embedding_dim``) stored as a ``QuantLinear`` weight of that shape
+    (same buffers and layout; groups of ``group_size`` along ``embedding_dim``; no bias). Drop-in for
+    ``nn.Embedding``: ``forward(input_ids)`` dequantizes only the gathered rows, in the model's float type. As the
+    output head tied to it (``QuantTiedHead``), ``logits(h) = h Ŵᵀ`` takes ``QuantLinear``'s kernels (int8 per row
+    symmetric, int4 on CPU, else the dequantized table kept once)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None = None,
+                 symmetric: bool = True, scale_dtype=torch.float16, dtype=None):
+        super().__init__(embedding_dim, num_embeddings, bits, group_size, symmetric, False, scale_dtype, dtype)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``Ŵ[ids]`` (``ids.shape + (embedding_dim,)``, the model's float type): only these rows unpacked."""
+        flat, g, n = ids.reshape(-1), self.group_len, self.in_features
+        q = unpack(self.qweight.index_select(0, flat), self.bits, n).float()
+        s = self.scales.index_select(0, flat).float().repeat_interleave(g, 1)[:, :n]
+        if self.symmetric:
+            z = float(1 << (self.bits - 1))
+        else:
+            z = unpack(self.qzeros.index_select(0, flat), self.bits, self.groups).float().repeat_interleave(g, 1)[:, :n]
+        return (s * (q - z)).to(self.compute_dtype).reshape(*ids.shape, n)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(input_ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``h Ŵᵀ`` (the tied head): ``QuantLinear``'s forward, with its kernel choice (``kernel(h)``)."""
+        return QuantLinear.forward(self, h)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table, dequantized (materialised on each access: for code that reads an embedding's
+        ``weight``, e.g. its device or dtype; the forward never does)."""
+        return self.dequantized(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+class QuantTiedHead(nn.Module):
+    """The output head tied to a ``QuantEmbedding``: ``logits = h Ŵᵀ`` with the embedding's table, which is stored
+    once, in the embedding. Holds no tensors: ``lrc_link`` (called by ``modeling_lrc.link_shared`` once the structure
+    is built) finds the embedding by its ``lrc.modules`` name ``embeddings``; it is kept outside the module tree, so
+    the table is neither saved, moved nor counted twice."""
+
+    def __init__(self, embeddings: str, in_features: int, out_features: int):
+        super().__init__()
+        self.embeddings, self.in_features, self.out_features = embeddings, in_features, out_features
+        self.__dict__["_table"] = None  # not a submodule (see the class docstring)
+
+    @property
+    def table(self) -> QuantEmbedding:
+        if self._table is None:
+            raise RuntimeError(f"QuantTiedHead: not linked to its embeddings {self.embeddings!r}")
+        return self._table
+
+    def lrc_link(self, find) -> None:
+        table = find(self.embeddings)
+        if not isinstance(table, QuantEmbedding) or (table.embedding_dim, table.num_embeddings) != \
+                (self.in_features, self.out_features):
+            raise ValueError(f"lrc checkpoint: the tied head's embeddings {self.embeddings!r} are not a quantized "
+                             f"{self.out_features} x {self.in_features} table")
+        self.__dict__["_table"] = table
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.table.logits(h)
+
+    @property
+    def weight_approx(self) -> torch.Tensor:
+        """The dense matrix this head applies (the embeddings' table, materialised; for analysis)."""
+        return self.table.weight_approx
+
+    def stored_weights(self) -> int:
+        """None of its own: the table's weights are the embedding's."""
+        return 0
+
+    def storage_bytes(self) -> int:
+        return 0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to {self.embeddings}"
+
+
+def build_quant_embedding(spec: dict, dtype=None, base=None, build=None) -> nn.Module:
+    """``quant_embedding``: ``num_embeddings``, ``embedding_dim``, ``bits``, ``group_size``, ``symmetric``,
+    ``scale_dtype``."""
+    return QuantEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["bits"], spec.get("group_size"),
+                          spec.get("symmetric", True), _SCALE_DTYPES[spec.get("scale_dtype", "float16")], dtype=dtype)
+
+
+def build_quant_tied_head(spec: dict, dtype=None, base=None, build=None) -> nn.Module:
+    """``quant_tied_head``: ``embeddings`` (the ``lrc.modules`` name of its ``QuantEmbedding``), ``in_features``,
+    ``out_features``."""
+    return QuantTiedHead(spec["embeddings"], spec["in_features"], spec["out_features"])

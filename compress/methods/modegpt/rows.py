@@ -37,6 +37,7 @@ class UnitRow:
     compensation: bool = field(default=False, repr=False)
     standalone: bool = field(default=True, repr=False)
     alternative: bool = field(default=False, repr=False)  # one of a stage group's options (``plan.PlanRow``)
+    bits: int | None = field(default=None, repr=False)  # a byte-budget search's bit width (``plan.PlanRow``)
 
     rank = None  # no rank: the knob is ``knob``
     out_features = in_features = None
@@ -71,6 +72,8 @@ class UnitRow:
         d = {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
         if not self.alternative:
             del d["alternative"]
+        if self.bits is None:
+            del d["bits"]
         return d
 
 

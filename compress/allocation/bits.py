@@ -1,0 +1,119 @@
+"""The byte budget's two models (issue 25, part 3): what an option stores at a bit width, and how much error the
+quantization adds, for the ``search`` allocator's programs in bytes (``StageConfig.byte_ratio`` with
+``quantize.bits_options``).
+
+**Bytes.** A width of 16 stores every value in 2 bytes (bfloat16 / float16: the dense checkpoint a deployer compares
+against). A narrower width stores packed codes, per-group scales and zero points exactly as ``quant/math.py``'s
+``storage_bytes`` counts them; biases stay at 2 bytes. A Linear at rank r stores its two factors (``r × n`` and
+``m × r``), each quantized on its own input columns. A block method's unit (MoDeGPT) is priced from its parameters at
+the knob: ``p·bits/8`` plus one scale (and zero point) per ``group_size`` values — its members' shapes at a knob
+are the method's, so the group overhead is an estimate there (the written bytes are in the report).
+
+**Error.** LEMS's model (methods.md §12) prices an option by the whitened output error it leaves, relative to the
+matrix's: ``t(r) = 1 − E(r)/E`` for a rank-r truncation, and for quantization the measured relative error of
+round-to-nearest at that width in the same norm, ``q = ‖(W − Q(W))X‖²/‖WX‖²`` (``weighted_error``: the Gram
+``H = XXᵀ`` the method already collected). A quantized truncation keeps ``1 − t(r)`` of the energy with relative
+error ``q_f`` (the factors' own, measured at one rank, ``FACTOR_PROBE``), and the two errors are taken as
+uncorrelated: ``t(r) + (1 − t(r))·q_f``. The allocator scales these like the truncation tail (``KL_l / t(r0)``).
+GPTQ (what is finally stored, with ``quantize.method: gptq``) lowers every ``q``; RTN's stands in for the ranking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..quant.math import QuantSpec, rtn, storage_bytes
+
+DENSE_BITS = 16  # not quantized: 2 bytes a value
+FACTOR_PROBE = 0.5  # the factors' quantization error is measured at this fraction of r_eq
+
+
+def spec_for(quant, bits: int) -> QuantSpec | None:
+    """The ``QuantSpec`` of width ``bits`` under the recipe's ``quantize`` section (None for 16: not quantized)."""
+    if bits == DENSE_BITS:
+        return None
+    return QuantSpec(bits=bits, group_size=quant.group_size, symmetric=quant.symmetric, scale_dtype=quant.scale_dtype)
+
+
+def matrix_bytes(m: int, n: int, spec: QuantSpec | None) -> int:
+    """Bytes of an ``m × n`` weight at ``spec`` (None: 2 bytes a value)."""
+    return 2 * m * n if spec is None else storage_bytes(m, n, spec)
+
+
+def linear_bytes(row, rank: int | None, spec: QuantSpec | None) -> int:
+    """Bytes of a Linear row kept dense (``rank`` None) or factorised at ``rank``, at ``spec``; biases at 2 bytes."""
+    m, n = row.out_features, row.in_features
+    bias = 2 * m if row.bias else 0
+    if rank is None:
+        return matrix_bytes(m, n, spec) + bias
+    return matrix_bytes(rank, n, spec) + matrix_bytes(m, rank, spec) + bias
+
+
+def unit_bytes(params: int, spec: QuantSpec | None) -> int:
+    """Estimated bytes of a unit of ``params`` values at ``spec``: codes plus a scale (and zero point) per group."""
+    if spec is None:
+        return 2 * params
+    group = spec.group_size or 1024  # one group per row: rows of a few hundred to thousands of values
+    per_group = spec.torch_scale_dtype.itemsize + (0 if spec.symmetric else spec.bits / 8)
+    return int(params * spec.bits / 8 + -(-params // group) * per_group)
+
+
+def weighted_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None) -> float:
+    """``‖(W − Ŵ)X‖²/‖WX‖² = tr(D H Dᵀ)/tr(W H Wᵀ)`` (float64; plain Frobenius when ``H`` is None)."""
+    D = (W - What).double()
+    W = W.double()
+    if H is None:
+        return float(D.pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))
+    H = H.double().to(W.device)
+    num = torch.einsum("ij,jk,ik->", D, H, D)
+    den = torch.einsum("ij,jk,ik->", W, H, W)
+    return float(num.clamp_min(0) / den.clamp_min(1e-300))
+
+
+def fake_quant(W: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """``W`` rounded to ``spec`` by RTN and dequantized (same dtype and device); ``W`` itself for None."""
+    if spec is None:
+        return W
+    return rtn(W.double(), spec).dequantize(torch.float64).to(W.device, W.dtype)
+
+
+@torch.no_grad()
+def quant_errors(W: torch.Tensor, H: torch.Tensor | None, factors, specs: dict[int, QuantSpec]) -> torch.Tensor:
+    """Rows ``(bits, q_dense, q_factor)`` for each width of ``specs``: RTN's relative weighted error of the dense
+    matrix and of the product of its two factors ``factors = (A, B)`` (``W ≈ A B``, each quantized on its own),
+    measured against the unquantized product (NaN when ``factors`` is None)."""
+    rows = []
+    for bits, spec in sorted(specs.items()):
+        qd = weighted_error(W, fake_quant(W, spec), H)
+        qf = float("nan")
+        if factors is not None:
+            A, B = (f.double() for f in factors)
+            qf = weighted_error(A @ B, fake_quant(A, spec) @ fake_quant(B, spec), H)
+        rows.append((float(bits), qd, qf))
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+
+
+@dataclass
+class Widths:
+    """What a byte-budget search reads besides the rank tables: the widths to offer (``quantize.bits_options``),
+    the ``quantize`` section (group size, symmetry, scale dtype of every width), each Linear row's
+    ``quant_errors`` rows (``qerr``, by row key) and each unit's measured output errors with its Linears at a width
+    (``qcurve``: rows ``(knob, bits, error)``, the dense unit at ``knob = dim``)."""
+
+    bits: list[int]
+    quant: Any
+    qerr: dict[str, torch.Tensor] = field(default_factory=dict)
+    qcurve: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def spec(self, bits: int) -> QuantSpec | None:
+        return spec_for(self.quant, bits)
+
+    def errors(self, key: str) -> dict[int, tuple[float, float]]:
+        """``{bits: (q_dense, q_factor)}`` of a Linear row."""
+        return {int(b): (qd, qf) for b, qd, qf in self.qerr[key].tolist()}
+
+    def unit_errors(self, key: str) -> dict[tuple[int, int], float]:
+        """``{(knob, bits): output error}`` of a unit row."""
+        return {(int(k), int(b)): e for k, b, e in self.qcurve[key].tolist()}
