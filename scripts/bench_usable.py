@@ -10,11 +10,13 @@ on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``:
 recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
 --jsonl as they finish.
 
-A configuration is ``NAME[+refine][+ft][+qBITS[rtn]]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``),
+A configuration is ``NAME[+refine][+ft][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``),
 or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``). ``+q4`` / ``+q3`` store every block
 Linear the stages leave (factors included) as 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``:
 round to nearest); ``+q8``: 8-bit symmetric per output channel (PyTorch's int8 weight-only kernel). Embeddings and
-head stay in the model's dtype. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat KL: minutes per row).
+head stay in the model's dtype unless ``+e8`` / ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using
+the same table). ``+bytes`` (a search NAME): KEPT is the whole checkpoint's share of its bf16 bytes, and the search
+chooses each module's knob and width (``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat KL: minutes per row).
 
     python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
 """
@@ -54,6 +56,14 @@ FINETUNE = {"data": "selfgen", "selfgen_samples": 128, "seq_len": 128, "loss": "
             "steps": 32, "batch_size": 4, "lr": 1e-4, "warmup": 3, "holdout": 8, "eval_every": 32}
 
 
+# ``+bytes``: the widths a byte-budget search chooses from per module (16: not quantized), GPTQ at groups of 128
+BYTE_WIDTHS = [3, 4, 8, 16]
+# ``+e8`` / ``+e4``: the token embeddings (tied head) stored as int8 (one symmetric scale per row: PyTorch's int8
+# kernel runs the head) or int4 (asymmetric groups of 64, which divide SmolLM2's 576: the int4 kernel)
+EMBEDDINGS = {"e8": {"bits": 8, "group_size": None, "symmetric": True},
+              "e4": {"bits": 4, "group_size": 64, "symmetric": False}}
+
+
 def quantize_for(mod: str) -> dict:
     """The recipe's ``quantize`` section of a ``+q…`` modifier."""
     bits = int(mod[1])
@@ -74,11 +84,52 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
     for m in mods:
         if m.startswith("q"):
             data["quantize"] = quantize_for(m)
+    if "bytes" in mods:  # KEPT is the whole checkpoint's share of its bf16 bytes: the stage gets what is left
+        data["quantize"] = {**quantize_for("q4"), "bits_options": BYTE_WIDTHS}
+        stage = data["stages"][0]
+        stage["byte_ratio"] = stage_byte_ratio(float(kept), next((EMBEDDINGS[m] for m in mods if m in EMBEDDINGS),
+                                                                 None))
+        del stage["param_ratio"]
+    for m in mods:
+        if m in EMBEDDINGS:
+            data.setdefault("quantize", {"bits": 4, "targets": ["^$"]})["embeddings"] = EMBEDDINGS[m]
     if "refine" in mods or "refine2" in mods:
         data["refine"] = REFINE if "refine" in mods else REFINE_LONG
     if "ft" in mods:
         data["finetune"] = FINETUNE
     return data
+
+
+def model_shape(model_spec: str = "smollm2") -> dict:
+    """The counts a byte budget needs: block Linear parameters, embedding table shape, other parameters."""
+    from compress.models import load_model
+
+    model, _, _ = load_model(model_spec)
+    linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for n, m in model.named_modules() if ".layers." in n and type(m).__name__ == "Linear")
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied head counted once
+    return {"linear": linear, "vocab": emb.shape[0], "dim": emb.shape[1], "total": total}
+
+
+SHAPE: dict = {}
+
+
+def stage_byte_ratio(kept_bytes: float, embeddings: dict | None) -> float:
+    """The stage's ``byte_ratio`` (of the block Linears' 16-bit bytes) that makes the whole checkpoint ``kept_bytes``
+    of its bf16 bytes: the embeddings at their width (``embeddings``; bf16 when None), every other tensor (norms)
+    at 2 bytes a value, and the Linears what is left."""
+    from compress.quant.math import QuantSpec, storage_bytes
+
+    if not SHAPE:
+        SHAPE.update(model_shape())
+    v, d = SHAPE["vocab"], SHAPE["dim"]
+    table = 2 * v * d if embeddings is None else storage_bytes(v, d, QuantSpec(**embeddings))
+    rest = 2 * (SHAPE["total"] - SHAPE["linear"] - v * d)
+    left = kept_bytes * 2 * SHAPE["total"] - table - rest
+    if left <= 0:
+        raise SystemExit(f"{kept_bytes} of the bf16 bytes leaves nothing for the blocks' Linears")
+    return round(left / (2 * SHAPE["linear"]), 6)
 
 
 def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, cache: str,

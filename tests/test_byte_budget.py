@@ -6,7 +6,6 @@ import torch
 
 from compress.allocation.bits import Widths, linear_bytes, quant_errors, spec_for, unit_bytes, weighted_error
 from compress.allocation.search import candidates
-from compress.api import compress_model
 from compress.errors import LrcError
 from compress.plan import PlanRow
 from compress.quant.math import QuantSpec, rtn, storage_bytes
