@@ -5,7 +5,7 @@ Rows are ``scripts/bench_usable.py`` configurations (its protocol: SmolLM2-135M-
 calibration 64 × 512 tokens of wiki_passages, WikiText-2 on the first 32 × 512 windows), run by it into
 ``--jsonl``; this script renders them: a markdown table and an SVG plot of perplexity (log scale) against the bytes
 of the checkpoint as a bfloat16 model would store it (quantized tensors as written, every other tensor at 2 bytes;
-embeddings and head included, never quantized here), one curve per family.
+embeddings and head included, quantized only in the ``+e8`` / ``+e4`` rows), one curve per family.
 
     python scripts/bench_usable.py --no-chat --jsonl docs/results/bytes-smollm2-64x512.jsonl \\
         --configs dense+q4rtn:1 dense+q3rtn:1 dense+q4:1 dense+q3:1 svd-llm+q4:0.8 modegpt+q4:0.8 ...
@@ -23,15 +23,21 @@ DENSE_PPL_JSON = ROOT / "docs" / "results" / "smollm2-dense-eval.json"
 
 
 def family(config: str) -> str:
-    """The curve a row belongs to: ``RTN`` / ``GPTQ`` (quantization alone), else its method (and refinement) with
-    ``+ int8`` / ``+ int4`` … for quantized factors, ``bf16`` without."""
+    """The curve a row belongs to: ``RTN`` / ``GPTQ`` (quantization alone), a byte-budget search (``+bytes``), else
+    its method (and refinement) with ``+ int8`` / ``+ int4`` … for quantized factors, ``bf16`` without; quantized
+    embeddings (``+e8`` / ``+e4``) name their own curve (``, emb int4``): compare like with like."""
     head = config.rsplit(":", 1)[0]
     name, *mods = head.split("+")
+    emb = next((m for m in mods if m in ("e8", "e4")), None)
+    tail = f", emb int{emb[1]}" if emb else ""
+    mods = [m for m in mods if m != emb]
     q = next((m for m in mods if m.startswith("q")), None)
+    if "bytes" in mods:
+        return f"{name} byte budget{tail}"
     if name == "dense":
-        return "RTN" if q and q.endswith("rtn") else "GPTQ"
+        return ("RTN" if q and q.endswith("rtn") else "GPTQ" if q else "bf16") + tail
     base = "+".join([name, *(m for m in mods if not m.startswith("q"))])
-    return f"{base} + {'RTN ' if q and q.endswith('rtn') else ''}int{q[1]}" if q else f"{base} (bf16)"
+    return (f"{base} + {'RTN ' if q and q.endswith('rtn') else ''}int{q[1]}" if q else f"{base} (bf16)") + tail
 
 
 def dense_bytes(rows: list[dict]) -> int:
