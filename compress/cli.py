@@ -78,7 +78,7 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
             # a group of modules (a block method's unit) is shaped by its knob; a Linear's knob is its rank, or
             # what its cost model calls it (atoms)
             table.add_row(r.name, r.method, f"{r.out_features} x {r.in_features}" if r.linear else r.describe(),
-                          "data" if r.knob is None else str(r.knob) if r.cost_model in ("lowrank", "residual")
+                          ("dense" if r.factorize is False else "data") if r.knob is None else str(r.knob) if r.cost_model in ("lowrank", "residual")
                           or not r.linear else r.describe(),
                           f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
                           r.note)
@@ -95,10 +95,19 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
         out.print("no stage: no module is decomposed")
     q = load_recipe(recipe).quantize
     if q is not None:
-        out.print(f"then quantized ({q.method}, int{q.bits}, "
+        widths = (f"each searched module at the width the byte budget chose ({', '.join(map(str, q.bits_options))};"
+                  f" 16: not quantized), the others int{q.bits}") if q.bits_options else f"int{q.bits}"
+        out.print(f"then quantized ({q.method}, {widths}, "
                   f"{'groups of ' + str(q.group_size) if q.group_size else 'one scale per row'}"
                   f"{', symmetric' if q.symmetric else ''}): every Linear the blocks hold after the stages, factors "
                   "included; the report's quantization section and checkpoint_bytes give the bytes")
+        searched = [r for r in rows if getattr(r, "bits", None) is not None]
+        if searched:
+            from .allocation.bits import searched_bytes
+
+            used, dense = searched_bytes(searched, q)
+            out.print(f"byte budget: the searched modules store {used:,} bytes, {used / dense:.4f} of their "
+                      f"{dense:,} at 16 bits")
         if q.embeddings is not None:
             e = q.embeddings
             out.print(f"and the embeddings (with the output head) quantized first (rtn, int{e.bits}, "

@@ -117,3 +117,17 @@ class Widths:
     def unit_errors(self, key: str) -> dict[tuple[int, int], float]:
         """``{(knob, bits): output error}`` of a unit row."""
         return {(int(k), int(b)): e for k, b, e in self.qcurve[key].tolist()}
+
+
+def searched_bytes(rows, quant) -> tuple[int, int]:
+    """Bytes of the rows a byte-budget search chose (each at its ``bits``) and their bytes dense at 16 bits
+    (``lrc plan``'s summary; a unit's are the estimate the program used)."""
+    used = dense = 0
+    for r in rows:
+        spec = spec_for(quant, r.bits)
+        if r.linear:
+            used += linear_bytes(r, r.rank if r.factorize else None, spec)
+        else:
+            used += unit_bytes(r.params_after, spec)
+        dense += 2 * r.params_before
+    return used, dense
