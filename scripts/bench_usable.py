@@ -10,8 +10,9 @@ on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``:
 recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
 --jsonl as they finish.
 
-A configuration is ``NAME[+refine][+ft][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``),
-or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``). ``+q4`` / ``+q3`` store every block
+A configuration is ``NAME[+refine][+ft][+chat][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``),
+or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``). ``+chat`` calibrates on
+text the model writes itself, chat-formatted (``calibration.dataset: selfgen``, same windows) instead of Wikipedia. ``+q4`` / ``+q3`` store every block
 Linear the stages leave (factors included) as 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``:
 round to nearest); ``+q8``: 8-bit symmetric per output channel (PyTorch's int8 weight-only kernel). Embeddings and
 head stay in the model's dtype unless ``+e8`` / ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using
@@ -81,6 +82,8 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
             "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": chat,
                      **({"tasks": TASKS, "limit": 200} if zeroshot else {})},
             "samples": 0}
+    if "chat" in mods:  # calibration the model writes itself, chat-formatted (the README main job's --calib selfgen)
+        data["calibration"] = {"dataset": "selfgen", "samples": samples, "seq_len": seq_len}
     for m in mods:
         if m.startswith("q"):
             data["quantize"] = quantize_for(m)
