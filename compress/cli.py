@@ -77,9 +77,9 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
         if all_rows or r.block in (0, last):
             # a group of modules (a block method's unit) is shaped by its knob; a Linear's knob is its rank, or
             # what its cost model calls it (atoms)
-            table.add_row(r.name, r.method, f"{r.out_features} x {r.in_features}" if r.linear else r.describe(),
-                          ("dense" if r.factorize is False else "data") if r.knob is None else str(r.knob) if r.cost_model in ("lowrank", "residual")
-                          or not r.linear else r.describe(),
+            knob = ("dense" if r.factorize is False else "data") if r.knob is None else \
+                str(r.knob) if r.cost_model in ("lowrank", "residual") or not r.linear else r.describe()
+            table.add_row(r.name, r.method, f"{r.out_features} x {r.in_features}" if r.linear else r.describe(), knob,
                           f"{r.params_before:,}", f"{r.params_after:,}" if r.params_after is not None else "?",
                           r.note)
     t = totals(rows)

@@ -10,14 +10,16 @@ on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``:
 recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
 --jsonl as they finish.
 
-A configuration is ``NAME[+refine][+ft][+chat][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES`` (``search/svd-llm+refine:0.8``),
-or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``). ``+chat`` calibrates on
-text the model writes itself, chat-formatted (``calibration.dataset: selfgen``, same windows) instead of Wikipedia. ``+q4`` / ``+q3`` store every block
-Linear the stages leave (factors included) as 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``:
-round to nearest); ``+q8``: 8-bit symmetric per output channel (PyTorch's int8 weight-only kernel). Embeddings and
-head stay in the model's dtype unless ``+e8`` / ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using
-the same table). ``+bytes`` (a search NAME): KEPT is the whole checkpoint's share of its bf16 bytes, and the search
-chooses each module's knob and width (``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat KL: minutes per row).
+A configuration is ``NAME[+refine][+ft][+chat][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES``
+(``search/svd-llm+refine:0.8``), or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``).
+``+chat`` calibrates on text the model writes itself, chat-formatted (``calibration.dataset: selfgen``, the same
+windows) instead of Wikipedia. ``+q4`` / ``+q3`` store every block Linear the stages leave (factors included) as
+4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``: round to nearest); ``+q8``: 8-bit symmetric per
+output channel (PyTorch's int8 weight-only kernel). Embeddings and head stay in the model's dtype unless ``+e8`` /
+``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using the same table). ``+bytes`` (a search NAME): KEPT
+is the whole checkpoint's share of its bf16 bytes, and the search chooses each module's knob and width
+(``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
+KL: minutes per row).
 
     python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
 """
