@@ -88,18 +88,21 @@ def test_byte_budget_needs_its_parts():
 
 
 @pytest.mark.parametrize("methods", [("svd-llm",), ("modegpt", "svd-llm")])
-def test_byte_budget_search_holds_the_budget_and_stores_each_width(methods, tiny_model_dir, corpus_file, tmp_path):
+def test_byte_budget_search_holds_the_budget_and_stores_each_width(methods, tiny_model_dir, corpus_file, tmp_path,
+                                                                   monkeypatch):
     """The program's bytes stay within the budget, widths are traded (not one for all), every module is stored at
     the width chosen for it (16: a plain Linear or factor pair), the bytes written match the program's for the
-    Linear rows, and the checkpoint reloads without lrc with the same logits."""
-    from conftest import reload_logits
+    Linear rows, the checkpoint reloads without lrc with the same logits, and (Linear rows) a run killed after a
+    block resumes to the same bytes."""
+    from conftest import reload_logits, resume_after_crash
     from test_quantize_engine import safetensors_payload
 
     from compress import api
     from compress.quant import QuantLinear
 
-    out, report = api.compress(str(tiny_model_dir("llama")), _recipe(corpus_file, methods), tmp_path / "a",
-                               cache_dir=tmp_path / "c", progress=False)
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc"))
+    model, recipe = str(tiny_model_dir("llama")), _recipe(corpus_file, methods)
+    out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c", progress=False)
     record = report["allocation"]["0"]
     assert record["unit"] == "bytes" and record["bytes"] <= record["budget"]
     chosen = {k: v["candidates"][v["chosen"]] for k, v in record["rows"].items() if v["chosen"] is not None}
@@ -129,3 +132,6 @@ def test_byte_budget_search_holds_the_budget_and_stores_each_width(methods, tiny
     x = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(reload_logits(tmp_path / "a", x, tmp_path), out(x).logits, atol=1e-5, rtol=0)
+    if methods == ("svd-llm",):
+        again = resume_after_crash(monkeypatch, model, recipe, tmp_path / "b", tmp_path / "c2", tmp_path / "a")
+        assert again["allocation"] == report["allocation"]
