@@ -55,6 +55,12 @@ def methods() -> None:
     out.print(table)
 
 
+def _grouping(q) -> str:
+    """A quantize section's (or its embeddings') scale layout in words."""
+    return ('groups of ' + str(q.group_size) if q.group_size else 'one scale per row') + \
+        (', symmetric' if q.symmetric else '')
+
+
 @app.command()
 def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the plan as JSON here"),
@@ -97,10 +103,8 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
     if q is not None:
         widths = (f"each searched module at the width the byte budget chose ({', '.join(map(str, q.bits_options))};"
                   f" 16: not quantized), the others int{q.bits}") if q.bits_options else f"int{q.bits}"
-        out.print(f"then quantized ({q.method}, {widths}, "
-                  f"{'groups of ' + str(q.group_size) if q.group_size else 'one scale per row'}"
-                  f"{', symmetric' if q.symmetric else ''}): every Linear the blocks hold after the stages, factors "
-                  "included; the report's quantization section and checkpoint_bytes give the bytes")
+        out.print(f"then quantized ({q.method}, {widths}, {_grouping(q)}): every Linear the blocks hold after the "
+                  "stages, factors included; the report's quantization section and checkpoint_bytes give the bytes")
         searched = [r for r in rows if getattr(r, "bits", None) is not None]
         if searched:
             from .allocation.bits import searched_bytes
@@ -109,10 +113,8 @@ def plan(model: str = MODEL_ARG, recipe: Path = RECIPE_OPT,
             out.print(f"byte budget: the searched modules store {used:,} bytes, {used / dense:.4f} of their "
                       f"{dense:,} at 16 bits")
         if q.embeddings is not None:
-            e = q.embeddings
-            out.print(f"and the embeddings (with the output head) quantized first (rtn, int{e.bits}, "
-                      f"{'groups of ' + str(e.group_size) if e.group_size else 'one scale per row'}"
-                      f"{', symmetric' if e.symmetric else ''})")
+            out.print(f"and the embeddings (with the output head) quantized first (rtn, int{q.embeddings.bits}, "
+                      f"{_grouping(q.embeddings)})")
     if json_out:
         json_out.write_text(json.dumps({"modules": [r.to_dict() for r in rows], "totals": t}, indent=2))
 

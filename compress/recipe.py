@@ -10,10 +10,11 @@ registered method, its typed ``options``, the modules it targets, and exactly on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .allocation import ALLOCATORS
 from .errors import LrcError
@@ -116,6 +117,15 @@ class RefineConfig(_Strict):
     seed: int = Field(0, description="seeds each block's mini-batch order (a resumed run refines identically)")
 
 
+def _group_size(v: int | None) -> int | None:
+    if v is not None and v < 1:
+        raise ValueError(f"must be >= 1 or null (one group per row), got {v}")
+    return v
+
+
+GroupSize = Annotated[int | None, AfterValidator(_group_size)]
+
+
 class EmbeddingQuantConfig(_Strict):
     """``quantize.embeddings``: the token embeddings stored as ``bits``-bit codes, round to nearest (RTN) per group of
     ``group_size`` consecutive entries of each row (None: one scale per row), and the output head with them: a head
@@ -123,15 +133,14 @@ class EmbeddingQuantConfig(_Strict):
     same settings. Scales are stored as the section's ``scale_dtype``. The default (int8, one symmetric scale per row)
     is the layout of PyTorch's int8 weight-only kernel, which the head then runs."""
     bits: Literal[8, 4, 3, 2] = Field(8, description="bits per code")
-    group_size: int | None = Field(None, description="entries of a row per scale (None: one per row; int4: 32-128)")
+    group_size: GroupSize = Field(None, description="entries of a row per scale (None: one per row; int4: 32-128)")
     symmetric: bool = Field(True, description="no zero points (codes centred at 2^(bits-1))")
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v):
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1 or null (one group per row), got {v}")
-        return v
+    def spec(self, scale_dtype: str):
+        """The ``QuantSpec`` of the table (scales stored as the ``quantize`` section's ``scale_dtype``)."""
+        from .quant.math import QuantSpec
+
+        return QuantSpec(self.bits, self.group_size, self.symmetric, scale_dtype)
 
 
 class QuantizeConfig(_Strict):
@@ -142,7 +151,7 @@ class QuantizeConfig(_Strict):
     — a factor's second half sees the first half's outputs). Runs per block after its stages (and ``refine``); the
     next block sees the quantized one."""
     bits: Literal[8, 4, 3, 2] = Field(4, description="bits per code")
-    group_size: int | None = Field(128, description="input columns per scale (None: one per row; GPTQ/torchao: 128)")
+    group_size: GroupSize = Field(128, description="input columns per scale (None: one per row; GPTQ/torchao: 128)")
     symmetric: bool = Field(False, description="no zero points (codes centred at 2^(bits-1)); int8 with group_size "
                                                "None and symmetric runs PyTorch's int8 weight-only kernel")
     method: Literal["rtn", "gptq"] = Field("gptq", description="rtn or gptq (error feedback on the input Gram)")
@@ -160,12 +169,18 @@ class QuantizeConfig(_Strict):
         None, description="widths a byte-budget search may give each module of its stage (16: not quantized); the "
                           "stage gives byte_ratio instead of param_ratio; other modules get bits")
 
-    @field_validator("group_size")
+    @field_validator("bits_options")
     @classmethod
-    def _group(cls, v):
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1 or null (one group per row), got {v}")
+    def _some_narrow_width(cls, v):
+        if v is not None and not any(b < 16 for b in v):
+            raise ValueError(f"give at least one width below 16 to trade against rank, got {v}")
         return v
+
+    def spec(self, bits: int | None = None):
+        """The ``QuantSpec`` of the section at ``bits`` (default ``bits``)."""
+        from .quant.math import QuantSpec
+
+        return QuantSpec(bits or self.bits, self.group_size, self.symmetric, self.scale_dtype)
 
 
 BUDGETS = ("param_ratio", "rank", "energy", "byte_ratio")

@@ -4,7 +4,8 @@ module at its chosen width, within the budget, and reloads without lrc."""
 import pytest
 import torch
 
-from compress.allocation.bits import Widths, linear_bytes, quant_errors, spec_for, unit_bytes, weighted_error
+from compress.allocation.bits import Widths, linear_bytes, quant_errors, spec_for, unit_bytes
+from compress.linalg import weighted_error
 from compress.allocation.search import candidates
 from compress.errors import LrcError
 from compress.plan import PlanRow
@@ -43,7 +44,8 @@ def test_weighted_error_is_the_gram_norm_and_rtn_error_falls_with_bits():
     W, X = torch.randn(24, 32, generator=g, dtype=torch.float64), torch.randn(32, 200, generator=g,
                                                                               dtype=torch.float64)
     Wq = rtn(W, QuantSpec(4, 16)).dequantize(torch.float64)
-    assert weighted_error(W, Wq, X @ X.T) == pytest.approx(float(((W - Wq) @ X).pow(2).sum() / (W @ X).pow(2).sum()))
+    assert weighted_error(W, Wq, X @ X.T) ** 2 == pytest.approx(float(((W - Wq) @ X).pow(2).sum()
+                                                                     / (W @ X).pow(2).sum()))
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     A, B = U[:, :8] * S[:8], Vh[:8]
     q = quant_errors(W, X @ X.T, (A, B), {b: QuantSpec(b, 16) for b in (2, 3, 4, 8)})
@@ -85,6 +87,9 @@ def test_byte_budget_needs_its_parts():
         parse_recipe({"stages": [{"method": "svd-llm", "byte_ratio": 0.3}], "quantize": {"bits_options": [4]}})
     with pytest.raises(LrcError, match="byte_ratio"):
         parse_recipe({"stages": [{"method": "svd-llm", "param_ratio": 0.3}], "quantize": {"bits_options": [4]}})
+    with pytest.raises(LrcError, match="bits_options"):
+        parse_recipe({"stages": [{"method": "svd-llm", "byte_ratio": 0.3, "allocator": "search"}],
+                      "quantize": {"bits_options": [16]}})
 
 
 @pytest.mark.parametrize("methods", [("svd-llm",), ("modegpt", "svd-llm")])

@@ -11,11 +11,12 @@ are the method's, so the group overhead is an estimate there (the written bytes 
 
 **Error.** LEMS's model (methods.md §12) prices an option by the whitened output error it leaves, relative to the
 matrix's: ``t(r) = 1 − E(r)/E`` for a rank-r truncation, and for quantization the measured relative error of
-round-to-nearest at that width in the same norm, ``q = ‖(W − Q(W))X‖²/‖WX‖²`` (``weighted_error``: the Gram
-``H = XXᵀ`` the method already collected). A quantized truncation keeps ``1 − t(r)`` of the energy with relative
-error ``q_f`` (the factors' own, measured at one rank, ``FACTOR_PROBE``), and the two errors are taken as
-uncorrelated: ``t(r) + (1 − t(r))·q_f``. The allocator scales these like the truncation tail (``KL_l / t(r0)``).
-GPTQ (what is finally stored, with ``quantize.method: gptq``) lowers every ``q``; RTN's stands in for the ranking.
+round-to-nearest at that width in the same norm, ``q = ‖(W − Q(W))X‖²/‖WX‖²`` (``linalg.weighted_error``
+squared, with the Gram ``H = XXᵀ`` the method already collected). A quantized truncation keeps ``1 − t(r)`` of the
+energy with relative error ``q_f`` (the factors' own, measured at one rank, ``FACTOR_PROBE``), and the two errors
+are taken as uncorrelated: ``t(r) + (1 − t(r))·q_f``. The allocator scales these like the truncation tail
+(``KL_l / t(r0)``). GPTQ (what is finally stored, with ``quantize.method: gptq``) lowers every ``q``; RTN's stands
+in for the ranking.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..linalg import weighted_error
 from ..quant.math import QuantSpec, rtn, storage_bytes
 
 DENSE_BITS = 16  # not quantized: 2 bytes a value
@@ -32,9 +34,7 @@ FACTOR_PROBE = 0.5  # the factors' quantization error is measured at this fracti
 
 def spec_for(quant, bits: int) -> QuantSpec | None:
     """The ``QuantSpec`` of width ``bits`` under the recipe's ``quantize`` section (None for 16: not quantized)."""
-    if bits == DENSE_BITS:
-        return None
-    return QuantSpec(bits=bits, group_size=quant.group_size, symmetric=quant.symmetric, scale_dtype=quant.scale_dtype)
+    return None if bits == DENSE_BITS else quant.spec(bits)
 
 
 def matrix_bytes(m: int, n: int, spec: QuantSpec | None) -> int:
@@ -60,18 +60,6 @@ def unit_bytes(params: int, spec: QuantSpec | None) -> int:
     return int(params * spec.bits / 8 + -(-params // group) * per_group)
 
 
-def weighted_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None) -> float:
-    """``‖(W − Ŵ)X‖²/‖WX‖² = tr(D H Dᵀ)/tr(W H Wᵀ)`` (float64; plain Frobenius when ``H`` is None)."""
-    D = (W - What).double()
-    W = W.double()
-    if H is None:
-        return float(D.pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))
-    H = H.double().to(W.device)
-    num = torch.einsum("ij,jk,ik->", D, H, D)
-    den = torch.einsum("ij,jk,ik->", W, H, W)
-    return float(num.clamp_min(0) / den.clamp_min(1e-300))
-
-
 def fake_quant(W: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
     """``W`` rounded to ``spec`` by RTN and dequantized (same dtype and device); ``W`` itself for None."""
     if spec is None:
@@ -85,12 +73,10 @@ def quant_errors(W: torch.Tensor, H: torch.Tensor | None, factors, specs: dict[i
     matrix and of the product of its two factors ``factors = (A, B)`` (``W ≈ A B``, each quantized on its own),
     measured against the unquantized product (NaN when ``factors`` is None)."""
     rows = []
+    A, B = (f.double() for f in factors) if factors is not None else (None, None)
     for bits, spec in sorted(specs.items()):
-        qd = weighted_error(W, fake_quant(W, spec), H)
-        qf = float("nan")
-        if factors is not None:
-            A, B = (f.double() for f in factors)
-            qf = weighted_error(A @ B, fake_quant(A, spec) @ fake_quant(B, spec), H)
+        qd = weighted_error(W, fake_quant(W, spec), H) ** 2
+        qf = float("nan") if A is None else weighted_error(A @ B, fake_quant(A, spec) @ fake_quant(B, spec), H) ** 2
         rows.append((float(bits), qd, qf))
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
 

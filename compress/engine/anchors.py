@@ -38,9 +38,9 @@ def _rounded(block, names: list[str], spec):
     dequantized) for the duration; the weights are restored after."""
     saved = []
     try:
-        for name in names:
+        for name in names if spec is not None else ():
             for mod in block.get_submodule(name).modules():
-                if isinstance(mod, nn.Linear) and spec is not None:
+                if isinstance(mod, nn.Linear):
                     saved.append((mod, mod.weight.data.clone()))
                     mod.weight.data.copy_(fake_quant(mod.weight.data, spec))
         yield block
@@ -51,7 +51,7 @@ def _rounded(block, names: list[str], spec):
 
 def width_tag(spec) -> str:
     """A byte budget's quantizer settings other than the width (``qcurve:<tag>:<key>`` entries of the stored
-    anchors: measured once per setting, each width a row)."""
+    anchors: measured once per setting, each width a row); ``spec``: a ``QuantSpec`` or the ``quantize`` section."""
     return f"g{spec.group_size or 0}{'s' if spec.symmetric else 'a'}-{spec.scale_dtype}"
 
 
@@ -295,23 +295,18 @@ class Anchors:
                          if not getattr(rows[k], "linear", True) and picks[k][0] is not None]
                 b = self._rebuilt(j, block, units, stats) if units else block
                 modules = dict(b.named_modules())
-                changed = []
-                try:
+                with contextlib.ExitStack() as restore:  # every weight changed here is put back on exit
                     for k in mine:
                         rank, bits = picks[k]
                         spec = self.widths.get(bits)
-                        if not getattr(rows[k], "linear", True):
-                            if spec is not None:  # the unit's Linears at its width
-                                for m in rows[k].modules():
-                                    for mod in modules[m.removeprefix(prefix)].modules():
-                                        if isinstance(mod, nn.Linear):
-                                            changed.append((mod, mod.weight.data.clone()))
-                                            mod.weight.data.copy_(fake_quant(mod.weight.data, spec))
+                        if not getattr(rows[k], "linear", True):  # the unit's Linears at its width
+                            restore.enter_context(_rounded(b, [m.removeprefix(prefix) for m in rows[k].modules()],
+                                                           spec))
                             continue
                         if rank is None and spec is None:
                             continue
                         module = modules[rows[k].name.removeprefix(prefix)]
-                        changed.append((module, module.weight.data.clone()))
+                        restore.callback(module.weight.data.copy_, module.weight.data.clone())
                         if rank is None:
                             module.weight.data.copy_(fake_quant(module.weight.data, spec))
                             continue
@@ -321,9 +316,6 @@ class Anchors:
                             A, B = fake_quant(A, spec), fake_quant(B, spec)
                         module.weight.data.copy_((A @ B).to(module.weight.dtype))
                     states[t], self.as_tuple = hidden(b(states[t], **self.kwargs[j]))
-                finally:
-                    for module, original in reversed(changed):
-                        module.weight.data.copy_(original)
             self.host.unload(j)
         kls = self._kls(states)
         self.cache.save_tensors(f"search_eval_{key}", {"kl": torch.tensor(kls, dtype=torch.float64)})

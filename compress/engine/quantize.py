@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import LrcError
+from ..linalg import weighted_error
 from ..plan import wanted
 from ..quant import QuantEmbedding, QuantLinear, QuantSpec, QuantTiedHead, gptq, rtn
 from ..quant.module_type import embedding_spec, quant_spec, tied_head_spec
@@ -38,12 +39,6 @@ def targets(block: nn.Module, prefix: str, cfg) -> list[str]:
     want = [re.compile(t) for t in cfg.targets] if cfg.targets else None
     ignore = [re.compile(t) for t in cfg.ignore]
     return [sub for sub, mod in block.named_modules() if type(mod) is nn.Linear and wanted(prefix + sub, want, ignore)]
-
-
-def spec_of(cfg, bits: int | None = None) -> QuantSpec:
-    """The section's ``QuantSpec`` at ``bits`` (default ``cfg.bits``)."""
-    return QuantSpec(bits=bits or cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                     scale_dtype=cfg.scale_dtype)
 
 
 def widths(rows, prefix: str) -> dict[str, int]:
@@ -63,10 +58,15 @@ def width_of(name: str, chosen: dict[str, int]) -> int | None:
     return None
 
 
-def embedding_spec_of(cfg) -> QuantSpec:
-    """The ``QuantSpec`` of ``cfg.embeddings`` (scales stored as the section's ``scale_dtype``)."""
-    e = cfg.embeddings
-    return QuantSpec(bits=e.bits, group_size=e.group_size, symmetric=e.symmetric, scale_dtype=cfg.scale_dtype)
+def _filled(new: QuantLinear, q, W: torch.Tensor, H: torch.Tensor | None, method: str, bytes_before: int
+            ) -> tuple[QuantLinear, dict]:
+    """``new`` (a ``QuantLinear`` or ``QuantEmbedding``) holding ``q``'s packed tensors, and its report fields:
+    the weighted error ``‖(W − Ŵ)X‖/‖WX‖`` (plain relative error without a Gram ``H``), bytes before and after."""
+    for k, v in q.to_packed().items():
+        getattr(new, k).copy_(v)
+    err = weighted_error(W, q.dequantize(torch.float64).to(W.device), H)
+    return new, {"bits": q.spec.bits, "group_size": q.spec.group_size, "method": method, "rel_error": err,
+                 "bytes_before": bytes_before, "bytes_after": new.storage_bytes()}
 
 
 @torch.no_grad()
@@ -74,27 +74,16 @@ def quantize_linear(mod: nn.Linear, gram: torch.Tensor | None, cfg, spec: QuantS
                     method: str | None = None) -> tuple[QuantLinear, dict]:
     """``mod`` as a ``QuantLinear`` (same device and dtype) and its report fields; ``spec`` and ``method`` default to
     the section's."""
-    spec, method = spec or spec_of(cfg), method or cfg.method
+    spec, method = spec or cfg.spec(), method or cfg.method
     W = mod.weight.detach().double()
-    H = gram.double() if gram is not None else None
+    H = gram.double().to(W.device) if gram is not None else None
     q = gptq(W, H, spec, damp=cfg.damp, act_order=cfg.act_order) if method == "gptq" else rtn(W, spec)
     new = QuantLinear(mod.in_features, mod.out_features, spec.bits, spec.group_size, spec.symmetric,
                       mod.bias is not None, spec.torch_scale_dtype, dtype=mod.weight.dtype)
-    for k, v in q.to_packed().items():
-        getattr(new, k).copy_(v)
     if mod.bias is not None:
         new.bias.copy_(mod.bias)
-    new = new.to(mod.weight.device)
-    D = W - q.dequantize(torch.float64).to(W.device)
-    if H is not None:
-        H = H.to(W.device)
-        err = float(torch.sqrt(torch.trace(D @ H @ D.T).clamp_min(0) / torch.trace(W @ H @ W.T).clamp_min(1e-300)))
-    else:
-        err = float(D.norm() / W.norm().clamp_min(1e-300))
-    info = {"bits": spec.bits, "group_size": spec.group_size, "method": method, "rel_error": err,
-            "bytes_before": sum(p.numel() * p.element_size() for p in mod.parameters()),
-            "bytes_after": new.storage_bytes()}
-    return new, info
+    new, info = _filled(new, q, W, H, method, sum(p.numel() * p.element_size() for p in mod.parameters()))
+    return new.to(mod.weight.device), info
 
 
 def quantize_block(job, cfg) -> list[dict]:
@@ -118,7 +107,7 @@ def quantize_block(job, cfg) -> list[dict]:
         bits = width_of(n, chosen) or cfg.bits
         job.progress.phase(f"quantize {n} ({cfg.method}, int{bits})")
         t = time.perf_counter()
-        new, info = quantize_linear(modules[n], gram.acc.get(n), cfg, spec_of(cfg, bits))
+        new, info = quantize_linear(modules[n], gram.acc.get(n), cfg, cfg.spec(bits))
         block.set_submodule(n, new)
         job.specs[prefix + n] = quant_spec(new)
         m = modules[n]
@@ -139,14 +128,9 @@ def quantize_table(emb: nn.Embedding, spec: QuantSpec) -> tuple[QuantEmbedding, 
     """``emb`` as a ``QuantEmbedding`` (RTN; same device and dtype) and its report fields (``rel_error``:
     ``‖W − Ŵ‖/‖W‖``, no Gram: a lookup has no inputs to weight it)."""
     W = emb.weight.detach().double()
-    q = rtn(W, spec)
     new = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, spec.bits, spec.group_size, spec.symmetric,
                          spec.torch_scale_dtype, dtype=emb.weight.dtype)
-    for k, v in q.to_packed().items():
-        getattr(new, k).copy_(v)
-    err = float((W - q.dequantize(torch.float64)).norm() / W.norm().clamp_min(1e-300))
-    info = {"bits": spec.bits, "group_size": spec.group_size, "method": "rtn", "rel_error": err,
-            "bytes_before": emb.weight.numel() * emb.weight.element_size(), "bytes_after": new.storage_bytes()}
+    new, info = _filled(new, rtn(W, spec), W, None, "rtn", emb.weight.numel() * emb.weight.element_size())
     return new.to(emb.weight.device), info
 
 
@@ -162,7 +146,7 @@ def quantize_embeddings(model, cfg) -> tuple[dict, list[dict]]:
     """Replace ``model``'s input embeddings by a ``QuantEmbedding`` and its output head by a ``QuantTiedHead``
     (tied) or a ``QuantLinear`` (untied), RTN with ``cfg.embeddings``; returns ``(specs, report rows)``."""
     t0 = time.perf_counter()
-    spec, names = embedding_spec_of(cfg), {id(m): n for n, m in model.named_modules()}
+    spec, names = cfg.embeddings.spec(cfg.scale_dtype), {id(m): n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     name = names.get(id(emb))
     if type(emb) is not nn.Embedding or name is None:

@@ -299,7 +299,7 @@ class SearchTable:
         self.anchor = {r.key: float(spectra[f"anchor:{r.key}"]) for r in rows}
         self.widths = None  # a byte budget's widths and quantization errors (``allocation/bits.py``)
         if quant is not None and quant.bits_options:
-            tag = width_tag(spec_for(quant, min(quant.bits_options)))
+            tag = width_tag(quant)
             self.widths = Widths(sorted(quant.bits_options), quant,
                                  {r.key: spectra[f"qerr:{r.key}"] for r in rows if r.linear},
                                  {r.key: spectra[f"qcurve:{tag}:{r.key}"] for r in rows if not r.linear})
