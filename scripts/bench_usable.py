@@ -10,8 +10,9 @@ on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``:
 recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
 --jsonl as they finish.
 
-A configuration is ``NAME[+refine][+ft][+chat][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES``
+A configuration is ``NAME[+refine][+ft[N]][+chat][+qBITS[rtn]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES``
 (``search/svd-llm+refine:0.8``), or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``).
+``+ft`` adds the README main job's recovery distillation (32 steps), ``+ftN`` N steps on N × 4 fresh samples.
 ``+chat`` calibrates on text the model writes itself, chat-formatted (``calibration.dataset: selfgen``, the same
 windows) instead of Wikipedia. ``+q4`` / ``+q3`` store every block Linear the stages leave (factors included) as
 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``: round to nearest); ``+q8``: 8-bit symmetric per
@@ -100,8 +101,11 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
             data.setdefault("quantize", {"bits": 4, "targets": ["^$"]})["embeddings"] = EMBEDDINGS[m]
     if "refine" in mods or "refine2" in mods:
         data["refine"] = REFINE if "refine" in mods else REFINE_LONG
-    if "ft" in mods:
-        data["finetune"] = FINETUNE
+    for m in mods:  # ``+ft``: the main job's 32 distillation steps; ``+ftN``: N steps (eval every N)
+        if m == "ft" or (m.startswith("ft") and m[2:].isdigit()):
+            steps = int(m[2:] or FINETUNE["steps"])
+            data["finetune"] = {**FINETUNE, "steps": steps, "eval_every": steps,  # one pass over fresh samples
+                                "selfgen_samples": max(FINETUNE["selfgen_samples"], steps * FINETUNE["batch_size"])}
     return data
 
 
