@@ -228,7 +228,8 @@ def eval_cmd(
                                           "prompts with checkable answers (capitals, arithmetic, ...): the fraction "
                                           "answered correctly, the dense model's beside it"),
     batch_size: int = typer.Option(4, help="windows (perplexity) or requests (zero-shot) per forward"),
-    request_cache: bool = typer.Option(True, help="reuse lm-eval answers cached for these exact weights"),
+    request_cache: bool = typer.Option(True, help="reuse zero-shot answers and chat replies cached for these exact "
+                                                     "weights (a dense --reference is generated once)"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
     device_map: Optional[str] = typer.Option(None, help="let accelerate place a model larger than one device "
                                                         "(auto: GPUs, then CPU, then disk); overrides --device"),

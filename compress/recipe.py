@@ -311,7 +311,8 @@ class EvalConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="zero-shot: first N documents per task")
     data_dir: str | None = Field(None, description="zero-shot data directory (default $LRC_DATA_DIR)")
     batch_size: int = Field(4, gt=0, description="windows (perplexity) or requests (zero-shot) per forward")
-    request_cache: bool = Field(True, description="zero-shot: reuse lm-eval answers cached for these exact weights")
+    request_cache: bool = Field(True, description="reuse zero-shot answers and chat replies cached for these exact "
+                                                   "weights")
 
     @field_validator("tasks")
     @classmethod

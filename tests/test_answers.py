@@ -179,7 +179,7 @@ def test_scores_reach_the_output_and_the_printed_table(tiny_model_dir, chat_toke
     items = load_items()[:6]
     good = {i["prompt"]: " ".join(a if isinstance(a, str) else a[0] for a in i["answers"]) for i in items}
 
-    def fake(m, tok, prompts, max_new_tokens=64):
+    def fake(m, tok, prompts, max_new_tokens=64, cache=False):
         text = [good.get(p, "") if m is model else "zzz" for p in prompts]
         return [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in text]
 

@@ -48,3 +48,23 @@ def test_chat_needs_a_chat_template(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
     with pytest.raises(LrcError, match="chat template"):
         chat_eval(model, tokenizer, prompts=PROMPTS[:1])
+
+
+def test_replies_cached_per_weights(tiny_model_dir, chat_tokenizer, monkeypatch, tmp_path):
+    """A second call on the same weights reads the cache (generation is never called), other weights or another
+    token budget generate anew, and the cached replies equal the generated ones."""
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    prompts = PROMPTS[:2]
+    first = replies(model, chat_tokenizer, prompts, 6, cache=True)
+    assert first == replies(model, chat_tokenizer, prompts, 6) and len(list(tmp_path.rglob("*.json"))) == 1
+    calls = []
+    original = type(model).generate
+    monkeypatch.setattr(type(model), "generate", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert replies(model, chat_tokenizer, prompts, 6, cache=True) == first and not calls
+    replies(model, chat_tokenizer, prompts, 5, cache=True)
+    assert len(calls) == 2
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    replies(model, chat_tokenizer, prompts, 6, cache=True)
+    assert len(calls) == 4 and len(list(tmp_path.rglob("*.json"))) == 3

@@ -189,18 +189,19 @@ def _by_kind(items: list[dict], mine: list[bool], ref: list[bool] | None) -> dic
     return out
 
 
-def answer_eval(model, tokenizer, reference=None, max_new_tokens: int = 48, items: list[dict] | None = None) -> dict:
+def answer_eval(model, tokenizer, reference=None, max_new_tokens: int = 48, items: list[dict] | None = None,
+                cache: bool = False) -> dict:
     """Answer the set greedily through the chat template and check every reply. Returns ``{"items",
     "max_new_tokens", "correct", "answer_score", "by_kind": {kind: {items, answer_score, …}}, "samples": [{prompt,
     kind, reply, correct, found, …}]}``; with a ``reference`` (dense model) also ``reference_correct``,
     ``reference_answer_score`` (per kind and per sample too) and ``mean_kl`` over the dense replies' tokens. The
-    dense replies are generated once and serve both."""
+    dense replies are generated once and serve both; ``cache``: reused across runs (``chat.replies``)."""
     from .chat import replies, reply_kl
 
     items = items if items is not None else load_items()
     prompts = [item["prompt"] for item in items]
     decode = (lambda r: tokenizer.decode(r, skip_special_tokens=True).strip())
-    text = [decode(r) for r in replies(model, tokenizer, prompts, max_new_tokens)]
+    text = [decode(r) for r in replies(model, tokenizer, prompts, max_new_tokens, cache)]
     checks = [check(item, t) for item, t in zip(items, text)]
     mine = [c["correct"] for c in checks]
     samples = [{"prompt": item["prompt"], "kind": item["kind"], "reply": t, **c}
@@ -208,7 +209,7 @@ def answer_eval(model, tokenizer, reference=None, max_new_tokens: int = 48, item
     out = {"items": len(items), "max_new_tokens": max_new_tokens, "correct": sum(mine), "answer_score": _score(mine)}
     ref = None
     if reference is not None:
-        ref_ids = replies(reference, tokenizer, prompts, max_new_tokens)
+        ref_ids = replies(reference, tokenizer, prompts, max_new_tokens, cache)
         ref_checks = [check(item, decode(r)) for item, r in zip(items, ref_ids)]
         ref = [c["correct"] for c in ref_checks]
         out.update(reference_correct=sum(ref), reference_answer_score=_score(ref),

@@ -65,7 +65,7 @@ def _evaluate(model, tokenizer, cfg: EvalConfig, reference, bar: Progress) -> di
         from .chat import chat_eval
 
         bar.phase("chat prompts")
-        out["chat"] = chat_eval(model, tokenizer, reference)
+        out["chat"] = chat_eval(model, tokenizer, reference, cache=cfg.request_cache)
     if cfg.tasks:
         from .zeroshot import zero_shot
 
