@@ -143,6 +143,24 @@ class EmbeddingQuantConfig(_Strict):
         return QuantSpec(self.bits, self.group_size, self.symmetric, scale_dtype)
 
 
+class CompensateConfig(_Strict):
+    """``quantize.compensate``: after a block's Linears are quantized, a registered compensation method (EoRA, Liu
+    et al., arXiv 2410.21271; methods.md §7) adds to each a residual path of ``rank`` repairing its quantization
+    error ``W − Q(W)`` on the same inputs (the Gram GPTQ used), stored in the model's dtype and counted in the
+    checkpoint's bytes (and, under a byte budget, in every option quantized below 16 bits). EoRA's paper: rank
+    16–128 on GPTQ 3/4-bit weights."""
+    method: str = Field("eora", description="a registered method of kind compensation")
+    rank: int = Field(..., ge=1, description="residual rank per quantized Linear (at most min(out, in))")
+
+    @field_validator("method")
+    @classmethod
+    def _a_compensation_method(cls, v):
+        able = sorted(n for n, m in METHODS.items() if m.kind == "compensation")
+        if v not in able:
+            raise ValueError(f"{v!r} is not a compensation method (one of {', '.join(able)})")
+        return v
+
+
 class QuantizeConfig(_Strict):
     """Quantized storage of the Linears a block holds after its stages (factors, resized and dense ones alike;
     ``compress/quant``, methods.md §15): per group of ``group_size`` input columns a scale (and a zero point unless
@@ -165,6 +183,8 @@ class QuantizeConfig(_Strict):
     embeddings: EmbeddingQuantConfig | None = Field(
         None, description="the token embeddings (and the output head, tied or not) quantized too, RTN, before the "
                           "first block (the calibration streams see them); None: left as they are")
+    compensate: CompensateConfig | None = Field(
+        None, description="a low-rank residual on each quantized Linear repairing its quantization error (EoRA)")
     bits_options: list[Literal[16, 8, 4, 3, 2]] | None = Field(
         None, description="widths a byte-budget search may give each module of its stage (16: not quantized); the "
                           "stage gives byte_ratio instead of param_ratio; other modules get bits")
@@ -371,6 +391,10 @@ class Recipe(_Strict):
                              "(or use bits alone)")
         if len(byte) > 1 and len({self.stages[i].group or i for i in byte}) > 1:
             raise ValueError(f"stages[{byte[1]}].byte_ratio: one byte budget per recipe (one search stage or group)")
+        block = [i for i in byte if METHODS[self.stages[i].method].unit == "block"]
+        if block and self.quantize.compensate is not None:
+            raise ValueError(f"quantize.compensate: a byte budget prices the residuals of Linear rows only, and "
+                             f"stages[{block[0]}] offers {self.stages[block[0]].method} units (drop one of the two)")
         return self
 
     @model_validator(mode="after")
@@ -453,7 +477,7 @@ class Recipe(_Strict):
             for key in ("group", "byte_ratio"):  # absent when unused, as before they existed (same caches)
                 if stage.get(key) is None:
                     stage.pop(key, None)
-        for key in ("bits_options", "embeddings"):  # absent when unused, as before they existed (same caches)
+        for key in ("bits_options", "embeddings", "compensate"):  # absent when unused, as before they existed (same caches)
             if data.get("quantize") is not None and data["quantize"].get(key) is None:
                 data["quantize"].pop(key)
         return data

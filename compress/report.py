@@ -157,6 +157,17 @@ def checkpoint_bytes(directory) -> dict:
     return out
 
 
+def _compensation(qz: dict) -> str:
+    """The ``quantized`` line's tail with ``quantize.compensate``: the residuals' rank and bytes (in the bytes
+    after) and the mean error before them."""
+    rows = [r for r in qz.get("rows", []) if "residual_bytes" in r]
+    if not rows:
+        return ""
+    return (f", with {qz['settings']['compensate']['method']} residuals of rank "
+            f"{qz['settings']['compensate']['rank']} ({sum(r['residual_bytes'] for r in rows):,} bytes; error "
+            f"{sum(r['quant_error'] for r in rows) / len(rows):.4f} before them)")
+
+
 def summary_table(report: dict) -> Table:
     t = report["targeted"]
     mp = report["model_params"]
@@ -197,7 +208,7 @@ def summary_table(report: dict) -> Table:
                                    f"{'/g' + str(st['group_size']) if st['group_size'] else ''}: "
                                    f"{qz['bytes_before']:,} → {qz['bytes_after']:,} bytes "
                                    f"(kept {qz['kept_bytes_fraction']:.4f}), weighted rel. error mean "
-                                   f"{qz['mean_rel_error']:.4f}")
+                                   f"{qz['mean_rel_error']:.4f}" + _compensation(qz))
     cb = report.get("checkpoint_bytes")
     if cb:
         table.add_row("checkpoint tensors", f"{cb['tensors']:,} bytes ({cb['embeddings_and_head']:,} embeddings "

@@ -25,12 +25,16 @@ DENSE_PPL_JSON = ROOT / "docs" / "results" / "smollm2-dense-eval.json"
 def family(config: str) -> str:
     """The curve a row belongs to: ``RTN`` / ``GPTQ`` (quantization alone), a byte-budget search (``+bytes``), else
     its method (and refinement) with ``+ int8`` / ``+ int4`` … for quantized factors, ``bf16`` without; quantized
-    embeddings (``+e8`` / ``+e4``) name their own curve (``, emb int4``): compare like with like."""
+    embeddings (``+e8`` / ``+e4``) name their own curve (``, emb int4``): compare like with like; EoRA residuals
+    on the quantized matrices (``+cN``) add `` + EoRA rN``."""
     head = config.rsplit(":", 1)[0]
     name, *mods = head.split("+")
     emb = next((m for m in mods if m in ("e8", "e4")), None)
     tail = f", emb int{emb[1]}" if emb else ""
     mods = [m for m in mods if m != emb]
+    comp = next((m for m in mods if m.startswith("c") and m[1:].isdigit()), None)
+    tail = (f" + EoRA r{comp[1:]}" if comp else "") + tail
+    mods = [m for m in mods if m != comp]
     q = next((m for m in mods if m.startswith("q")), None)
     if "bytes" in mods:
         return f"{name} byte budget{tail}"
@@ -49,7 +53,7 @@ def gptq_curve(rows: list[dict], config: str, nbytes: int) -> float | None:
     ``nbytes``: geometric interpolation between its two points around it (the straight segment of the log-scale
     plot); None outside its range, or for GPTQ's own rows."""
     fam = family(config)
-    if fam.startswith("GPTQ"):
+    if fam.startswith("GPTQ") and "EoRA" not in fam:
         return None
     want = "GPTQ" + fam[fam.index(", emb"):] if ", emb" in fam else "GPTQ"
     pts = sorted((r["bf16_bytes"], r["perplexity"]) for r in rows if family(r["config"]) == want)

@@ -36,6 +36,10 @@ def test_linear_bytes_count_the_stored_tensors():
     assert linear_bytes(row, None, spec) == storage_bytes(48, 32, spec) + 2 * 48
     assert linear_bytes(row, 8, spec) == storage_bytes(8, 32, spec) + storage_bytes(48, 8, spec) + 2 * 48
     assert unit_bytes(1000, None) == 2000
+    # quantize.compensate: a residual of rank min(R, m, n) on every quantized matrix (each factor), none at 16 bits
+    assert linear_bytes(row, None, spec, 4) == linear_bytes(row, None, spec) + 2 * 4 * (48 + 32)
+    assert linear_bytes(row, 2, spec, 4) == linear_bytes(row, 2, spec) + 2 * 2 * (2 + 32) + 2 * 2 * (48 + 2)
+    assert linear_bytes(row, None, None, 4) == linear_bytes(row, None, None)
     assert 500 < unit_bytes(1000, QuantSpec(4, 100)) < 2000 / 3  # codes + 10 groups of scale and zero
 
 
@@ -140,3 +144,34 @@ def test_byte_budget_search_holds_the_budget_and_stores_each_width(methods, tiny
     if methods == ("svd-llm",):
         again = resume_after_crash(monkeypatch, model, recipe, tmp_path / "b", tmp_path / "c2", tmp_path / "a")
         assert again["allocation"] == report["allocation"]
+
+
+def test_byte_budget_counts_the_compensation(tiny_model_dir, corpus_file, tmp_path):
+    """``quantize.compensate`` under a byte budget: every quantized module carries its residual, the program priced
+    it (the bytes written, residuals included, are the program's) and the budget holds; MoDeGPT units, or a
+    method that is no compensation, are refused in one line before any work."""
+    from compress import api
+    from compress.methods.eora.lrc_compensated import CompensatedLinear
+    from test_quantize_engine import safetensors_payload
+
+    model = str(tiny_model_dir("llama"))
+    recipe = _recipe(corpus_file, compensate={"rank": 2})
+    out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c", progress=False)
+    record = report["allocation"]["0"]
+    assert record["bytes"] <= record["budget"]
+    rows = report["quantization"]["rows"]
+    comp = {n for n, m in out.named_modules() if isinstance(m, CompensatedLinear)}
+    assert rows and {r["name"] for r in rows} == comp and all(r["compensated_rank"] == 2 for r in rows)
+    import json
+    import struct
+
+    sizes = safetensors_payload(tmp_path / "a" / "model.safetensors")
+    with open(tmp_path / "a" / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    written = sum(v if header[k]["dtype"] != "F32" else v // 2 for k, v in sizes.items()
+                  if ".layers." in k and "norm" not in k)
+    assert written == record["bytes"]
+    with pytest.raises(LrcError, match="quantize.compensate: a byte budget prices the residuals of Linear rows only"):
+        _recipe(corpus_file, methods=("modegpt", "svd-llm"), compensate={"rank": 2})
+    with pytest.raises(LrcError, match="quantize.compensate.method: 'svd-llm' is not a compensation method"):
+        _recipe(corpus_file, compensate={"rank": 2, "method": "svd-llm"})

@@ -155,3 +155,63 @@ def test_cli_plan_and_compress_quantization_alone(tiny_model_dir, corpus_file, t
     res = CliRunner().invoke(app, ["compress", model, "--recipe", str(recipe), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert "quantized" in res.output and "checkpoint tensors" in res.output
+
+
+def test_compensate_inside_the_run_repairs_quantization_and_counts_its_bytes(tiny_model_dir, corpus_file, tmp_path,
+                                                                             monkeypatch):
+    """``quantize.compensate`` (EoRA after each block's quantization): every quantized Linear gets a residual path
+    whose weighted error is below its quantization error, equal to EoRA's closed form on the same Gram (a full-rank
+    residual repairs it exactly); the report's bytes include the residual and equal ``model.safetensors``; the
+    checkpoint reloads without lrc with the same logits; a run killed after a block resumes to the same rows."""
+    from conftest import reload_logits, resume_after_crash
+
+    from compress.methods.eora.lrc_compensated import CompensatedLinear
+
+    model = str(tiny_model_dir("llama"))
+    recipe = _recipe(corpus_file, stages=(), bits=3, method="gptq", compensate={"rank": 4})
+    out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c", progress=False)
+    wrapped = {n: m for n, m in out.named_modules() if isinstance(m, CompensatedLinear)}
+    rows = report["quantization"]["rows"]
+    assert len(wrapped) == len(rows) and all(isinstance(m.base, QuantLinear) and m.rank == 4
+                                             for m in wrapped.values())
+    assert all(r["rel_error"] < r["quant_error"] and r["compensated_rank"] == 4 for r in rows)
+    sizes = safetensors_payload(tmp_path / "a" / "model.safetensors")
+    for r in rows:
+        assert r["bytes_after"] == sum(v for k, v in sizes.items() if k.startswith(r["name"] + ".")), r["name"]
+        m = wrapped[r["name"]]
+        assert r["residual_bytes"] == 4 * (m.in_features + m.out_features) * 4  # float32 model
+    x = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reload_logits(tmp_path / "a", x, tmp_path), out(x).logits, atol=1e-5, rtol=0)
+    again = resume_after_crash(monkeypatch, model, recipe, tmp_path / "b", tmp_path / "c2", tmp_path / "a")
+    assert [r["bytes_after"] for r in again["quantization"]["rows"]] == [r["bytes_after"] for r in rows]
+    assert [r["rel_error"] for r in again["quantization"]["rows"]] == pytest.approx([r["rel_error"] for r in rows])
+
+
+def test_repair_is_eoras_closed_form():
+    """``EoRA.repair`` on a quantized matrix: the residual's error is the tail of the whitened error spectrum, it
+    falls with rank, and at full rank the weight is reproduced exactly on the inputs."""
+    from compress.engine.quantize import compensated
+    from compress.methods import METHODS
+    from compress.methods.eora.math import residual_spectrum
+    from compress.recipe import QuantizeConfig
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24, bias=False).double().requires_grad_(False)
+    X = torch.randn(200, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    H = X.T @ X
+    cfg = QuantizeConfig(bits=3, group_size=8, method="rtn")
+    from compress.engine.quantize import quantize_linear
+
+    q, info = quantize_linear(lin, H, cfg)
+    W = lin.weight.detach()
+    sigma = residual_spectrum(W - q.weight_approx.double(), H)
+    errs = []
+    for rank in (1, 4, 12, 24):
+        new, row = compensated(METHODS["eora"](), q, lin, H, rank, info)
+        new.requires_grad_(False)
+        rel = ((W - new.weight_approx.double()) @ X.T).norm() / (W @ X.T).norm()
+        tail = (sigma[rank:].square().sum() / ((W @ X.T).norm() ** 2)).sqrt()
+        assert row["rel_error"] == pytest.approx(float(rel), rel=1e-6) == pytest.approx(float(tail), rel=1e-6)
+        errs.append(row["rel_error"])
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-8 and errs[0] < info["rel_error"]

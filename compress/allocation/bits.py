@@ -17,6 +17,12 @@ energy with relative error ``q_f`` (the factors' own, measured at one rank, ``FA
 are taken as uncorrelated: ``t(r) + (1 − t(r))·q_f``. The allocator scales these like the truncation tail
 (``KL_l / t(r0)``). GPTQ (what is finally stored, with ``quantize.method: gptq``) lowers every ``q``; RTN's stands
 in for the ranking.
+
+**Compensation.** With ``quantize.compensate`` every quantized matrix (each factor of a pair) carries a residual
+path of that rank (EoRA): its bytes are in every option below 16 bits (``residual_bytes``), so the budget holds for
+what is written. Its repair is not credited: the options' errors (and the trials' RTN) are the uncompensated ones,
+so the program prices compensation conservatively. MoDeGPT units (members' shapes at a knob are the method's) are
+refused under a byte budget with compensation.
 """
 from __future__ import annotations
 
@@ -42,13 +48,28 @@ def matrix_bytes(m: int, n: int, spec: QuantSpec | None) -> int:
     return 2 * m * n if spec is None else storage_bytes(m, n, spec)
 
 
-def linear_bytes(row, rank: int | None, spec: QuantSpec | None) -> int:
-    """Bytes of a Linear row kept dense (``rank`` None) or factorised at ``rank``, at ``spec``; biases at 2 bytes."""
+def residual_rank(quant) -> int:
+    """The rank of ``quantize.compensate``'s residual on every quantized Linear (0 without one)."""
+    comp = getattr(quant, "compensate", None)
+    return comp.rank if comp is not None else 0
+
+
+def residual_bytes(m: int, n: int, rank: int) -> int:
+    """Bytes of the residual path ``quantize.compensate`` adds to an ``m × n`` quantized matrix: rank
+    ``min(rank, m, n)`` (as EoRA fits it), two factors at 2 bytes a value."""
+    return 2 * min(rank, m, n) * (m + n)
+
+
+def linear_bytes(row, rank: int | None, spec: QuantSpec | None, residual: int = 0) -> int:
+    """Bytes of a Linear row kept dense (``rank`` None) or factorised at ``rank``, at ``spec``; biases at 2 bytes.
+    ``residual``: ``quantize.compensate``'s rank, a residual path on each quantized matrix (factors each)."""
     m, n = row.out_features, row.in_features
     bias = 2 * m if row.bias else 0
-    if rank is None:
-        return matrix_bytes(m, n, spec) + bias
-    return matrix_bytes(rank, n, spec) + matrix_bytes(m, rank, spec) + bias
+
+    def one(a: int, b: int) -> int:
+        return matrix_bytes(a, b, spec) + (residual_bytes(a, b, residual) if spec is not None and residual else 0)
+
+    return one(m, n) + bias if rank is None else one(rank, n) + one(m, rank) + bias
 
 
 def unit_bytes(params: int, spec: QuantSpec | None) -> int:
@@ -96,6 +117,10 @@ class Widths:
     def spec(self, bits: int) -> QuantSpec | None:
         return spec_for(self.quant, bits)
 
+    @property
+    def residual(self) -> int:
+        return residual_rank(self.quant)
+
     def errors(self, key: str) -> dict[int, tuple[float, float]]:
         """``{bits: (q_dense, q_factor)}`` of a Linear row."""
         return {int(b): (qd, qf) for b, qd, qf in self.qerr[key].tolist()}
@@ -112,7 +137,7 @@ def searched_bytes(rows, quant) -> tuple[int, int]:
     for r in rows:
         spec = spec_for(quant, r.bits)
         if r.linear:
-            used += linear_bytes(r, r.rank if r.factorize else None, spec)
+            used += linear_bytes(r, r.rank if r.factorize else None, spec, residual_rank(quant))
         else:
             used += unit_bytes(r.params_after, spec)
         dense += 2 * r.params_before

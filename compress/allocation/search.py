@@ -214,7 +214,7 @@ def with_widths(row, ranks: list[Candidate], sigma, scale: float, widths, opts) 
             tr = 0.0 if c.knob is None else t(c.knob)
             qe = 0.0 if spec is None else q[b][0 if c.knob is None else 1]
             out.append(Candidate(c.knob, c.params, float(s * (tr + (1 - tr) * qe)), c.k, b,
-                                 linear_bytes(row, c.knob, spec)))
+                                 linear_bytes(row, c.knob, spec, widths.residual)))
     return pareto(out)
 
 

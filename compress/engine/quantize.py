@@ -9,6 +9,12 @@ the weighted error ``‖(W − Ŵ)X‖/‖WX‖`` from the same Gram and its byt
 then recomputed from the quantized block (with compressed propagation), so the next block sees quantization error
 as a deployed model would (GPTQ's sequential order over blocks).
 
+With ``quantize.compensate`` a registered compensation method (EoRA) then wraps each ``QuantLinear`` in a residual
+path of the section's rank, fitted on the same Gram to the error ``W − Q(W)`` (``Method.repair``; EoRA's own use,
+methods.md §7), before the outputs are recomputed: the next block's inputs and Grams come through compensated
+modules, as EoRA collects them. The row's ``rel_error`` is then the compensated error (``quant_error`` before it)
+and its ``bytes_after`` includes the residual (``residual_bytes``).
+
 With ``quantize.embeddings`` the token embeddings become a ``QuantEmbedding`` (RTN) before the first block
 (``quantize_embeddings``, called by the pipeline after a resume restored the finished blocks and before block 0's
 inputs are captured): the calibration streams then carry the embeddings a deployed model has, like the blocks' own
@@ -26,7 +32,9 @@ import torch
 from torch import nn
 
 from ..errors import LrcError
+from ..checkpoint.module_types import module_spec
 from ..linalg import weighted_error
+from ..methods import METHODS
 from ..plan import wanted
 from ..quant import QuantEmbedding, QuantLinear, QuantSpec, QuantTiedHead, gptq, rtn
 from ..quant.module_type import embedding_spec, quant_spec, tied_head_spec
@@ -86,6 +94,17 @@ def quantize_linear(mod: nn.Linear, gram: torch.Tensor | None, cfg, spec: QuantS
     return new.to(mod.weight.device), info
 
 
+def compensated(method, quantized: QuantLinear, mod: nn.Linear, gram: torch.Tensor | None, rank: int, info: dict
+                ) -> tuple[nn.Module, dict]:
+    """``quantized`` with ``method``'s residual (``quantize.compensate``) repairing its error against ``mod``'s
+    weight, and ``info`` updated: ``rel_error`` after the repair (``quant_error`` before it), ``bytes_after`` with the
+    residual's bytes."""
+    new, fix = method.repair(quantized, mod.weight.detach(), gram, rank)
+    return new, {**info, "quant_error": info["rel_error"], "rel_error": fix["rel_error"],
+                 "compensated_rank": fix["rank"], "residual_bytes": fix["residual_bytes"],
+                 "bytes_after": info["bytes_after"] + fix["residual_bytes"]}
+
+
 def quantize_block(job, cfg) -> list[dict]:
     """Quantize block ``job.index``'s selected Linears in place (specs into ``job.specs``), then recompute every
     stream's outputs when the compressed model propagates; returns one report row per matrix."""
@@ -103,14 +122,17 @@ def quantize_block(job, cfg) -> list[dict]:
     finally:
         gram.remove()
     rows = []
+    repair = METHODS[cfg.compensate.method]() if cfg.compensate else None
     for n in names:
         bits = width_of(n, chosen) or cfg.bits
         job.progress.phase(f"quantize {n} ({cfg.method}, int{bits})")
         t = time.perf_counter()
-        new, info = quantize_linear(modules[n], gram.acc.get(n), cfg, cfg.spec(bits))
-        block.set_submodule(n, new)
-        job.specs[prefix + n] = quant_spec(new)
         m = modules[n]
+        new, info = quantize_linear(m, gram.acc.get(n), cfg, cfg.spec(bits))
+        if repair is not None:
+            new, info = compensated(repair, new, m, gram.acc.get(n), cfg.compensate.rank, info)
+        block.set_submodule(n, new)
+        job.specs[prefix + n] = module_spec(new)
         rows.append({"name": prefix + n, "out_features": m.out_features, "in_features": m.in_features, **info,
                      "seconds": round(time.perf_counter() - t, 4)})
     del gram

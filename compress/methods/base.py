@@ -87,6 +87,13 @@ class Method:
         repairing its error against ``original`` (the block's weight before its stages), and its whole report row."""
         raise NotImplementedError
 
+    def repair(self, module: torch.nn.Module, original: torch.Tensor, gram: torch.Tensor | None, rank: int
+               ) -> tuple[torch.nn.Module, dict]:
+        """Kind "compensation": ``module`` (e.g. a ``QuantLinear``) plus a rank-``rank`` path repairing its error
+        against ``original`` on inputs of Gram ``gram`` (``quantize.compensate``), and report fields (``rank``,
+        ``base_error`` and ``rel_error``: the weighted error before and after, ``residual_bytes``)."""
+        raise NotImplementedError
+
     def wrap_sigma(self, delta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """``replacement == "wrap"``: the singular values a global allocator reads for the error ``delta = original −
         module`` (descending; ``Σ_{i>r} σ_i²`` is the error left at rank r)."""

@@ -54,19 +54,38 @@ class EoRA(Method):
     def wrap(self, module: nn.Module, original: torch.Tensor, stats: dict, row) -> tuple[nn.Module, dict]:
         """``module`` (whatever an earlier stage left) plus the residual repairing ``original − module``."""
         t0 = time.perf_counter()
-        delta = original.double() - effective_weight(module)
-        res = eora_residual(delta, stats["input_gram"], row.rank, self.config.rtol)
+        new, info = self._compensated(module, original, stats["input_gram"], row.rank)
+        note = f"error {info['base_error']:.4f} -> {info['rel_error']:.4f}" + \
+            (f"; {info['dropped_eigenvalues']} Gram eigenvalues dropped" if info["dropped_eigenvalues"] else "")
+        return new, report_row(row, "compensated", info["rel_error"], time.perf_counter() - t0, note, rank=new.rank,
+                               base_error=info["base_error"], dropped_eigenvalues=info["dropped_eigenvalues"])
+
+    @torch.no_grad()
+    def repair(self, module: nn.Module, original: torch.Tensor, gram: torch.Tensor | None, rank: int
+               ) -> tuple[nn.Module, dict]:
+        """``quantize.compensate``: the quantized ``module`` plus the residual repairing ``original − Q(original)``
+        on the compressed model's inputs (EoRA's use in the paper: GPTQ's error); no Gram (an embedding) is refused."""
+        if gram is None:
+            raise ValueError("EoRA needs the input Gram of the module it repairs")
+        new, info = self._compensated(module, original, gram, rank)
+        info["residual_bytes"] = sum(p.numel() * p.element_size()
+                                     for p in (new.lora_A.weight, new.lora_B.weight))
+        return new, info
+
+    def _compensated(self, module: nn.Module, original: torch.Tensor, H: torch.Tensor, rank: int
+                     ) -> tuple[CompensatedLinear, dict]:
+        """The residual of rank ``rank`` (at most the error's) for ``original − module`` (eq. in ``math.py``) as a
+        ``CompensatedLinear`` in ``module``'s float dtype, and its weighted errors before and after."""
+        delta = original.double() - effective_weight(module).to(original.device)
+        H = H.double().to(original.device)
+        res = eora_residual(delta, H, rank, self.config.rtol)
         dev, dtype = original.device, _float_dtype(module)
         new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
         new.lora_A.weight.copy_(res.A)
         new.lora_B.weight.copy_(res.B)
-        H = stats["input_gram"]
-        before_err = weighted_error(original.double(), effective_weight(module), H)
-        after_err = weighted_error(original.double(), effective_weight(new), H)
-        note = f"error {before_err:.4f} -> {after_err:.4f}" + \
-            (f"; {res.dropped} Gram eigenvalues dropped" if res.dropped else "")
-        return new, report_row(row, "compensated", after_err, time.perf_counter() - t0, note, rank=new.rank,
-                               base_error=before_err, dropped_eigenvalues=res.dropped)
+        before = weighted_error(original.double(), effective_weight(module).to(dev), H)
+        after = weighted_error(original.double(), effective_weight(new).to(dev), H)
+        return new, {"rank": new.rank, "base_error": before, "rel_error": after, "dropped_eigenvalues": res.dropped}
 
     def wrap_sigma(self, delta: torch.Tensor, stats: dict) -> torch.Tensor:
         """Singular values of the whitened residual ``ΔW Q Λ^{1/2}`` (``math.residual_spectrum``)."""

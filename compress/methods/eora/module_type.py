@@ -2,7 +2,7 @@
 builder are the remote-code file ``lrc_compensated.py``)."""
 from __future__ import annotations
 
-from ...checkpoint.module_types import ModuleType, ReportType, module_spec, unit_weights
+from ...checkpoint.module_types import TYPES, ModuleType, ReportType, module_spec, unit_weights
 from .lrc_compensated import CompensatedLinear, build_compensated
 
 
@@ -16,7 +16,14 @@ def compensated_weights(m: CompensatedLinear) -> int:
     return unit_weights(m.base) + m.lora_A.weight.numel() + m.lora_B.weight.numel()
 
 
+def describe_compensated(spec: dict) -> tuple[str, str]:
+    """``lrc info``: the base's knob (e.g. ``int3/g32``, a rank) and the residual's rank."""
+    base = spec["base"]
+    shape, knob = TYPES[base.get("type", "dense")].describe(base)
+    return shape, (f"{knob} + " if knob != "-" else "") + f"residual {spec['rank']}"
+
+
 COMPENSATED = ModuleType(
     "compensated", CompensatedLinear, build_compensated, compensated_spec, weights=compensated_weights,
-    residual=("lora_A", "lora_B"),
+    residual=("lora_A", "lora_B"), describe=describe_compensated,
     report=ReportType("compensated", "compensated", "compensated", always=True, measured=True, repair=True))
