@@ -146,11 +146,14 @@ class EmbeddingQuantConfig(_Strict):
 class CompensateConfig(_Strict):
     """``quantize.compensate``: after a block's Linears are quantized, a registered compensation method (EoRA, Liu
     et al., arXiv 2410.21271; methods.md §7) adds to each a residual path of ``rank`` repairing its quantization
-    error ``W − Q(W)`` on the same inputs (the Gram GPTQ used), stored in the model's dtype and counted in the
-    checkpoint's bytes (and, under a byte budget, in every option quantized below 16 bits). EoRA's paper: rank
-    16–128 on GPTQ 3/4-bit weights."""
+    error ``W − Q(W)`` on the same inputs (the Gram GPTQ used), stored in the model's dtype (or quantized itself,
+    ``bits``: EoRA's README quantizes the adapter too) and counted in the checkpoint's bytes (and, under a byte
+    budget, in every option quantized below 16 bits). EoRA's paper: rank 16–128 on GPTQ 3/4-bit weights."""
     method: str = Field("eora", description="a registered method of kind compensation")
     rank: int = Field(..., ge=1, description="residual rank per quantized Linear (at most min(out, in))")
+    bits: Literal[16, 8, 4, 3, 2] = Field(16, description="the residual's two factors stored at this width (the "
+                                                          "section's group size, symmetry and method; 16: the "
+                                                          "model's dtype)")
 
     @field_validator("method")
     @classmethod

@@ -163,8 +163,10 @@ def _compensation(qz: dict) -> str:
     rows = [r for r in qz.get("rows", []) if "residual_bytes" in r]
     if not rows:
         return ""
-    return (f", with {qz['settings']['compensate']['method']} residuals of rank "
-            f"{qz['settings']['compensate']['rank']} ({sum(r['residual_bytes'] for r in rows):,} bytes; error "
+    comp = qz["settings"]["compensate"]
+    width = f", int{comp['bits']}" if comp.get("bits", 16) < 16 else ""
+    return (f", with {comp['method']} residuals of rank {comp['rank']} ({sum(r['residual_bytes'] for r in rows):,} "
+            f"bytes{width}; error "
             f"{sum(r['quant_error'] for r in rows) / len(rows):.4f} before them)")
 
 

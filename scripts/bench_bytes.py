@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +27,15 @@ def family(config: str) -> str:
     """The curve a row belongs to: ``RTN`` / ``GPTQ`` (quantization alone), a byte-budget search (``+bytes``), else
     its method (and refinement) with ``+ int8`` / ``+ int4`` … for quantized factors, ``bf16`` without; quantized
     embeddings (``+e8`` / ``+e4``) name their own curve (``, emb int4``): compare like with like; EoRA residuals
-    on the quantized matrices (``+cN``) add `` + EoRA rN``."""
+    on the quantized matrices (``+cN``, ``+cNiB``) add `` + EoRA rN`` (`` intB``)."""
     head = config.rsplit(":", 1)[0]
     name, *mods = head.split("+")
     emb = next((m for m in mods if m in ("e8", "e4")), None)
     tail = f", emb int{emb[1]}" if emb else ""
     mods = [m for m in mods if m != emb]
-    comp = next((m for m in mods if m.startswith("c") and m[1:].isdigit()), None)
-    tail = (f" + EoRA r{comp[1:]}" if comp else "") + tail
+    comp = next((m for m in mods if re.fullmatch(r"c\d+(i\d+)?", m)), None)
+    rank, _, bits = (comp or "")[1:].partition("i")
+    tail = (f" + EoRA r{rank}" + (f" int{bits}" if bits else "") if comp else "") + tail
     mods = [m for m in mods if m != comp]
     q = next((m for m in mods if m.startswith("q")), None)
     if "bytes" in mods:

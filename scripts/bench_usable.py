@@ -10,14 +10,15 @@ on the result. Each configuration runs ``lrc``'s own pipeline (``api.compress``:
 recipe's evaluation on the checkpoint as written) in its own process (its own peak RSS); rows are appended to
 --jsonl as they finish.
 
-A configuration is ``NAME[+refine][+ft[N]][+chat][+qBITS[rtn]][+cRANK][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES``
+A configuration is ``NAME[+refine][+ft[N]][+chat][+qBITS[rtn]][+cRANK[iBITS]][+bytes][+e8|+e4]:KEPT`` with NAME one of ``STAGES``
 (``search/svd-llm+refine:0.8``), or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``).
 ``+ft`` adds the README main job's recovery distillation (32 steps), ``+ftN`` N steps on N × 4 fresh samples.
 ``+chat`` calibrates on text the model writes itself, chat-formatted (``calibration.dataset: selfgen``, the same
 windows) instead of Wikipedia. ``+q4`` / ``+q3`` store every block Linear the stages leave (factors included) as
 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``: round to nearest); ``+q8``: 8-bit symmetric per
 output channel (PyTorch's int8 weight-only kernel); ``+c32``: each quantized Linear
-also gets an EoRA residual of rank 32 repairing its quantization error (``quantize.compensate``, in the bytes). Embeddings and head stay in the model's dtype unless ``+e8`` /
+also gets an EoRA residual of rank 32 repairing its quantization error (``quantize.compensate``, in the bytes;
+``+c32i4``: its two factors stored as 4-bit codes too). Embeddings and head stay in the model's dtype unless ``+e8`` /
 ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using the same table). ``+bytes`` (a search NAME): KEPT
 is the whole checkpoint's share of its bf16 bytes, and the search chooses each module's knob and width
 (``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -97,9 +99,10 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
         stage["byte_ratio"] = stage_byte_ratio(float(kept), next((EMBEDDINGS[m] for m in mods if m in EMBEDDINGS),
                                                                  None))
         del stage["param_ratio"]
-    for m in mods:  # ``+cN``: EoRA residuals of rank N on every quantized Linear (quantize.compensate)
-        if m.startswith("c") and m[1:].isdigit():
-            data["quantize"]["compensate"] = {"rank": int(m[1:])}
+    for m in mods:  # ``+cN[iB]``: EoRA residuals of rank N (factors at B bits) on every quantized Linear
+        comp = re.fullmatch(r"c(\d+)(?:i(\d+))?", m)
+        if comp:
+            data["quantize"]["compensate"] = {"rank": int(comp[1]), "bits": int(comp[2] or 16)}
     for m in mods:
         if m in EMBEDDINGS:
             data.setdefault("quantize", {"bits": 4, "targets": ["^$"]})["embeddings"] = EMBEDDINGS[m]

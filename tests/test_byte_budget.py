@@ -4,7 +4,7 @@ module at its chosen width, within the budget, and reloads without lrc."""
 import pytest
 import torch
 
-from compress.allocation.bits import Widths, linear_bytes, quant_errors, spec_for, unit_bytes
+from compress.allocation.bits import Residual, Widths, linear_bytes, quant_errors, spec_for, unit_bytes
 from compress.linalg import weighted_error
 from compress.allocation.search import candidates
 from compress.errors import LrcError
@@ -37,9 +37,13 @@ def test_linear_bytes_count_the_stored_tensors():
     assert linear_bytes(row, 8, spec) == storage_bytes(8, 32, spec) + storage_bytes(48, 8, spec) + 2 * 48
     assert unit_bytes(1000, None) == 2000
     # quantize.compensate: a residual of rank min(R, m, n) on every quantized matrix (each factor), none at 16 bits
-    assert linear_bytes(row, None, spec, 4) == linear_bytes(row, None, spec) + 2 * 4 * (48 + 32)
-    assert linear_bytes(row, 2, spec, 4) == linear_bytes(row, 2, spec) + 2 * 2 * (2 + 32) + 2 * 2 * (48 + 2)
-    assert linear_bytes(row, None, None, 4) == linear_bytes(row, None, None)
+    res = Residual(4)
+    assert linear_bytes(row, None, spec, res) == linear_bytes(row, None, spec) + 2 * 4 * (48 + 32)
+    assert linear_bytes(row, 2, spec, res) == linear_bytes(row, 2, spec) + 2 * 2 * (2 + 32) + 2 * 2 * (48 + 2)
+    assert linear_bytes(row, None, None, res) == linear_bytes(row, None, None)
+    q8 = QuantSpec(8, None, True)  # a quantized residual: its two factors' storage
+    assert linear_bytes(row, None, spec, Residual(4, q8)) == linear_bytes(row, None, spec) + storage_bytes(
+        4, 32, q8) + storage_bytes(48, 4, q8)
     assert 500 < unit_bytes(1000, QuantSpec(4, 100)) < 2000 / 3  # codes + 10 groups of scale and zero
 
 
@@ -147,21 +151,25 @@ def test_byte_budget_search_holds_the_budget_and_stores_each_width(methods, tiny
 
 
 def test_byte_budget_counts_the_compensation(tiny_model_dir, corpus_file, tmp_path):
-    """``quantize.compensate`` under a byte budget: every quantized module carries its residual, the program priced
-    it (the bytes written, residuals included, are the program's) and the budget holds; MoDeGPT units, or a
+    """``quantize.compensate`` under a byte budget (its residual in int8): every quantized module carries its
+    residual, the program priced it (the bytes written, residuals included, are the program's), the checkpoint
+    reloads without lrc with the same logits and the budget holds; MoDeGPT units, or a
     method that is no compensation, are refused in one line before any work."""
     from compress import api
     from compress.methods.eora.lrc_compensated import CompensatedLinear
+    from compress.quant import QuantLinear
     from test_quantize_engine import safetensors_payload
 
     model = str(tiny_model_dir("llama"))
-    recipe = _recipe(corpus_file, compensate={"rank": 2})
+    recipe = _recipe(corpus_file, compensate={"rank": 2, "bits": 8})
     out, report = api.compress(model, recipe, tmp_path / "a", cache_dir=tmp_path / "c", progress=False)
     record = report["allocation"]["0"]
     assert record["bytes"] <= record["budget"]
     rows = report["quantization"]["rows"]
     comp = {n for n, m in out.named_modules() if isinstance(m, CompensatedLinear)}
     assert rows and {r["name"] for r in rows} == comp and all(r["compensated_rank"] == 2 for r in rows)
+    assert all(isinstance(m.lora_A, QuantLinear) and m.lora_B.bits == 8 for m in out.modules()
+               if isinstance(m, CompensatedLinear))
     import json
     import struct
 
@@ -171,6 +179,11 @@ def test_byte_budget_counts_the_compensation(tiny_model_dir, corpus_file, tmp_pa
     written = sum(v if header[k]["dtype"] != "F32" else v // 2 for k, v in sizes.items()
                   if ".layers." in k and "norm" not in k)
     assert written == record["bytes"]
+    from conftest import reload_logits
+
+    x = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reload_logits(tmp_path / "a", x, tmp_path), out(x).logits, atol=1e-5, rtol=0)
     with pytest.raises(LrcError, match="quantize.compensate: a byte budget prices the residuals of Linear rows only"):
         _recipe(corpus_file, methods=("modegpt", "svd-llm"), compensate={"rank": 2})
     with pytest.raises(LrcError, match="quantize.compensate.method: 'svd-llm' is not a compensation method"):

@@ -208,10 +208,20 @@ def test_repair_is_eoras_closed_form():
     sigma = residual_spectrum(W - q.weight_approx.double(), H)
     errs = []
     for rank in (1, 4, 12, 24):
-        new, row = compensated(METHODS["eora"](), q, lin, H, rank, info)
+        new, row = compensated(METHODS["eora"](), q, lin, H,
+                               QuantizeConfig(bits=3, group_size=8, method="rtn", compensate={"rank": rank}), info)
         new.requires_grad_(False)
         rel = ((W - new.weight_approx.double()) @ X.T).norm() / (W @ X.T).norm()
         tail = (sigma[rank:].square().sum() / ((W @ X.T).norm() ** 2)).sqrt()
         assert row["rel_error"] == pytest.approx(float(rel), rel=1e-6) == pytest.approx(float(tail), rel=1e-6)
         errs.append(row["rel_error"])
     assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-8 and errs[0] < info["rel_error"]
+    # the residual's factors quantized (int8, GPTQ): their error is measured on the module as written, still well
+    # below the quantization error it repairs, and their bytes are the two QuantLinears'
+    cfg8 = QuantizeConfig(bits=3, group_size=8, method="gptq", compensate={"rank": 12, "bits": 8})
+    new, row = compensated(METHODS["eora"](), q, lin, H, cfg8, info)
+    new.requires_grad_(False)
+    rel = ((W - new.weight_approx.double()) @ X.T).norm() / (W @ X.T).norm()
+    assert isinstance(new.lora_A, QuantLinear) and isinstance(new.lora_B, QuantLinear)
+    assert row["rel_error"] == pytest.approx(float(rel), rel=1e-6) and row["rel_error"] < 0.5 * info["rel_error"]
+    assert row["residual_bytes"] == new.lora_A.storage_bytes() + new.lora_B.storage_bytes()

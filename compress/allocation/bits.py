@@ -19,7 +19,7 @@ are taken as uncorrelated: ``t(r) + (1 − t(r))·q_f``. The allocator scales th
 in for the ranking.
 
 **Compensation.** With ``quantize.compensate`` every quantized matrix (each factor of a pair) carries a residual
-path of that rank (EoRA): its bytes are in every option below 16 bits (``residual_bytes``), so the budget holds for
+path of that rank (EoRA): its bytes are in every option below 16 bits (``Residual.bytes``), so the budget holds for
 what is written. Its repair is not credited: the options' errors (and the trials' RTN) are the uncompensated ones,
 so the program prices compensation conservatively. MoDeGPT units (members' shapes at a knob are the method's) are
 refused under a byte budget with compensation.
@@ -48,26 +48,33 @@ def matrix_bytes(m: int, n: int, spec: QuantSpec | None) -> int:
     return 2 * m * n if spec is None else storage_bytes(m, n, spec)
 
 
-def residual_rank(quant) -> int:
-    """The rank of ``quantize.compensate``'s residual on every quantized Linear (0 without one)."""
+@dataclass(frozen=True)
+class Residual:
+    """``quantize.compensate``'s residual on every quantized matrix: its rank and its factors' spec (None: 2 bytes
+    a value)."""
+    rank: int
+    spec: QuantSpec | None = None
+
+    def bytes(self, m: int, n: int) -> int:
+        """Bytes of the residual of an ``m × n`` matrix: rank ``min(rank, m, n)`` (as EoRA fits it), two factors."""
+        r = min(self.rank, m, n)
+        return matrix_bytes(r, n, self.spec) + matrix_bytes(m, r, self.spec)
+
+
+def residual_of(quant) -> Residual | None:
+    """The residual ``quantize.compensate`` adds to every quantized Linear (None without one)."""
     comp = getattr(quant, "compensate", None)
-    return comp.rank if comp is not None else 0
+    return None if comp is None else Residual(comp.rank, spec_for(quant, comp.bits))
 
 
-def residual_bytes(m: int, n: int, rank: int) -> int:
-    """Bytes of the residual path ``quantize.compensate`` adds to an ``m × n`` quantized matrix: rank
-    ``min(rank, m, n)`` (as EoRA fits it), two factors at 2 bytes a value."""
-    return 2 * min(rank, m, n) * (m + n)
-
-
-def linear_bytes(row, rank: int | None, spec: QuantSpec | None, residual: int = 0) -> int:
+def linear_bytes(row, rank: int | None, spec: QuantSpec | None, residual: Residual | None = None) -> int:
     """Bytes of a Linear row kept dense (``rank`` None) or factorised at ``rank``, at ``spec``; biases at 2 bytes.
-    ``residual``: ``quantize.compensate``'s rank, a residual path on each quantized matrix (factors each)."""
+    ``residual``: ``quantize.compensate``'s path on each quantized matrix (each factor of a pair)."""
     m, n = row.out_features, row.in_features
     bias = 2 * m if row.bias else 0
 
     def one(a: int, b: int) -> int:
-        return matrix_bytes(a, b, spec) + (residual_bytes(a, b, residual) if spec is not None and residual else 0)
+        return matrix_bytes(a, b, spec) + (residual.bytes(a, b) if spec is not None and residual else 0)
 
     return one(m, n) + bias if rank is None else one(rank, n) + one(m, rank) + bias
 
@@ -118,8 +125,8 @@ class Widths:
         return spec_for(self.quant, bits)
 
     @property
-    def residual(self) -> int:
-        return residual_rank(self.quant)
+    def residual(self) -> Residual | None:
+        return residual_of(self.quant)
 
     def errors(self, key: str) -> dict[int, tuple[float, float]]:
         """``{bits: (q_dense, q_factor)}`` of a Linear row."""
@@ -137,7 +144,7 @@ def searched_bytes(rows, quant) -> tuple[int, int]:
     for r in rows:
         spec = spec_for(quant, r.bits)
         if r.linear:
-            used += linear_bytes(r, r.rank if r.factorize else None, spec, residual_rank(quant))
+            used += linear_bytes(r, r.rank if r.factorize else None, spec, residual_of(quant))
         else:
             used += unit_bytes(r.params_after, spec)
         dense += 2 * r.params_before

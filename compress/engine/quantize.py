@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import LrcError
-from ..checkpoint.module_types import module_spec
+from ..checkpoint.module_types import effective_weight, module_spec, residual_paths
 from ..linalg import weighted_error
 from ..methods import METHODS
 from ..plan import wanted
@@ -94,14 +94,26 @@ def quantize_linear(mod: nn.Linear, gram: torch.Tensor | None, cfg, spec: QuantS
     return new.to(mod.weight.device), info
 
 
-def compensated(method, quantized: QuantLinear, mod: nn.Linear, gram: torch.Tensor | None, rank: int, info: dict
+def compensated(method, quantized: QuantLinear, mod: nn.Linear, gram: torch.Tensor | None, cfg, info: dict
                 ) -> tuple[nn.Module, dict]:
-    """``quantized`` with ``method``'s residual (``quantize.compensate``) repairing its error against ``mod``'s
-    weight, and ``info`` updated: ``rel_error`` after the repair (``quant_error`` before it), ``bytes_after`` with the
-    residual's bytes."""
-    new, fix = method.repair(quantized, mod.weight.detach(), gram, rank)
+    """``quantized`` with ``method``'s residual (``cfg.compensate``) repairing its error against ``mod``'s weight,
+    its two factors quantized too when ``compensate.bits`` is below 16 (the section's method: GPTQ's second factor
+    sees the first's quantized outputs, Gram ``Â H Âᵀ``), and ``info`` updated: ``rel_error`` after the repair
+    (``quant_error`` before it), ``bytes_after`` with the residual's bytes."""
+    comp = cfg.compensate
+    W = mod.weight.detach()
+    new, fix = method.repair(quantized, W, gram, comp.rank)
+    if comp.bits < 16:
+        spec = cfg.spec(comp.bits)
+        H = gram.double().to(W.device)
+        qa, _ = quantize_linear(new.lora_A, H, cfg, spec)
+        A = qa.weight_approx.double()
+        qb, _ = quantize_linear(new.lora_B, A @ H @ A.T, cfg, spec)
+        new.lora_A, new.lora_B = qa, qb
+        fix["rel_error"] = weighted_error(W.double(), effective_weight(new).to(W.device), H)
+        fix["residual_bytes"] = qa.storage_bytes() + qb.storage_bytes()
     return new, {**info, "quant_error": info["rel_error"], "rel_error": fix["rel_error"],
-                 "compensated_rank": fix["rank"], "residual_bytes": fix["residual_bytes"],
+                 "compensated_rank": fix["rank"], "residual_bits": comp.bits, "residual_bytes": fix["residual_bytes"],
                  "bytes_after": info["bytes_after"] + fix["residual_bytes"]}
 
 
@@ -130,9 +142,12 @@ def quantize_block(job, cfg) -> list[dict]:
         m = modules[n]
         new, info = quantize_linear(m, gram.acc.get(n), cfg, cfg.spec(bits))
         if repair is not None:
-            new, info = compensated(repair, new, m, gram.acc.get(n), cfg.compensate.rank, info)
+            new, info = compensated(repair, new, m, gram.acc.get(n), cfg, info)
         block.set_submodule(n, new)
         job.specs[prefix + n] = module_spec(new)
+        for sub in residual_paths(new):  # quantized residual factors: specs of their own, built after the module
+            if isinstance(getattr(new, sub), QuantLinear):
+                job.specs[f"{prefix}{n}.{sub}"] = quant_spec(getattr(new, sub))
         rows.append({"name": prefix + n, "out_features": m.out_features, "in_features": m.in_features, **info,
                      "seconds": round(time.perf_counter() - t, 4)})
     del gram

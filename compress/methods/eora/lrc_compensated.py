@@ -13,7 +13,8 @@ from ...checkpoint.lrc_fast import FAST_PATH, plain, prefer_layout
 class CompensatedLinear(nn.Module):
     """``y = base(x) + lora_B(lora_A(x))``: a compressed module plus a low-rank residual path (EoRA). The residual
     uses PEFT's names and shapes (``lora_A`` rank x in, ``lora_B`` out x rank, scaling 1). With ``fast`` the residual
-    path applies its parameters directly, as ``LowRankLinear`` does."""
+    path applies its parameters directly, as ``LowRankLinear`` does. ``quantize.compensate.bits`` below 16 makes the
+    two factors quantized Linears (specs of their own, ``<module>.lora_A``, built after this one)."""
 
     fast = FAST_PATH
 
@@ -26,8 +27,12 @@ class CompensatedLinear(nn.Module):
 
     @property
     def weight_approx(self) -> torch.Tensor:
-        base = self.base.weight_approx if hasattr(self.base, "weight_approx") else self.base.weight
-        return base + self.lora_B.weight @ self.lora_A.weight
+        """The dense matrix applied: the base's plus ``B A`` (either factor may itself be quantized)."""
+        def w(m):
+            return m.weight_approx if hasattr(m, "weight_approx") else m.weight
+
+        b, a = w(self.lora_B), w(self.lora_A)
+        return w(self.base) + (b.to(a.dtype) @ a).to(b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._modules["lora_A"], self._modules["lora_B"]

@@ -13,7 +13,7 @@ def compensated_spec(m: CompensatedLinear) -> dict:
 
 def compensated_weights(m: CompensatedLinear) -> int:
     """The base's count (as its own module type counts it) plus the residual path's."""
-    return unit_weights(m.base) + m.lora_A.weight.numel() + m.lora_B.weight.numel()
+    return unit_weights(m.base) + unit_weights(m.lora_A) + unit_weights(m.lora_B)
 
 
 def describe_compensated(spec: dict) -> tuple[str, str]:
