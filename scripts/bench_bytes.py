@@ -65,13 +65,18 @@ def gptq_curve(rows: list[dict], config: str, nbytes: int) -> float | None:
     return None
 
 
-def markdown(rows: list[dict], dense_ppl: float) -> str:
+def markdown(rows: list[dict], dense_ppl: float, dense_answers: float | None = None) -> str:
     """Every row by bytes; "GPTQ here" is GPTQ's curve at the row's bytes (``gptq_curve``): the issue's goal is a
-    perplexity below it."""
+    perplexity below it. "answers": the answer score of ``lrc eval --chat`` (– where the row ran ``--no-chat``)."""
     total = dense_bytes(rows)
+
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
     lines = ["| configuration | family | bytes (bf16 checkpoint) | of dense | perplexity | × dense | GPTQ here | "
-             "quantized matrices: bytes kept | weighted error |", "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-             f"| dense | bf16 | {total:,} | 1.000 | {dense_ppl:.2f} | 1.00 | – | – | – |"]
+             "answers | quantized matrices: bytes kept | weighted error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| dense | bf16 | {total:,} | 1.000 | {dense_ppl:.2f} | 1.00 | – | {f(dense_answers, '.2f')} | – | – |"]
     for r in sorted(rows, key=lambda r: r["bf16_bytes"]):
         q = r.get("quantization") or {}
         kept = f"{q['kept_bytes_fraction']:.3f}" if q else "–"
@@ -79,7 +84,7 @@ def markdown(rows: list[dict], dense_ppl: float) -> str:
         g = gptq_curve(rows, r["config"], r["bf16_bytes"])
         lines.append(f"| {r['config']} | {family(r['config'])} | {r['bf16_bytes']:,} | "
                      f"{r['bf16_bytes'] / total:.3f} | {r['perplexity']:,.2f} | {r['perplexity'] / dense_ppl:.2f} | "
-                     f"{'–' if g is None else f'{g:,.2f}'} | {kept} | {err} |")
+                     f"{f(g, ',.2f')} | {f(r.get('answer_score'), '.2f')} | {kept} | {err} |")
     return "\n".join(lines)
 
 
@@ -141,6 +146,12 @@ def dense_perplexity() -> float:
     return next(iter(json.loads(DENSE_PPL_JSON.read_text())["perplexity"].values()))["perplexity"]
 
 
+def dense_answers(rows: list[dict]) -> float | None:
+    """The dense model's answer score, as every row with ``lrc eval --chat`` measured it beside its own."""
+    scores = {r["reference_answer_score"] for r in rows if r.get("reference_answer_score") is not None}
+    return scores.pop() if len(scores) == 1 else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jsonl", type=Path, required=True)
@@ -148,7 +159,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = [json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]
     dense_ppl = dense_perplexity()
-    print(markdown(rows, dense_ppl))
+    print(markdown(rows, dense_ppl, dense_answers(rows)))
     if a.svg:
         a.svg.write_text(svg(rows, dense_ppl))
 

@@ -118,7 +118,8 @@ SECTIONS = {
     "speed": lambda: bench_speed.markdown(rows("speed-smollm2.jsonl")),
     "selfgen": lambda: bench_selfgen.markdown(rows("selfgen-smollm2.jsonl")),
     "finetune": lambda: bench_finetune.markdown(rows("finetune-smollm2.jsonl")),
-    "bytes": lambda: bench_bytes.markdown(rows("bytes-smollm2-64x512.jsonl"), bench_bytes.dense_perplexity()),
+    "bytes": lambda: bench_bytes.markdown(rows("bytes-smollm2-64x512.jsonl"), bench_bytes.dense_perplexity(),
+                                          bench_bytes.dense_answers(rows("bytes-smollm2-64x512.jsonl"))),
     "usable": lambda: bench_usable.markdown(rows("usable-smollm2-64x512.jsonl"), bench_usable.dense_reference(
         rows("usable-smollm2-64x512.jsonl"), RESULTS / "smollm2-dense-eval.json")),
 }
