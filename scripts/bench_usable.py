@@ -22,7 +22,7 @@ also gets an EoRA residual of rank 32 repairing its quantization error (``quanti
 ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using the same table). ``+bytes`` (a search NAME): KEPT
 is the whole checkpoint's share of its bf16 bytes, and the search chooses each module's knob and width
 (``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
-KL: minutes per row).
+KL: minutes per row); ``--keep DIR`` keeps each checkpoint in DIR (for ``lrc bench``, or reading its replies).
 
     python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
 """
@@ -149,7 +149,7 @@ def stage_byte_ratio(kept_bytes: float, embeddings: dict | None) -> float:
 
 
 def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, cache: str,
-        chat: bool = True) -> dict:
+        chat: bool = True, keep: str | None = None) -> dict:
     import torch
 
     from compress import api
@@ -159,9 +159,10 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
     if config == "dense":
         return _dense(model_spec, windows, zeroshot)
     recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot, chat))
-    with tempfile.TemporaryDirectory() as tmp:
-        _, report = api.compress(model_spec, recipe, Path(tmp) / "out", cache_dir=cache, progress=False,
-                                 return_model=False)
+    with tempfile.TemporaryDirectory() as tmp:  # ``keep``: the checkpoint stays (for lrc bench, reading replies)
+        out = Path(keep) / re.sub(r"[^A-Za-z0-9.+_-]", "_", config) if keep else Path(tmp) / "out"
+        _, report = api.compress(model_spec, recipe, out, cache_dir=cache, progress=False, return_model=False,
+                                 overwrite=bool(keep))
     ev = report["eval"]
     chat = ev.get("chat", {})
     answers = chat.get("answers", {})
@@ -266,6 +267,7 @@ def main() -> None:
     ap.add_argument("--zeroshot", action="store_true", help="also the four zero-shot tasks at limit 200 (~9 min)")
     ap.add_argument("--no-chat", action="store_true", help="skip lrc eval --chat (the answer score and chat KL)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lrc"))
+    ap.add_argument("--keep", help="write each checkpoint to KEEP/<config> (kept) instead of a temporary directory")
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -276,7 +278,7 @@ def main() -> None:
         return
     if a.one:
         print("RESULT " + json.dumps(one(a.model, a.one, a.samples, a.seq_len, a.windows, a.zeroshot, a.cache,
-                                         not a.no_chat)))
+                                         not a.no_chat, a.keep)))
         return
     done = {json.loads(line)["config"] for line in a.jsonl.read_text().splitlines()} if a.jsonl.is_file() else set()
     for config in a.configs:
@@ -284,7 +286,8 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--model", a.model, "--samples", str(a.samples), "--seq-len",
                str(a.seq_len), "--windows", str(a.windows), "--cache", a.cache, "--jsonl", str(a.jsonl),
-               "--one", config] + (["--zeroshot"] if a.zeroshot else []) + (["--no-chat"] if a.no_chat else [])
+               "--one", config] + (["--zeroshot"] if a.zeroshot else []) + (["--no-chat"] if a.no_chat else []) + \
+            (["--keep", a.keep] if a.keep else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
