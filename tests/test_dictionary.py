@@ -165,8 +165,12 @@ def test_error_falls_with_atoms_and_rounds_and_every_output_has_s_atoms():
 
 
 def test_float32_learning_tracks_float64():
+    """Every round's error in float32 within 1 % of float64's: the rounds' discrete atom choices may part ways where
+    two candidates are within rounding of each other (0.3 % apart after four rounds on one CPU, 0.1 % on another), a
+    broken float32 path would not stay this close."""
     W, X, H = _problem(n=32, m=64)
     WL = DL.whitening(H).R @ W.T
-    e64 = min(DL.learn_dictionary(WL, 16, 8, iters=4).errors)
-    e32 = min(DL.learn_dictionary(WL.float(), 16, 8, iters=4).errors)
-    assert e32 == pytest.approx(e64, rel=1e-3)
+    e64 = DL.learn_dictionary(WL, 16, 8, iters=4).errors
+    e32 = DL.learn_dictionary(WL.float(), 16, 8, iters=4).errors
+    assert len(e32) == len(e64) == 4
+    assert e32 == pytest.approx(e64, rel=1e-2)
