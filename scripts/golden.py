@@ -8,6 +8,11 @@ moves a weight or a number lrc writes still fails the check, until ``--write`` r
 ``tests/data/golden-stories260k.json`` (recorded from the code before the method protocol was generalised), and
 ``.ci/run`` compares the README's main job against ``docs/results/golden-main-job.json``.
 
+Fingerprints are exact bits, so they belong to one kind of CPU as well as one lock: MKL and PyTorch pick their
+kernels by the instruction set, and another CPU rounds some float operations differently (every weight moves in the
+last bits; the configs stay identical). On a new CI machine, record them at the last landed commit (a worktree of it
+on ``PYTHONPATH``), then check the new code against that record — what was done when CI moved on 2026-12-07.
+
     python scripts/golden.py --write tests/data/golden-stories260k.json     # record (stories260k cases)
     python scripts/golden.py --dir out/smollm2-modegpt-80                    # one checkpoint's fingerprint
     python scripts/golden.py --dir out/smollm2-modegpt-80 --check docs/results/golden-main-job.json
