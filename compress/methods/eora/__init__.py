@@ -76,15 +76,14 @@ class EoRA(Method):
                      ) -> tuple[CompensatedLinear, dict]:
         """The residual of rank ``rank`` (at most the error's) for ``original − module`` (eq. in ``math.py``) as a
         ``CompensatedLinear`` in ``module``'s float dtype, and its weighted errors before and after."""
-        delta = original.double() - effective_weight(module).to(original.device)
-        H = H.double().to(original.device)
-        res = eora_residual(delta, H, rank, self.config.rtol)
         dev, dtype = original.device, _float_dtype(module)
+        W, Wc, H = original.double(), effective_weight(module).to(dev), H.double().to(dev)
+        res = eora_residual(W - Wc, H, rank, self.config.rtol)
         new = CompensatedLinear(module, res.B.shape[1], device=dev, dtype=dtype)
         new.lora_A.weight.copy_(res.A)
         new.lora_B.weight.copy_(res.B)
-        before = weighted_error(original.double(), effective_weight(module).to(dev), H)
-        after = weighted_error(original.double(), effective_weight(new).to(dev), H)
+        before = weighted_error(W, Wc, H)
+        after = weighted_error(W, effective_weight(new).to(dev), H)
         return new, {"rank": new.rank, "base_error": before, "rel_error": after, "dropped_eigenvalues": res.dropped}
 
     def wrap_sigma(self, delta: torch.Tensor, stats: dict) -> torch.Tensor:
