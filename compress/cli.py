@@ -275,6 +275,8 @@ def bench(
                                         "one warm-up each first, not timed)"),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads, pinned for the run [default: torch's]"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("float32", help="float type both models run in: float32, bfloat16 (4-bit matrices "
+                                              "take the int4 CPU kernel only in bfloat16), float16"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
 ) -> None:
     """Real cost on this device: parameters, size on disk, memory, prefill and decode tokens/s, speed-ups."""
@@ -284,9 +286,11 @@ def bench(
         for name, value in (("--decode-tokens", decode_tokens), ("--repeats", repeats), ("--threads", threads or 1)):
             if value < 1:
                 raise LrcError(f"{name}: must be at least 1; got {value}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise LrcError(f"--dtype: one of float32, bfloat16, float16; got {dtype!r}")
         results = run_bench(model, reference, _int_list(seq_lens, "--seq-lens"),
                             _int_list(decode_batches, "--decode-batches"), decode_tokens, repeats, device,
-                            threads=threads)
+                            dtype=dtype, threads=threads)
     except LrcError as e:
         _fail(e)
     out.print(bench_table(results))

@@ -127,13 +127,32 @@ def measure(model, seq_lens=(128, 512), decode_batches=(1, 8), decode_tokens: in
     return out
 
 
+def quant_paths(model) -> tuple[dict, int]:
+    """After a run: how many quantized matrices took each forward path (``QuantLinear.kernel``: ``int4_cpu``,
+    ``int8``, ``dequantized``), and the bytes of what those paths keep beside the codes (a packed kernel layout,
+    or the dequantized weight)."""
+    paths: dict = {}
+    held = 0
+    for m in model.modules():
+        cache = getattr(m, "_cache", None)
+        if isinstance(cache, dict) and hasattr(m, "kernel"):
+            for key, tensors in cache.items():
+                paths[key[0]] = paths.get(key[0], 0) + 1
+                held += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return paths, held
+
+
 def describe(model, path: str | None) -> dict:
+    """A model's counts after its timed runs: parameters, checkpoint bytes, weights stored (parameters and codes)
+    and weights at run time (plus what the quantized matrices' forward paths keep: ``quant_paths``)."""
     params = unique_parameters(model)
     codes = [b for m in model.modules() if hasattr(m, "stored_weights") for b in m.buffers()]  # quantized weights
+    stored = sum(t.numel() * t.element_size() for t in (*params, *codes))
+    paths, held = quant_paths(model)
     return {"params_total": sum(p.numel() for p in params) + stored_weights(model),
             "params_block_linears": block_linear_params(model),
             "linear_macs_per_token": linear_macs_per_token(model),
-            "weights_gib": sum(t.numel() * t.element_size() for t in (*params, *codes)) / 2**30,
+            "weights_gib": stored / 2**30, "run_weights_gib": (stored + held) / 2**30, "quant_paths": paths,
             "checkpoint_bytes": disk_bytes(path)}
 
 
@@ -150,13 +169,14 @@ def speedups(reference: dict, model: dict, ratios: dict) -> dict:
 def run_bench(model_spec: str, reference: str | None = None, seq_lens=(128, 512), decode_batches=(1, 8),
               decode_tokens: int = 32, repeats: int = 7, device: str = "auto", dtype: str = "float32",
               threads: int | None = None) -> dict:
-    """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``'s protocol.
-    ``threads``: torch's intra-op threads for the whole run (default: the current number, pinned)."""
+    """Measure MODEL (and REFERENCE, in the same process, on the same inputs) with ``eval.bench``'s protocol,
+    both loaded in ``dtype`` (``bfloat16`` runs 4-bit matrices on the int4 CPU kernel). ``threads``: torch's
+    intra-op threads for the whole run (default: the current number, pinned)."""
     from ..engine.device import resolve_device
 
     dev = resolve_device(device)
     torch.set_num_threads(threads or torch.get_num_threads())
-    results = {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats,
+    results = {"device": str(dev), "dtype": dtype, "torch_threads": torch.get_num_threads(), "repeats": repeats,
                "decode_tokens": decode_tokens, "interleaved": True, "models": {}}
     models, paths = {}, {}
     for role, spec in (("reference", reference), ("model", model_spec)):
@@ -180,7 +200,8 @@ def bench_table(results: dict):
     from rich.table import Table
 
     models = results["models"]
-    table = Table(title=f"lrc bench on {results['device']} ({results['torch_threads']} threads, interleaved runs, "
+    table = Table(title=f"lrc bench on {results['device']}, {results.get('dtype', 'float32')} "
+                        f"({results['torch_threads']} threads, interleaved runs, "
                         f"median of {results['repeats']}; speed-ups per round: median \\[min-max])")
     table.add_column("")
     for role in models:
@@ -190,7 +211,12 @@ def bench_table(results: dict):
             ("params (block Linears)", lambda d: f"{d['params_block_linears']:,}"),
             ("checkpoint on disk", lambda d: f"{d['checkpoint_bytes'] / 2**20:.1f} MiB" if d["checkpoint_bytes"]
              else "–"),
-            ("weights in memory", lambda d: f"{d['weights_gib']:.3f} GiB")]
+            ("weights stored", lambda d: f"{d['weights_gib']:.3f} GiB"),
+            ("weights at run time", lambda d: f"{d.get('run_weights_gib', d['weights_gib']):.3f} GiB")]
+    if any(d.get("quant_paths") for d in models.values()):
+        rows.append(("quantized matrices' paths", lambda d: ", ".join(f"{k} {v}" for k, v in
+                                                                      sorted(d.get("quant_paths", {}).items()))
+                     or "–"))
     rows += [(f"prefill tok/s @ {L}", lambda d, L=L: f"{d['prefill_tokens_per_s'][L]:.0f}")
              for L in first["prefill_tokens_per_s"]]
     rows += [(f"decode tok/s @ batch {b}", lambda d, b=b: f"{d['decode_tokens_per_s'][b]:.1f}")

@@ -18,9 +18,10 @@ one group per row); ``ŵ = scale·(q − zero)``, symmetric codes have ``zero = 
 ``unpack(pack(q, b), b, n)`` returns ``q`` exactly, ``n`` being the original last-dimension length.
 
 **Forward** (``QuantLinear.kernel`` says which path a call takes). PyTorch's own weight-only kernels, the ones
-torchao's int4/int8 weight-only layouts call, where they apply: 4 bits with groups of 32/64/128/256 dividing
-``in_features`` (and ``out_features`` a multiple of 16) on CPU with bfloat16 activations
-(``torch._weight_int4pack_mm_for_cpu``; the packed layout is built from ``qweight`` once per device), 8 bits
+torchao's int4/int8 weight-only layouts call, where they apply: 4 bits with groups of 32/64/128/256 (or one group
+a row of at most 256 inputs) on CPU with bfloat16 activations (``torch._weight_int4pack_mm_for_cpu``; the packed
+layout is built from ``qweight`` once per device, padded to whole groups and to rows 16 at a time where the shape
+needs it: ``QuantLinear._int4_layout``), 8 bits
 symmetric with one group per row (``torch._weight_int8pack_mm``). Any other case (float32 activations, 3 or 2 bits,
 another group size, CUDA for now) multiplies by the dequantized weight, computed once and kept (no dequantization
 per call): bytes on disk shrink either way, memory at run time only on the kernel paths.
@@ -157,9 +158,7 @@ class QuantLinear(nn.Module):
 
     def kernel(self, x: torch.Tensor) -> str:
         """The path a forward on ``x`` takes: ``int4_cpu``, ``int8`` or ``dequantized``."""
-        if self.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and \
-                self.group_len in INT4_GROUPS and self.in_features % self.group_len == 0 and \
-                self.out_features % 16 == 0:  # the kernel's packing takes rows 16 at a time
+        if self.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self._int4_group():
             return "int4_cpu"
         if self.bits == 8 and self.symmetric and self.group_size is None and x.dtype in (torch.bfloat16,
                                                                                           torch.float16,
@@ -173,11 +172,7 @@ class QuantLinear(nn.Module):
             self._cache.clear()  # one layout at a time: the module's memory stays one copy
             with torch.no_grad():
                 if path == "int4_cpu":
-                    packed = torch._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
-                    s = self.scales.float()  # kernel: w = (q − 8)·s + z_float
-                    z = s * (8.0 - self.zeros())
-                    sz = torch.stack([s.t(), z.t()], dim=-1).to(x.dtype).contiguous()
-                    self._cache[key] = (packed, sz)
+                    self._cache[key] = self._int4_layout(x.dtype)
                 elif path == "int8":
                     w8 = (self.codes().to(torch.int16) - 128).to(torch.int8)
                     self._cache[key] = (w8.contiguous(), self.scales[:, 0].to(x.dtype).contiguous())
@@ -185,15 +180,42 @@ class QuantLinear(nn.Module):
                     self._cache[key] = (self.dequantized(x.dtype).to(x.device),)
         return self._cache[key]
 
+    def _int4_group(self) -> int | None:
+        """The group size the int4 kernel runs this matrix with: its own, or for one group a row (an input size
+        below 256, e.g. a factor's rank under the section's group size) the smallest kernel group that holds it."""
+        if self.group_len in INT4_GROUPS:
+            return self.group_len
+        if self.group_size is None:
+            return next((g for g in INT4_GROUPS if g >= self.in_features), None)
+        return None
+
+    def _int4_layout(self, dtype) -> tuple:
+        """The int4 CPU kernel's packed codes and ``(scale, offset)`` table. The kernel takes whole groups and rows
+        16 at a time, so a matrix whose input size the group does not divide (SmolLM2's 576 at groups of 128), or
+        whose output size is not a multiple of 16 (a factor's rank), is laid out padded: the extra input columns
+        meet zero inputs (``forward`` pads ``x``) and the extra output rows are cut off, so the product is the
+        stored matrix's."""
+        n, k, g = self.out_features, self.in_features, self._int4_group()
+        n_pad, k_pad = -n % 16, self.groups * g - k
+        codes = F.pad(self.codes().to(torch.int32), (0, k_pad, 0, n_pad), value=8)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        s = self.scales.float()  # kernel: w = (q − 8)·s + z_float
+        z = s * (8.0 - self.zeros())
+        sz = F.pad(torch.stack([s.t(), z.t()], dim=-1), (0, 0, 0, n_pad)).to(dtype).contiguous()
+        return packed, sz, k_pad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel(x)
         prepared = self._prepared(path, x)
         if path == "dequantized":
             return F.linear(x, prepared[0], self.bias)
-        flat = x.reshape(-1, self.in_features).contiguous()
+        flat = x.reshape(-1, self.in_features)
         if path == "int4_cpu":
-            y = torch._weight_int4pack_mm_for_cpu(flat, prepared[0], self.group_len, prepared[1])
+            flat = F.pad(flat, (0, prepared[2])) if prepared[2] else flat.contiguous()
+            y = torch._weight_int4pack_mm_for_cpu(flat, prepared[0], self._int4_group(), prepared[1])
+            y = y[:, :self.out_features] if y.shape[1] != self.out_features else y
         else:
+            flat = flat.contiguous()
             y = torch._weight_int8pack_mm(flat, prepared[0], prepared[1])
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
