@@ -188,6 +188,11 @@ def calibration_tokens(model, tokenizer, cfg: CalibrationConfig, cache_dir: Path
     model_id = getattr(model.config, "_name_or_path", "") if cfg.dataset == "selfgen" and not cfg.mix else ""
     if model_id:  # inverse-CDF draws, in-place KV cache (tokens differ from earlier samplers'); chat rows
         model_id += f"|sampler 3|chat {chat_rows(tokenizer, cfg.samples, cfg.selfgen_chat)}"
+        if cfg.selfgen_prompts is not None:  # the turns themselves (a file's content, not its name)
+            from .selfgen import load_prompts
+
+            turns = json.dumps(load_prompts(cfg.selfgen_prompts))
+            model_id += f"|prompts {hashlib.sha256(turns.encode()).hexdigest()[:12]}"
     ident = ";".join(describe_source(s) for s in sources)
     key = hashlib.sha256(f"{ident}|{vocab}|{cfg.samples}|{cfg.seq_len}|{cfg.seed}|{model_id}"
                          .encode()).hexdigest()[:16]

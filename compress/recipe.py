@@ -56,6 +56,9 @@ class CalibrationConfig(_Strict):
     selfgen_chat: float | None = Field(None, ge=0, le=1, description=(
         "selfgen: share of the samples that are chat-formatted (a bundled user turn, the model's own reply, packed; "
         "needs a chat template); default: all when the tokenizer has a chat template, else none"))
+    selfgen_prompts: str | None = Field(None, description=(
+        "selfgen: the user turns of chat-formatted samples: a bundled set (instructions [default], questions: short "
+        "questions with one-line answers, instructions+questions) or a local .txt (one a line) / .jsonl (prompt)"))
     text_field: str | None = Field(None, description="field holding the text in a local .jsonl/.parquet")
     format: TextFormat = Field("auto", description=_FORMAT_HELP)
     mix: list[CalibrationSource] | None = Field(None, min_length=1, description="several sources, by weight "
@@ -67,6 +70,10 @@ class CalibrationConfig(_Strict):
             raise ValueError(f"mix has {len(self.mix)} sources but only {self.samples} samples to share")
         if self.mix and any(m.dataset == "selfgen" for m in self.mix):
             raise ValueError("selfgen cannot be part of a mix")
+        if self.selfgen_prompts is not None:
+            from .selfgen import load_prompts
+
+            load_prompts(self.selfgen_prompts)  # a bad set name or file fails at parse, naming it
         return self
 
     def sources(self) -> list[CalibrationSource]:

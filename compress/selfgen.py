@@ -4,8 +4,9 @@ Plain sequences start at BOS and sample 255 tokens with EOS excluded. That is te
 use (issue 14): the README's main job compressed on it answered chat prompts with an immediate end of turn. So for
 a tokenizer with a chat template, a share of the sequences (``calibration.selfgen_chat``; all of them by default)
 are chat-formatted:
-- a user turn from ``INSTRUCTIONS``, drawn with the seeded generator, is rendered by the chat template and fed in as
-  is;
+- a user turn from ``INSTRUCTIONS`` (or the set ``calibration.selfgen_prompts`` names: ``QUESTIONS``, short
+  questions with one-line answers, both, or the user's own file), drawn with the seeded generator, is rendered by the
+  chat template and fed in as is;
 - the model samples its own reply, with the end of turn allowed;
 - at the end of turn the template's separator and the next conversation follow, packed until the window is full.
 
@@ -43,11 +44,64 @@ INSTRUCTIONS = [  # user turns for chat-formatted calibration; none is among eva
 ]
 
 
+QUESTIONS = [  # short questions with one-line answers (``selfgen_prompts: questions``); none asks what
+    # eval/answers.jsonl asks (tests/test_answers.py checks that no item's subject is among them)
+    "What is the capital of Australia?", "What is the capital of Brazil?", "What is the capital of Kenya?",
+    "What is the capital of Norway?", "What is the capital of Argentina?", "What is the capital of India?",
+    "What is the capital of Greece?", "What is the capital of Mexico?", "What is the capital of Portugal?",
+    "What is 6 + 9?", "What is 15 - 7?", "What is 3 x 6?", "What is 18 / 3?", "What is double 9?",
+    "What is 11 + 13?", "What is 9 - 2?", "What is 2 x 8?", "What is a third of 12?",
+    "How many days are in a leap year?", "How many weeks are in a year?", "How many inches are in a foot?",
+    "How many years are in a century?", "How many sides does a hexagon have?", "How many zeros are in a million?",
+    "What is the German word for 'dog'?", "What is the Italian word for 'goodbye'?",
+    "How do you say 'good night' in Spanish?", "What is the French word for 'house'?",
+    "What is the Spanish word for 'friend'?", "What is the German word for 'bread'?",
+    "Name two kinds of trees.", "Name two vegetables.", "Name two sports played with a ball.",
+    "Name two countries in South America.", "Name two metals.", "Name two fruits that are yellow.",
+    "What is the boiling point of water in Celsius?", "Who wrote Romeo and Juliet?",
+    "What gas do plants take in from the air?", "What is the chemical symbol for gold?",
+    "How many strings does a standard guitar have?", "What is the smallest prime number?",
+    "Who painted the Mona Lisa?", "What is the tallest animal in the world?", "What is the largest mammal?",
+    "What language is spoken in Brazil?", "What is the square root of 81?", "What is the opposite of early?",
+    "What do you call frozen water?", "Which organ pumps blood through the body?",
+]
+PROMPT_SETS = {"instructions": INSTRUCTIONS, "questions": QUESTIONS, "instructions+questions": INSTRUCTIONS + QUESTIONS}
+
+
+def load_prompts(spec: str | None, field: str = "calibration.selfgen_prompts") -> list[str]:
+    """The user turns chat-formatted selfgen draws from: a bundled set by name (``PROMPT_SETS``; None:
+    ``instructions``), or a local file, one turn a line (``.txt``) or a ``prompt`` / ``text`` field a line
+    (``.jsonl``). Raises ``LrcError`` naming ``field`` and the file when it cannot be read or holds no turn."""
+    import json
+    from pathlib import Path
+
+    from .errors import LrcError
+
+    if spec is None or spec in PROMPT_SETS:
+        return list(PROMPT_SETS[spec or "instructions"])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise LrcError(f"{field}: {spec}: neither a bundled set ({', '.join(PROMPT_SETS)}) "
+                       f"nor a file")
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if path.suffix == ".jsonl":
+            rows = [json.loads(ln) for ln in lines]
+            lines = [str(r.get("prompt") or r.get("text") or "").strip() for r in rows]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise LrcError(f"{field}: {path}: cannot read user turns ({e})") from e
+    turns = [t for t in lines if t]
+    if not turns:
+        raise LrcError(f"{field}: {path}: no user turn in it")
+    return turns
+
+
 class _Chat:
     """The token streams of chat-formatted rows: a prompt to feed, then the model's reply until end of turn."""
 
-    def __init__(self, tokenizer, generator: torch.Generator):
+    def __init__(self, tokenizer, generator: torch.Generator, prompts: list[str] | None = None):
         self.tok, self.g = tokenizer, generator
+        self.prompts = prompts or INSTRUCTIONS
         self.eos = tokenizer.eos_token_id
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": "U"},
                                                   {"role": "assistant", "content": "XYZ"}], tokenize=False)
@@ -58,7 +112,7 @@ class _Chat:
         self.separator = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
 
     def prompt(self) -> list[int]:
-        text = INSTRUCTIONS[int(torch.randint(len(INSTRUCTIONS), (1,), generator=self.g))]
+        text = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=self.g))]
         return list(self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=False))
 
@@ -81,7 +135,7 @@ def selfgen(model, tokenizer, cfg, batch_size: int, max_tokens: int = 2**15) -> 
     eos = tokenizer.eos_token_id
     g = torch.Generator().manual_seed(cfg.seed)
     n_chat = chat_rows(tokenizer, cfg.samples, getattr(cfg, "selfgen_chat", None))
-    chat = _Chat(tokenizer, g) if n_chat else None
+    chat = _Chat(tokenizer, g, load_prompts(getattr(cfg, "selfgen_prompts", None))) if n_chat else None
     chunk = max(1, min(cfg.samples, max_tokens // cfg.seq_len))
     device = model.get_input_embeddings().weight.device
     out = []

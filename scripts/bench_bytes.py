@@ -10,6 +10,9 @@ embeddings and head included, quantized only in the ``+e8`` / ``+e4`` rows), one
     python scripts/bench_usable.py --no-chat --jsonl docs/results/bytes-smollm2-64x512.jsonl \\
         --configs dense+q4rtn:1 dense+q3rtn:1 dense+q4:1 dense+q3:1 svd-llm+q4:0.8 modegpt+q4:0.8 ...
     python scripts/bench_bytes.py --jsonl docs/results/bytes-smollm2-64x512.jsonl --svg docs/results/bytes.svg
+
+Speed: ``lrc bench CHECKPOINT --reference smollm2 --dtype bfloat16 --json B.json`` on checkpoints kept with
+``bench_usable.py --keep DIR``, then ``--speed-jsonl docs/results/bytes-speed-smollm2.jsonl --speed CONFIG=B.json``.
 """
 from __future__ import annotations
 
@@ -152,11 +155,47 @@ def dense_answers(rows: list[dict]) -> float | None:
     return scores.pop() if len(scores) == 1 else None
 
 
+def speed_markdown(rows: list[dict]) -> str:
+    """``lrc bench`` of kept checkpoints against the dense model, one row each (``{"config", "bench"}``, the bench's
+    JSON): both models in the run's dtype, interleaved, medians; "speed-up" is the median of the per-round ratios
+    (model over dense, back to back), "paths" how many quantized matrices took each forward path."""
+    lines = ["| configuration | dtype | on disk MiB | weights at run time GiB | quantized matrices' paths | "
+             "prefill tok/s @512 | decode tok/s @1 | decode tok/s @8 | speed-up prefill @512 | decode @1 | "
+             "decode @8 |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    dense = rows[0]["bench"]["models"]["reference"]
+
+    def fmt(d):
+        return (f"{d['checkpoint_bytes'] / 2**20:,.1f} | {d.get('run_weights_gib', d['weights_gib']):.3f} | "
+                f"{', '.join(f'{k} {v}' for k, v in sorted(d.get('quant_paths', {}).items())) or '–'} | "
+                f"{d['prefill_tokens_per_s']['512']:.0f} | {d['decode_tokens_per_s']['1']:.1f} | "
+                f"{d['decode_tokens_per_s']['8']:.1f}")
+
+    lines.append(f"| dense (reference, first run) | {rows[0]['bench']['dtype']} | {fmt(dense)} | – | – | – |")
+    for r in rows:
+        b = r["bench"]
+        up = b["measured_speedup"]
+        lines.append(f"| {r['config']} | {b['dtype']} | {fmt(b['models']['model'])} | {up['prefill@512']:.2f}× | "
+                     f"{up['decode@b1']:.2f}× | {up['decode@b8']:.2f}× |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jsonl", type=Path, required=True)
+    ap.add_argument("--jsonl", type=Path, help="bench_usable.py's rows: print their table")
     ap.add_argument("--svg", type=Path, help="write the plot here")
+    ap.add_argument("--speed", nargs="*", metavar="CONFIG=BENCH.json",
+                    help="append these lrc bench results (--json files) to --speed-jsonl, then print its table")
+    ap.add_argument("--speed-jsonl", type=Path)
     a = ap.parse_args()
+    if a.speed_jsonl:
+        with a.speed_jsonl.open("a") as fh:
+            for item in a.speed or []:
+                config, path = item.split("=", 1)
+                fh.write(json.dumps({"config": config, "bench": json.loads(Path(path).read_text())}) + "\n")
+        print(speed_markdown([json.loads(x) for x in a.speed_jsonl.read_text().splitlines() if x.strip()]))
+        return
+    if not a.jsonl:
+        ap.error("--jsonl or --speed-jsonl is required")
     rows = [json.loads(line) for line in a.jsonl.read_text().splitlines() if line.strip()]
     dense_ppl = dense_perplexity()
     print(markdown(rows, dense_ppl, dense_answers(rows)))

@@ -14,7 +14,8 @@ A configuration is ``NAME[+refine][+ft[N]][+chat][+qBITS[rtn]][+cRANK[iBITS]][+b
 (``search/svd-llm+refine:0.8``), or ``dense`` with a ``+q`` modifier for quantization alone (``dense+q4rtn:1``).
 ``+ft`` adds the README main job's recovery distillation (32 steps), ``+ftN`` N steps on N × 4 fresh samples.
 ``+chat`` calibrates on text the model writes itself, chat-formatted (``calibration.dataset: selfgen``, the same
-windows) instead of Wikipedia. ``+q4`` / ``+q3`` store every block Linear the stages leave (factors included) as
+windows) instead of Wikipedia; ``+chatq`` draws its user turns (and the distillation's) from the bundled
+instructions and short questions (``selfgen_prompts: instructions+questions``). ``+q4`` / ``+q3`` store every block Linear the stages leave (factors included) as
 4- / 3-bit codes, GPTQ, asymmetric, groups of 128 (``+q4rtn``: round to nearest); ``+q8``: 8-bit symmetric per
 output channel (PyTorch's int8 weight-only kernel); ``+c32``: each quantized Linear
 also gets an EoRA residual of rank 32 repairing its quantization error (``quantize.compensate``, in the bytes;
@@ -58,6 +59,9 @@ STAGES = {
 # sequences per block (1.5 passes over the 64 calibration windows; ~1.7 s a step here)
 REFINE = {"steps": 12, "batch_size": 8, "lr": 1e-4}
 REFINE_LONG = {"steps": 24, "batch_size": 8, "lr": 3e-4}  # ``+refine2``: twice the steps at 3× the rate
+# ``+chatq``: ``+chat`` with the bundled short questions beside the instructions as user turns (calibration and
+# the distillation's samples alike)
+QA_PROMPTS = "instructions+questions"
 # the README main job's recovery distillation (recipes/svd-llm-chat-ft.yaml)
 FINETUNE = {"data": "selfgen", "selfgen_samples": 128, "seq_len": 128, "loss": "distill", "train": "lrc",
             "steps": 32, "batch_size": 4, "lr": 1e-4, "warmup": 3, "holdout": 8, "eval_every": 32}
@@ -88,8 +92,9 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
             "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": chat,
                      **({"tasks": TASKS, "limit": 200} if zeroshot else {})},
             "samples": 0}
-    if "chat" in mods:  # calibration the model writes itself, chat-formatted (the README main job's --calib selfgen)
-        data["calibration"] = {"dataset": "selfgen", "samples": samples, "seq_len": seq_len}
+    if "chat" in mods or "chatq" in mods:  # text the model writes itself, chat-formatted (--calib selfgen)
+        data["calibration"] = {"dataset": "selfgen", "samples": samples, "seq_len": seq_len,
+                               **({"selfgen_prompts": QA_PROMPTS} if "chatq" in mods else {})}
     for m in mods:
         if m.startswith("q"):
             data["quantize"] = quantize_for(m)
@@ -112,7 +117,8 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
         if m == "ft" or (m.startswith("ft") and m[2:].isdigit()):
             steps = int(m[2:] or FINETUNE["steps"])
             data["finetune"] = {**FINETUNE, "steps": steps, "eval_every": steps,  # one pass over fresh samples
-                                "selfgen_samples": max(FINETUNE["selfgen_samples"], steps * FINETUNE["batch_size"])}
+                                "selfgen_samples": max(FINETUNE["selfgen_samples"], steps * FINETUNE["batch_size"]),
+                                **({"selfgen_prompts": QA_PROMPTS} if "chatq" in mods else {})}
     return data
 
 

@@ -14,7 +14,7 @@ from compress.eval import chat as chat_module
 from compress.eval.answers import ANSWERS_FILE, answer_eval, check, load_items, normalise
 from compress.eval.chat import PROMPTS, chat_eval
 from compress.eval.run import answers_line, results_tables
-from compress.selfgen import INSTRUCTIONS
+from compress.selfgen import INSTRUCTIONS, QUESTIONS
 
 from conftest import ROOT, SHARED, needs_shared
 
@@ -140,9 +140,27 @@ def test_no_answer_prompt_in_any_shipped_text():
 
 def test_selfgen_and_chat_prompts_share_nothing_with_the_set():
     answer_prompts = [i["prompt"].lower() for i in load_items()]
-    for shipped in INSTRUCTIONS + PROMPTS:
+    for shipped in INSTRUCTIONS + QUESTIONS + PROMPTS:
         s = shipped.lower()
         assert not [p for p in answer_prompts if p in s or s in p], shipped
+
+
+FRAME = set("what is the a an of in on for how many are there does do you say word name two 2 our one which city "
+            "have has".split())
+
+
+def test_selfgen_questions_ask_about_other_things():
+    """The bundled short questions (``selfgen_prompts: questions``) are of the same kinds as the set's, never about
+    the same thing: no item's content words (its prompt without the question frame) all occur in one question
+    ("capital … japan", "7 … 5", "spanish … hello", "primary colours")."""
+    def about(question: str) -> list[str]:
+        words = set(normalise(question))
+        return [it["prompt"] for it in load_items() if set(normalise(it["prompt"])) - FRAME <= words]
+
+    assert all(set(normalise(it["prompt"])) - FRAME for it in load_items())
+    # the check catches paraphrases of an item
+    assert about("What is the capital of Japan?") and about("What is 4 + 3?") and about("Which days make the weekend?")
+    assert not [(q, about(q)) for q in QUESTIONS if about(q)]
 
 
 @needs_shared(WIKI)

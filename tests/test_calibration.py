@@ -249,3 +249,49 @@ def test_chat_formatted_selfgen_packs_conversations(tokenizer):
     for r in (2, 3):
         assert ids[r, 0] == tok.bos_token_id and not (ids[r] == tok.eos_token_id).any()
     assert torch.equal(ids, selfgen(Eager(), tok, cfg, 8))  # seeded
+
+
+def test_selfgen_prompts_choose_the_user_turns(tokenizer, tmp_path):
+    """``calibration.selfgen_prompts``: a bundled set by name or the user's own file of turns feeds the
+    conversations (and keys the token cache); a bad name or file is refused at parse, naming the field."""
+    import copy
+    from types import SimpleNamespace
+
+    from compress.errors import LrcError
+    from compress.finetune.config import FinetuneConfig
+    from compress.recipe import CalibrationConfig
+    from compress.selfgen import INSTRUCTIONS, QUESTIONS, load_prompts, selfgen
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>{% endif %}")
+
+    class Eager(torch.nn.Module):  # ends its turn at once: the text is the turns, back to back
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(len(tok), 4)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, input_ids, **kwargs):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[..., tok.eos_token_id] = 30.0
+            return SimpleNamespace(logits=logits)
+
+    mine = ["Tell me about owls.", "Why is snow white?"]
+    (tmp_path / "turns.txt").write_text("\n".join(mine) + "\n\n")
+    (tmp_path / "turns.jsonl").write_text("\n".join(json.dumps({"prompt": t}) for t in mine))
+    assert load_prompts(None) == INSTRUCTIONS and load_prompts("instructions+questions") == INSTRUCTIONS + QUESTIONS
+    for spec, pool in ((str(tmp_path / "turns.txt"), mine), (str(tmp_path / "turns.jsonl"), mine),
+                       ("questions", QUESTIONS)):
+        assert load_prompts(spec) == pool
+        cfg = CalibrationConfig(dataset="selfgen", samples=2, seq_len=64, seed=0, selfgen_prompts=spec)
+        text = "".join(tok.decode(r) for r in selfgen(Eager(), tok, cfg, 8))
+        assert any(t in text for t in pool) and not any(t in text for t in INSTRUCTIONS)
+    (tmp_path / "empty.txt").write_text("\n")
+    for bad, expect in (("nope", "neither a bundled set"), (str(tmp_path / "empty.txt"), "no user turn")):
+        with pytest.raises(LrcError, match=f"calibration.selfgen_prompts: .*{expect}"):
+            CalibrationConfig(dataset="selfgen", selfgen_prompts=bad)
+        with pytest.raises(LrcError, match=f"finetune.selfgen_prompts: .*{expect}"):
+            FinetuneConfig(data="selfgen", selfgen_prompts=bad)

@@ -21,6 +21,9 @@ def finetune(
     teacher: Optional[str] = typer.Option(None, help="dense model for --loss distill / --data selfgen (default: the "
                                                      "model the checkpoint was compressed from)"),
     selfgen_samples: int = typer.Option(64, help="--data selfgen: sequences to sample (held-out ones included)"),
+    selfgen_prompts: Optional[str] = typer.Option(None, help="--data selfgen: the user turns: instructions "
+                                                             "(default), questions, instructions+questions, or a "
+                                                             ".txt/.jsonl of your own"),
     factors: str = typer.Option("joint", help="joint; sequential: U factors for half the steps, then V (SVD-LLM)"),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA), fp32, bf16"),
     lr: float = typer.Option(1e-4, help="peak learning rate (AdamW; warm-up, then cosine decay)"),
@@ -56,7 +59,8 @@ def finetune(
 
     try:
         cfg = parse_model(FinetuneConfig, "lrc finetune", data=data, steps=steps, train=train, loss=loss,
-                          teacher=teacher, selfgen_samples=selfgen_samples, factors=factors, precision=precision,
+                          teacher=teacher, selfgen_samples=selfgen_samples, selfgen_prompts=selfgen_prompts,
+                          factors=factors, precision=precision,
                           lr=lr, warmup=warmup,
                           batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, holdout=holdout,
                           eval_every=eval_every, save_every=save_every, checkpointing=checkpointing, seed=seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class FinetuneConfig(BaseModel):
@@ -20,6 +20,17 @@ class FinetuneConfig(BaseModel):
     teacher: str | None = Field(None, description="dense model for loss distill and data selfgen (default: the model "
                                                   "the checkpoint was compressed from, as its report records it)")
     selfgen_samples: int = Field(64, gt=0, description="data selfgen: sequences sampled (held-out ones included)")
+    selfgen_prompts: str | None = Field(None, description="data selfgen: the user turns (calibration.selfgen_prompts: "
+                                                          "a bundled set or a local file; default instructions)")
+
+    @field_validator("selfgen_prompts")
+    @classmethod
+    def _prompts_exist(cls, v):
+        if v is not None:
+            from ..selfgen import load_prompts
+
+            load_prompts(v, "finetune.selfgen_prompts")  # a bad set name or file fails at parse, naming it
+        return v
     factors: Literal["joint", "sequential"] = Field(
         "joint", description="joint: every trained parameter every step; sequential: SVD-LLM's order (methods.md "
                              "§3b): the low-rank modules' output factors U for the first half of the steps, then "

@@ -45,7 +45,8 @@ def _windows(tokenizer, cfg: FinetuneConfig, teacher):
 
     if cfg.data != "selfgen":
         return packed_windows(tokenizer, cfg.data, cfg.seq_len, cfg.max_windows)
-    calib = CalibrationConfig(dataset="selfgen", samples=cfg.selfgen_samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    calib = CalibrationConfig(dataset="selfgen", samples=cfg.selfgen_samples, seq_len=cfg.seq_len, seed=cfg.seed,
+                              selfgen_prompts=cfg.selfgen_prompts)
     return calibration_tokens(teacher, tokenizer, calib, cache_root())  # cached: a compress run's are reused
 
 
