@@ -490,6 +490,9 @@ class Recipe(_Strict):
         for key in ("bits_options", "embeddings", "compensate"):  # absent when unused, as before they existed (same caches)
             if data.get("quantize") is not None and data["quantize"].get(key) is None:
                 data["quantize"].pop(key)
+        for section in [data.get("calibration"), data.get("finetune"), *(st.get("calibration") for st in data["stages"])]:
+            if isinstance(section, dict) and section.get("selfgen_prompts", 0) is None:  # likewise
+                section.pop("selfgen_prompts")
         return data
 
 

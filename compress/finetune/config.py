@@ -23,6 +23,14 @@ class FinetuneConfig(BaseModel):
     selfgen_prompts: str | None = Field(None, description="data selfgen: the user turns (calibration.selfgen_prompts: "
                                                           "a bundled set or a local file; default instructions)")
 
+    def recorded(self) -> dict:
+        """The configuration as reports and state keys record it: ``selfgen_prompts`` absent when unset, as before
+        it existed (the same reports and resumable states)."""
+        data = self.model_dump()
+        if data.get("selfgen_prompts") is None:
+            data.pop("selfgen_prompts", None)
+        return data
+
     @field_validator("selfgen_prompts")
     @classmethod
     def _prompts_exist(cls, v):

@@ -20,7 +20,8 @@ def state_dir(key: str, cfg: FinetuneConfig) -> Path:
     its output directory, resolved) and configuration."""
     from ..models import cache_root
 
-    digest = hashlib.sha256(f"{key}|{cfg.model_dump_json()}".encode()).hexdigest()[:16]
+    unset = {"selfgen_prompts"} if cfg.selfgen_prompts is None else None  # as before it existed (same states)
+    digest = hashlib.sha256(f"{key}|{cfg.model_dump_json(exclude=unset)}".encode()).hexdigest()[:16]
     return cache_root() / "finetune" / digest
 
 
@@ -111,7 +112,7 @@ def train_model(model, tokenizer, cfg: FinetuneConfig, device, state: Path, teac
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"config": cfg.model_dump(), "teacher": (cfg.teacher or teacher_spec) if teacher is not None or
+    return {"config": cfg.recorded(), "teacher": (cfg.teacher or teacher_spec) if teacher is not None or
             cfg.data == "selfgen" else None, "train_windows": int(train_windows.shape[0]),
             "held_out_windows": int(held.shape[0]), "trained_params": n_trained, "total_params": n_total,
             "optimizer_state_params": 2 * n_trained, "held_out_loss_before": before, "held_out_loss_after": after,
