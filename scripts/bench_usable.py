@@ -244,9 +244,13 @@ def dense_reference(rows: list[dict], eval_json: Path) -> dict:
 
 
 def markdown(rows: list[dict], dense: dict | None = None) -> str:
-    """The rows as a markdown table, the dense model first (a value a row did not measure shows as –)."""
+    """The rows as a markdown table, the dense model first (a value a row did not measure shows as –; a zero-shot
+    mean marked † is an earlier run's of the same configuration and protocol, ``zero_shot_from`` names it)."""
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
+
+    def zs(r):
+        return f(r.get("zero_shot_mean"), ".3f") + ("†" if r.get("zero_shot_from") else "")
 
     lines = ["| configuration | kept | perplexity | × dense | answers | chat KL | zero-shot mean | compress s | "
              "total s | peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -257,7 +261,7 @@ def markdown(rows: list[dict], dense: dict | None = None) -> str:
     for r in rows:
         lines.append(f"| {r['config']} | {r['kept_measured']:.4f} | {r['perplexity']:,.2f} | "
                      f"{f(r['perplexity'] / base if base else None, '.2f')} | {f(r.get('answer_score'), '.2f')} | "
-                     f"{f(r.get('chat_kl'), '.3f')} | {f(r.get('zero_shot_mean'), '.3f')} | "
+                     f"{f(r.get('chat_kl'), '.3f')} | {zs(r)} | "
                      f"{f(r.get('compress_seconds') or None, '.0f')} | {f(r.get('total_seconds'), '.0f')} | "
                      f"{f(r.get('peak_rss_gib') or None, '.2f')} |")
     return "\n".join(lines)

@@ -63,7 +63,8 @@ def test_rows_are_rtns_dequantized_rows(bits, group, sym):
 
 
 @pytest.mark.parametrize("bits, group, sym, dtype, vocab, path", [
-    (8, None, True, torch.float32, 112, "int8"), (8, None, True, torch.bfloat16, 100, "int8"),
+    (8, None, True, torch.float32, 112, "dequantized"),  # the int8 kernel is ~60x slower than a GEMM in float32
+    (8, None, True, torch.bfloat16, 100, "int8"),
     (4, 32, False, torch.bfloat16, 112, "int4_cpu"), (4, 64, True, torch.bfloat16, 112, "int4_cpu"),
     (4, 32, False, torch.bfloat16, 100, "int4_cpu"),  # rows padded to 16 at a time for the kernel
     (4, 32, False, torch.float32, 112, "dequantized"), (3, 16, False, torch.float32, 112, "dequantized")])

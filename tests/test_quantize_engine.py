@@ -97,6 +97,14 @@ def test_kernels_agree_with_the_dequantized_weight(bits, group, sym, shape):
     err, floor = (y - ref).norm() / ref.norm(), (F.linear(xb, mb.dequantized(torch.bfloat16), mb.bias).float()
                                                   - ref).norm() / ref.norm()
     assert err < 2 * floor + 1e-3
+    # a longer call (prefill) where a kernel applies: a weight dequantized for the call, the same bits, not kept
+    assert torch.equal(m.transient_weight(torch.float32), m.dequantized(torch.float32))
+    long = torch.randn(3, 40, k).to(torch.bfloat16)
+    assert mb.kernel(long) == ("transient" if want != "dequantized" else "dequantized")
+    mb._cache.clear()
+    y = mb(long)
+    assert bool(mb._cache) == (want == "dequantized")
+    torch.testing.assert_close(y, F.linear(long, mb.dequantized(torch.bfloat16), mb.bias))
 
 
 def test_eora_compensates_the_quantization_error(tiny_model_dir, corpus_file, tmp_path):

@@ -21,10 +21,11 @@ one group per row); ``ŵ = scale·(q − zero)``, symmetric codes have ``zero = 
 torchao's int4/int8 weight-only layouts call, where they apply: 4 bits with groups of 32/64/128/256 (or one group
 a row of at most 256 inputs) on CPU with bfloat16 activations (``torch._weight_int4pack_mm_for_cpu``; the packed
 layout is built from ``qweight`` once per device, padded to whole groups and to rows 16 at a time where the shape
-needs it: ``QuantLinear._int4_layout``), 8 bits
-symmetric with one group per row (``torch._weight_int8pack_mm``). Any other case (float32 activations, 3 or 2 bits,
-another group size, CUDA for now) multiplies by the dequantized weight, computed once and kept (no dequantization
-per call): bytes on disk shrink either way, memory at run time only on the kernel paths.
+needs it: ``QuantLinear._int4_layout``), 8 bits symmetric with one group per row and 16-bit activations
+(``torch._weight_int8pack_mm``), for calls of up to ``KERNEL_ROWS`` rows (decode); a longer call there (prefill)
+multiplies by a weight dequantized for it and dropped after it (``transient``). Any other case (float32
+activations, 3 or 2 bits, another group size, CUDA for now) multiplies by the dequantized weight, computed once and
+kept: bytes on disk shrink either way, memory at run time only on the kernel paths.
 
 **Embeddings** (``recipe.quantize.embeddings``): ``QuantEmbedding`` is a ``QuantLinear`` of shape ``num_embeddings x
 embedding_dim`` (same buffers; groups along the embedding dimension) whose forward gathers and dequantizes only the
@@ -102,6 +103,11 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernel takes
+# Rows a call may have for the weight-only kernels. They read 4 or 8 bits a weight and win where reading the weights
+# is the cost (decode: 2-3x a bfloat16 GEMM here at one row, even at 8), and lose where the multiply-adds are (18x
+# slower than a bfloat16 GEMM at 512 rows): above this, a call multiplies by a weight dequantized for it and dropped
+# after it ("transient": one matrix at a time, so the memory at rest stays the codes).
+KERNEL_ROWS = 64
 
 
 class QuantLinear(nn.Module):
@@ -157,14 +163,18 @@ class QuantLinear(nn.Module):
         return self.dequantized(self.scales.dtype if self.bias is None else self.bias.dtype)
 
     def kernel(self, x: torch.Tensor) -> str:
-        """The path a forward on ``x`` takes: ``int4_cpu``, ``int8`` or ``dequantized``."""
-        if self.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self._int4_group():
-            return "int4_cpu"
-        if self.bits == 8 and self.symmetric and self.group_size is None and x.dtype in (torch.bfloat16,
-                                                                                          torch.float16,
-                                                                                          torch.float32):
-            return "int8"
-        return "dequantized"
+        """The path a forward on ``x`` takes: ``int4_cpu`` or ``int8`` (the weight-only kernels, at most
+        ``KERNEL_ROWS`` rows), ``transient`` (where a kernel applies but the call has more rows: a weight
+        dequantized for the call, not kept) or ``dequantized`` (any other case: the dequantized weight, kept).
+        The int8 kernel takes 16-bit activations only: in float32 it is ~60x slower than a float32 GEMM here."""
+        fits = (self.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self._int4_group()) or \
+            (self.bits == 8 and self.symmetric and self.group_size is None and x.dtype in (torch.bfloat16,
+                                                                                        torch.float16))
+        if not fits:
+            return "dequantized"
+        if x.numel() > KERNEL_ROWS * self.in_features:
+            return "transient"
+        return "int4_cpu" if self.bits == 4 else "int8"
 
     def _prepared(self, path: str, x: torch.Tensor):
         key = (path, x.device, x.dtype)
@@ -179,6 +189,18 @@ class QuantLinear(nn.Module):
                 else:
                     self._cache[key] = (self.dequantized(x.dtype).to(x.device),)
         return self._cache[key]
+
+    def transient_weight(self, dtype) -> torch.Tensor:
+        """``dequantized(dtype)`` for one call, faster: the 4-bit codes split by nibble and the groups broadcast
+        as a view (the same float32 operations, so the same bits)."""
+        n, k, g, groups = self.out_features, self.in_features, self.group_len, self.groups
+        p = self.qweight
+        codes = p if self.bits == 8 else torch.stack((p & 15, p >> 4), dim=-1).reshape(n, -1)[:, :k] \
+            if self.bits == 4 else self.codes()
+        if groups * g != k:
+            codes = F.pad(codes, (0, groups * g - k))
+        w = self.scales.float()[..., None] * (codes.view(n, groups, g).float() - self.zeros()[..., None])
+        return w.reshape(n, groups * g)[:, :k].to(dtype)
 
     def _int4_group(self) -> int | None:
         """The group size the int4 kernel runs this matrix with: its own, or for one group a row (an input size
@@ -206,6 +228,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel(x)
+        if path == "transient":
+            return F.linear(x, self.transient_weight(x.dtype), self.bias)
         prepared = self._prepared(path, x)
         if path == "dequantized":
             return F.linear(x, prepared[0], self.bias)
