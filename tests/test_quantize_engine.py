@@ -74,7 +74,8 @@ def test_quantization_alone_gptq_beats_rtn(tiny_model_dir, corpus_file, tmp_path
     (4, 32, False, (48, 128)), (4, 64, True, (48, 128)), (8, None, True, (48, 128)), (3, 16, False, (48, 128)),
     # padded int4 layouts: 576 inputs at groups of 128 (SmolLM2), a rank under the group (one group a row), rows
     # not a multiple of 16 (a factor's first half)
-    (4, 128, False, (48, 576)), (4, 128, True, (576, 100)), (4, 64, False, (37, 200)), (4, None, False, (48, 300))])
+    (4, 128, False, (48, 576)), (4, 128, True, (576, 100)), (4, 64, False, (37, 200)), (4, None, False, (48, 300)),
+    (8, None, True, (576, 137))])  # int8: inputs padded to 16 at a time (the kernel crashes otherwise)
 def test_kernels_agree_with_the_dequantized_weight(bits, group, sym, shape):
     torch.manual_seed(0)
     n, k = shape

@@ -183,9 +183,11 @@ class QuantLinear(nn.Module):
             with torch.no_grad():
                 if path == "int4_cpu":
                     self._cache[key] = self._int4_layout(x.dtype)
-                elif path == "int8":
+                elif path == "int8":  # the kernel crashes (PyTorch 2.13, CPU) unless the inputs are 16 at a time
                     w8 = (self.codes().to(torch.int16) - 128).to(torch.int8)
-                    self._cache[key] = (w8.contiguous(), self.scales[:, 0].to(x.dtype).contiguous())
+                    k_pad = -self.in_features % 16
+                    self._cache[key] = (F.pad(w8, (0, k_pad)).contiguous(), self.scales[:, 0].to(x.dtype).contiguous(),
+                                        k_pad)
                 else:
                     self._cache[key] = (self.dequantized(x.dtype).to(x.device),)
         return self._cache[key]
@@ -234,12 +236,11 @@ class QuantLinear(nn.Module):
         if path == "dequantized":
             return F.linear(x, prepared[0], self.bias)
         flat = x.reshape(-1, self.in_features)
+        flat = F.pad(flat, (0, prepared[2])) if prepared[2] else flat.contiguous()  # zeros meet the padded inputs
         if path == "int4_cpu":
-            flat = F.pad(flat, (0, prepared[2])) if prepared[2] else flat.contiguous()
             y = torch._weight_int4pack_mm_for_cpu(flat, prepared[0], self._int4_group(), prepared[1])
             y = y[:, :self.out_features] if y.shape[1] != self.out_features else y
         else:
-            flat = flat.contiguous()
             y = torch._weight_int8pack_mm(flat, prepared[0], prepared[1])
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
