@@ -120,6 +120,7 @@ SECTIONS = {
     "finetune": lambda: bench_finetune.markdown(rows("finetune-smollm2.jsonl")),
     "bytes": lambda: bench_bytes.markdown(rows("bytes-smollm2-64x512.jsonl"), bench_bytes.dense_perplexity(),
                                           bench_bytes.dense_answers(rows("bytes-smollm2-64x512.jsonl"))),
+    "bytes-speed": lambda: bench_bytes.speed_markdown(rows("bytes-speed-smollm2.jsonl")),
     "usable": lambda: bench_usable.markdown(rows("usable-smollm2-64x512.jsonl"), bench_usable.dense_reference(
         rows("usable-smollm2-64x512.jsonl"), RESULTS / "smollm2-dense-eval.json")),
 }
