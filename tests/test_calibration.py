@@ -211,21 +211,21 @@ def test_preallocated_cache_gives_the_dynamic_caches_logits(tiny_model_dir):
     assert torch.allclose(outs[0], outs[1], atol=1e-6, rtol=0)
 
 
-def test_chat_formatted_selfgen_packs_conversations(tokenizer):
-    """With a chat template, the chat share of the rows are conversations: a bundled user turn rendered by the
-    template, the model's reply up to its end of turn, then the next conversation; plain rows stay BOS + text
-    without EOS. A model that nearly always ends its turn at once shows the packing."""
+def _chat_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` with a minimal chat template."""
     import copy
-    from types import SimpleNamespace
-
-    from compress.recipe import CalibrationConfig
-    from compress.selfgen import INSTRUCTIONS, chat_rows, selfgen
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<s>{% endif %}")
+    return tok
 
-    class Eager(torch.nn.Module):  # logits favour EOS (e^10 : 1 against each other token)
+
+def _eos_model(tok, eos_logit: float):
+    """A model class whose logits favour EOS by ``eos_logit`` over every other token."""
+    from types import SimpleNamespace
+
+    class Eager(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = torch.nn.Embedding(len(tok), 4)
@@ -235,8 +235,21 @@ def test_chat_formatted_selfgen_packs_conversations(tokenizer):
 
         def forward(self, input_ids, **kwargs):
             logits = torch.zeros(*input_ids.shape, len(tok))
-            logits[..., tok.eos_token_id] = 10.0
+            logits[..., tok.eos_token_id] = eos_logit
             return SimpleNamespace(logits=logits)
+
+    return Eager
+
+
+def test_chat_formatted_selfgen_packs_conversations(tokenizer):
+    """With a chat template, the chat share of the rows are conversations: a bundled user turn rendered by the
+    template, the model's reply up to its end of turn, then the next conversation; plain rows stay BOS + text
+    without EOS. A model that nearly always ends its turn at once shows the packing."""
+    from compress.recipe import CalibrationConfig
+    from compress.selfgen import INSTRUCTIONS, chat_rows, selfgen
+
+    tok = _chat_tokenizer(tokenizer)
+    Eager = _eos_model(tok, 10.0)  # logits favour EOS (e^10 : 1 against each other token)
 
     cfg = CalibrationConfig(dataset="selfgen", samples=4, seq_len=96, seed=1, selfgen_chat=0.5)
     assert chat_rows(tok, 4, 0.5) == 2 and chat_rows(tok, 4, None) == 4 and chat_rows(tokenizer, 4, None) == 0
@@ -254,30 +267,13 @@ def test_chat_formatted_selfgen_packs_conversations(tokenizer):
 def test_selfgen_prompts_choose_the_user_turns(tokenizer, tmp_path):
     """``calibration.selfgen_prompts``: a bundled set by name or the user's own file of turns feeds the
     conversations (and keys the token cache); a bad name or file is refused at parse, naming the field."""
-    import copy
-    from types import SimpleNamespace
-
     from compress.errors import LrcError
     from compress.finetune.config import FinetuneConfig
     from compress.recipe import CalibrationConfig
     from compress.selfgen import INSTRUCTIONS, QUESTIONS, load_prompts, selfgen
 
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s>{% endif %}")
-
-    class Eager(torch.nn.Module):  # ends its turn at once: the text is the turns, back to back
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(len(tok), 4)
-
-        def get_input_embeddings(self):
-            return self.emb
-
-        def forward(self, input_ids, **kwargs):
-            logits = torch.zeros(*input_ids.shape, len(tok))
-            logits[..., tok.eos_token_id] = 30.0
-            return SimpleNamespace(logits=logits)
+    tok = _chat_tokenizer(tokenizer)
+    Eager = _eos_model(tok, 30.0)  # ends its turn at once: the text is the turns, back to back
 
     mine = ["Tell me about owls.", "Why is snow white?"]
     (tmp_path / "turns.txt").write_text("\n".join(mine) + "\n\n")
