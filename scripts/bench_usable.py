@@ -23,7 +23,8 @@ also gets an EoRA residual of rank 32 repairing its quantization error (``quanti
 ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using the same table). ``+bytes`` (a search NAME): KEPT
 is the whole checkpoint's share of its bf16 bytes, and the search chooses each module's knob and width
 (``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
-KL: minutes per row); ``--keep DIR`` keeps each checkpoint in DIR (for ``lrc bench``, or reading its replies).
+KL: minutes per row); ``--keep DIR`` keeps each checkpoint in DIR (for ``lrc bench``, or reading its replies);
+``--zeroshot-kept --keep DIR --configs ...`` adds the zero-shot tasks to finished rows from their kept checkpoints.
 
     python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
 """
@@ -229,6 +230,38 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
     return out
 
 
+def zeroshot_of_kept(checkpoint: Path) -> dict:
+    """The four zero-shot tasks at limit 200 on a checkpoint ``--keep`` wrote (the row's own weights, measured after
+    it: ``--zeroshot`` in the run itself costs the same ~9 min, this lets a row finish first)."""
+    import torch
+
+    from compress.eval.run import evaluate_model
+    from compress.models import load_model
+    from compress.recipe import EvalConfig
+
+    torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
+    model, tok, _ = load_model(str(checkpoint))
+    ev = evaluate_model(model, tok, EvalConfig(ppl=[], tasks=TASKS, limit=200,
+                                               data_dir=os.environ.get("LRC_DATA_DIR", str(SHARED / "data"))),
+                        progress=False)
+    return {"zero_shot": {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()},
+            "zero_shot_mean": ev["zero_shot"]["mean"]["acc"], "zero_shot_checkpoint": str(checkpoint)}
+
+
+def add_zeroshot(jsonl: Path, keep: Path, configs: list[str]) -> None:
+    """Rewrite the rows of ``configs`` in ``jsonl`` with the zero-shot accuracy of their kept checkpoints."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    for r in rows:
+        if r["config"] in configs and r.get("zero_shot_mean") is None:
+            ckpt = keep / re.sub(r"[^A-Za-z0-9.+_-]", "_", r["config"])
+            if not (ckpt / "config.json").is_file():
+                print(f"{r['config']}: no checkpoint at {ckpt}", file=sys.stderr)
+                continue
+            r.update(zeroshot_of_kept(ckpt))
+            jsonl.write_text("".join(json.dumps(x) + "\n" for x in rows))  # after each row: a stop keeps the rest
+            print(f"{r['config']:36s} zero-shot mean {r['zero_shot_mean']:.3f}", flush=True)
+
+
 def dense_reference(rows: list[dict], eval_json: Path) -> dict:
     """The dense row: a measured ``dense`` row when the file has one, else the dense model's perplexity and
     zero-shot accuracy from ``eval_json`` (the same protocol, docs/results/smollm2-dense-eval.json) and its answer
@@ -280,8 +313,15 @@ def main() -> None:
     ap.add_argument("--keep", help="write each checkpoint to KEEP/<config> (kept) instead of a temporary directory")
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
+    ap.add_argument("--zeroshot-kept", action="store_true",
+                    help="add the zero-shot tasks to the --configs rows of --jsonl from their --keep checkpoints")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.zeroshot_kept:
+        if not a.keep:
+            ap.error("--zeroshot-kept needs --keep (the directory the rows' checkpoints were kept in)")
+        add_zeroshot(a.jsonl, Path(a.keep), a.configs)
+        return
     if a.markdown:
         rows = [json.loads(line) for line in a.jsonl.read_text().splitlines()]
         print(markdown(rows, dense_reference(rows, ROOT / "docs" / "results" / "smollm2-dense-eval.json")))
