@@ -155,6 +155,19 @@ def stage_byte_ratio(kept_bytes: float, embeddings: dict | None) -> float:
     return round(left / (2 * SHAPE["linear"]), 6)
 
 
+def kept_dir(keep: Path, config: str) -> Path:
+    """Where ``--keep`` writes (and ``--zeroshot-kept`` reads) a configuration's checkpoint."""
+    return keep / re.sub(r"[^A-Za-z0-9.+_-]", "_", config)
+
+
+def zero_shot_fields(ev: dict) -> dict:
+    """A row's zero-shot accuracy per task and mean, from an evaluation's ``zero_shot`` (none when it ran none)."""
+    if not ev.get("zero_shot"):
+        return {}
+    return {"zero_shot": {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()},
+            "zero_shot_mean": ev["zero_shot"]["mean"]["acc"]}
+
+
 def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, zeroshot: bool, cache: str,
         chat: bool = True, keep: str | None = None) -> dict:
     import torch
@@ -167,7 +180,7 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
         return _dense(model_spec, windows, zeroshot)
     recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot, chat))
     with tempfile.TemporaryDirectory() as tmp:  # ``keep``: the checkpoint stays (for lrc bench, reading replies)
-        out = Path(keep) / re.sub(r"[^A-Za-z0-9.+_-]", "_", config) if keep else Path(tmp) / "out"
+        out = kept_dir(Path(keep), config) if keep else Path(tmp) / "out"
         _, report = api.compress(model_spec, recipe, out, cache_dir=cache, progress=False, return_model=False,
                                  overwrite=bool(keep))
     ev = report["eval"]
@@ -199,9 +212,7 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
         out["search_trials"] = [t for rec in report["allocation"].values() if rec for t in rec["trials"]]
     if "finetune" in report:
         out["finetune_seconds"] = report["finetune"].get("seconds")
-    if ev.get("zero_shot"):
-        out["zero_shot"] = {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()}
-        out["zero_shot_mean"] = ev["zero_shot"]["mean"]["acc"]
+    out.update(zero_shot_fields(ev))
     return out
 
 
@@ -224,9 +235,7 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
            "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
            "answer_score": answers.get("answer_score"),
            "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
-    if ev.get("zero_shot"):
-        out["zero_shot"] = {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()}
-        out["zero_shot_mean"] = ev["zero_shot"]["mean"]["acc"]
+    out.update(zero_shot_fields(ev))
     return out
 
 
@@ -244,8 +253,7 @@ def zeroshot_of_kept(checkpoint: Path) -> dict:
     ev = evaluate_model(model, tok, EvalConfig(ppl=[], tasks=TASKS, limit=200,
                                                data_dir=os.environ.get("LRC_DATA_DIR", str(SHARED / "data"))),
                         progress=False)
-    return {"zero_shot": {t: v["acc"] for t, v in ev["zero_shot"]["tasks"].items()},
-            "zero_shot_mean": ev["zero_shot"]["mean"]["acc"], "zero_shot_checkpoint": str(checkpoint)}
+    return {**zero_shot_fields(ev), "zero_shot_checkpoint": str(checkpoint)}
 
 
 def add_zeroshot(jsonl: Path, keep: Path, configs: list[str]) -> None:
@@ -253,7 +261,7 @@ def add_zeroshot(jsonl: Path, keep: Path, configs: list[str]) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     for r in rows:
         if r["config"] in configs and r.get("zero_shot_mean") is None:
-            ckpt = keep / re.sub(r"[^A-Za-z0-9.+_-]", "_", r["config"])
+            ckpt = kept_dir(keep, r["config"])
             if not (ckpt / "config.json").is_file():
                 print(f"{r['config']}: no checkpoint at {ckpt}", file=sys.stderr)
                 continue
