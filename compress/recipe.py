@@ -390,6 +390,15 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _finetune_prompts(self):
+        """``finetune.selfgen_prompts`` unset, with ``data: selfgen`` after a ``selfgen`` calibration: the
+        calibration's user turns, so the distillation samples the kind of text the model was calibrated on."""
+        ft, cal = self.finetune, self.calibration
+        if ft is not None and ft.data == "selfgen" and ft.selfgen_prompts is None and cal.dataset == "selfgen":
+            ft.selfgen_prompts = cal.selfgen_prompts
+        return self
+
+    @model_validator(mode="after")
     def _byte_budget(self):
         byte = [i for i, st in enumerate(self.stages) if st.byte_ratio is not None]
         options = self.quantize.bits_options if self.quantize is not None else None

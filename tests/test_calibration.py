@@ -291,3 +291,26 @@ def test_selfgen_prompts_choose_the_user_turns(tokenizer, tmp_path):
             CalibrationConfig(dataset="selfgen", selfgen_prompts=bad)
         with pytest.raises(LrcError, match=f"finetune.selfgen_prompts: .*{expect}"):
             FinetuneConfig(data="selfgen", selfgen_prompts=bad)
+
+
+def test_finetune_takes_the_calibration_prompts():
+    """A recipe's ``finetune.selfgen_prompts`` left unset, with ``data: selfgen`` after a ``selfgen`` calibration,
+    takes the calibration's user turns; one given, a non-selfgen calibration or ``data`` keep theirs."""
+    from compress.recipe import parse_recipe
+
+    def ft(calibration: dict, finetune: dict):
+        return parse_recipe({"calibration": calibration, "stages": [{"method": "svd", "param_ratio": 0.8}],
+                             "finetune": finetune}).finetune.selfgen_prompts
+
+    chat = {"dataset": "selfgen", "selfgen_prompts": "instructions+questions"}
+    assert ft(chat, {"data": "selfgen"}) == "instructions+questions"
+    assert ft(chat, {"data": "selfgen", "selfgen_prompts": "questions"}) == "questions"
+    assert ft({"dataset": "selfgen"}, {"data": "selfgen"}) is None  # the bundled instructions, as before
+    assert ft({"dataset": "wikitext2"}, {"data": "selfgen"}) is None
+    assert ft(chat, {"data": "wikitext2"}) is None
+    from compress.api import with_overrides  # ``--calib selfgen`` on a recipe written for Wikipedia: likewise
+
+    wiki = parse_recipe({"calibration": {**chat, "dataset": "wikitext2"}, "finetune": {"data": "selfgen"},
+                         "stages": [{"method": "svd", "param_ratio": 0.8}]})
+    assert wiki.finetune.selfgen_prompts is None
+    assert with_overrides(wiki, calibration__dataset="selfgen").finetune.selfgen_prompts == "instructions+questions"

@@ -21,7 +21,8 @@ class FinetuneConfig(BaseModel):
                                                   "the checkpoint was compressed from, as its report records it)")
     selfgen_samples: int = Field(64, gt=0, description="data selfgen: sequences sampled (held-out ones included)")
     selfgen_prompts: str | None = Field(None, description="data selfgen: the user turns (calibration.selfgen_prompts: "
-                                                          "a bundled set or a local file; default instructions)")
+                                                          "a bundled set or a local file; default: in a recipe whose calibration is "
+                                                          "selfgen, its prompts, else instructions)")
 
     def recorded(self) -> dict:
         """The configuration as reports and state keys record it: ``selfgen_prompts`` absent when unset, as before
