@@ -43,8 +43,9 @@ def family(config: str) -> str:
     q = next((m for m in mods if m.startswith("q")), None)
     if "bytes" in mods:
         return f"{name} byte budget{tail}"
-    if name == "dense":
-        return ("RTN" if q and q.endswith("rtn") else "GPTQ" if q else "bf16") + tail
+    if name == "dense":  # calibrated on self-generated chat text (``+chat`` / ``+chatq``): a curve of its own
+        chat = " on chat text" if {"chat", "chatq"} & set(mods) else ""
+        return ("RTN" if q and q.endswith("rtn") else "GPTQ" if q else "bf16") + chat + tail
     base = "+".join([name, *(m for m in mods if not m.startswith("q"))])
     return (f"{base} + {'RTN ' if q and q.endswith('rtn') else ''}int{q[1]}" if q else f"{base} (bf16)") + tail
 

@@ -22,7 +22,8 @@ also gets an EoRA residual of rank 32 repairing its quantization error (``quanti
 ``+c32i4``: its two factors stored as 4-bit codes too). Embeddings and head stay in the model's dtype unless ``+e8`` /
 ``+e4`` (int8 rows / int4 groups of 64, RTN, the tied head using the same table). ``+bytes`` (a search NAME): KEPT
 is the whole checkpoint's share of its bf16 bytes, and the search chooses each module's knob and width
-(``BYTE_WIDTHS``) under what the embeddings and norms leave. ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
+(``BYTE_WIDTHS``) under what the embeddings and norms leave. ``+ftN`` with ``+q…``: the fine-tuned row's kept checkpoint, then
+quantized by a recipe of its own (lrc's order: compress, fine-tune, quantize; ``_quantized_after``). ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
 KL: minutes per row); ``--keep DIR`` keeps each checkpoint in DIR (for ``lrc bench``, or reading its replies);
 ``--zeroshot-kept --keep DIR --configs ...`` adds the zero-shot tasks to finished rows from their kept checkpoints.
 
@@ -178,11 +179,50 @@ def one(model_spec: str, config: str, samples: int, seq_len: int, windows: int, 
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
     if config == "dense":
         return _dense(model_spec, windows, zeroshot)
-    recipe = parse_recipe(recipe_for(config, samples, seq_len, windows, zeroshot, chat))
+    data = recipe_for(config, samples, seq_len, windows, zeroshot, chat)
+    if "finetune" in data and "quantize" in data:
+        return _quantized_after(model_spec, config, data, samples, seq_len, cache, keep)
+    recipe = parse_recipe(data)
     with tempfile.TemporaryDirectory() as tmp:  # ``keep``: the checkpoint stays (for lrc bench, reading replies)
         out = kept_dir(Path(keep), config) if keep else Path(tmp) / "out"
         _, report = api.compress(model_spec, recipe, out, cache_dir=cache, progress=False, return_model=False,
                                  overwrite=bool(keep))
+    return _row(config, model_spec, samples, seq_len, recipe, report)
+
+
+def _quantized_after(model_spec: str, config: str, data: dict, samples: int, seq_len: int, cache: str,
+                     keep: str | None) -> dict:
+    """``…+ftN+qB…``: lrc's order for a fine-tuned model (README, "Quantized storage"): the fine-tuned row's kept
+    checkpoint (``BASE``: the configuration without its ``+q…`` / ``+c…`` / ``+e…`` modifiers, run first with
+    ``--keep``), then a recipe with only the quantize section on it, calibrated on the same kind of text (sampled
+    by that checkpoint when ``+chat``). The chat evaluation's reference is that checkpoint (the model compressed),
+    so the row records the answers and KL beside it (``base_answer_score``, ``chat_kl_to_base``) and keeps the
+    dense model's answer score as the base row measured it; ``compress_seconds`` is the quantization's alone."""
+    from compress import api
+    from compress.recipe import parse_recipe
+
+    head, kept = config.rsplit(":", 1)
+    name, *mods = head.split("+")
+    base = "+".join([name, *(m for m in mods if not re.fullmatch(r"q\d+(rtn)?|c\d+(i\d+)?|e[48]", m))]) + ":" + kept
+    src = kept_dir(Path(keep), base) if keep else None
+    if src is None or not (src / "lrc_report.json").is_file():
+        raise SystemExit(f"{config}: quantizes {base}'s kept checkpoint: run that row with --keep first")
+    recipe = parse_recipe({**{k: data[k] for k in ("calibration", "engine", "quantize", "eval")}, "stages": [],
+                           "samples": 0})
+    _, report = api.compress(str(src), recipe, kept_dir(Path(keep), config), cache_dir=cache, progress=False,
+                             return_model=False, overwrite=True)
+    row = _row(config, model_spec, samples, seq_len, recipe, report)
+    before = json.loads((src / "lrc_report.json").read_text())
+    answers = before.get("eval", {}).get("chat", {}).get("answers", {})
+    row.update(base=base, kept_measured=before["targeted"]["kept_fraction_of_targeted"],
+               params_after=before["targeted"]["params_after"], dense_params=before["model_params"]["before"]["total"],
+               base_answer_score=row["reference_answer_score"], chat_kl_to_base=row.pop("chat_kl"),
+               reference_answer_score=answers.get("reference_answer_score"))
+    return row
+
+
+def _row(config: str, model_spec: str, samples: int, seq_len: int, recipe, report: dict) -> dict:
+    """A configuration's results, from its run's report."""
     ev = report["eval"]
     chat = ev.get("chat", {})
     answers = chat.get("answers", {})
