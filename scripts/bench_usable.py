@@ -201,9 +201,7 @@ def _quantized_after(model_spec: str, config: str, data: dict, samples: int, seq
     from compress import api
     from compress.recipe import parse_recipe
 
-    head, kept = config.rsplit(":", 1)
-    name, *mods = head.split("+")
-    base = "+".join([name, *(m for m in mods if not re.fullmatch(r"q\d+(rtn)?|c\d+(i\d+)?|e[48]", m))]) + ":" + kept
+    base = base_config(config)
     src = kept_dir(Path(keep), base) if keep else None
     if src is None or not (src / "lrc_report.json").is_file():
         raise SystemExit(f"{config}: quantizes {base}'s kept checkpoint: run that row with --keep first")
@@ -219,6 +217,14 @@ def _quantized_after(model_spec: str, config: str, data: dict, samples: int, seq
                base_answer_score=row["reference_answer_score"], chat_kl_to_base=row.pop("chat_kl"),
                reference_answer_score=answers.get("reference_answer_score"))
     return row
+
+
+def base_config(config: str) -> str:
+    """The configuration without its storage modifiers (``+qB``, ``+cN[iB]``, ``+e8`` / ``+e4``): what a
+    ``…+ftN+q…`` row quantizes."""
+    head, kept = config.rsplit(":", 1)
+    name, *mods = head.split("+")
+    return "+".join([name, *(m for m in mods if not re.fullmatch(r"q\d+(rtn)?|c\d+(i\d+)?|e[48]", m))]) + ":" + kept
 
 
 def _row(config: str, model_spec: str, samples: int, seq_len: int, recipe, report: dict) -> dict:

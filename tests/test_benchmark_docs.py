@@ -22,3 +22,18 @@ def test_every_marked_table_has_rows():
     for name in render_tables.SECTIONS:
         body = doc[doc.index(f"<!-- {name} -->"):doc.index(f"<!-- /{name} -->")]
         assert body.count("\n|") >= 3, name  # header, rule and at least one measured row
+
+
+def test_byte_rows_name_their_base_and_curve():
+    """A fine-tuned row quantized afterwards names the kept row it quantizes; GPTQ calibrated on chat text and a
+    quantized chat row each get a curve of their own, apart from the Wikipedia-calibrated GPTQ the goal compares to."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_bytes import family
+    from bench_usable import base_config
+
+    row = "search/modegpt,svd-llm+chatq+refine+ft128+q4+c32i4+e4:0.8"
+    assert base_config(row) == "search/modegpt,svd-llm+chatq+refine+ft128:0.8"
+    assert base_config("modegpt+q8rtn+e8:0.6") == "modegpt:0.6"
+    assert family("dense+q4+e4:1") == "GPTQ, emb int4"
+    assert family("dense+chatq+q4+e4:1") == "GPTQ on chat text, emb int4"
+    assert family(row) == "search/modegpt,svd-llm+chatq+refine+ft128 + int4 + EoRA r32 int4, emb int4"
