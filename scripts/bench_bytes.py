@@ -92,6 +92,7 @@ def markdown(rows: list[dict], dense_ppl: float, dense_answers: float | None = N
     return "\n".join(lines)
 
 
+DASHES = ["", "6 3", "2 2"]
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
@@ -102,7 +103,9 @@ def svg(rows: list[dict], dense_ppl: float, width: int = 760, height: int = 460)
     pts: dict[str, list[tuple[float, float, str]]] = {}
     for r in rows:
         pts.setdefault(family(r["config"]), []).append((r["bf16_bytes"] / total, r["perplexity"], r["config"]))
-    left, right, top, bottom = 70, 250, 20, 50
+    left, top, bottom = 70, 20, 50
+    right = max(250, 40 + 7 * max(len(f) for f in pts))  # the legend's column, as wide as its longest name
+    width, height = width + right - 250, max(height, top + 40 + 16 * len(pts) + bottom)
     xs = [x for v in pts.values() for x, _, _ in v] + [1.0]
     ys = [y for v in pts.values() for _, y, _ in v] + [dense_ppl]
     x0, x1 = 0.0, max(1.05, max(xs) * 1.05)
@@ -134,13 +137,18 @@ def svg(rows: list[dict], dense_ppl: float, width: int = 760, height: int = 460)
     out.append(f'<text x="{width - right + 10}" y="{top + 12}">● dense bf16 ({dense_ppl:.2f})</text>')
     for i, (fam, p) in enumerate(sorted(pts.items())):
         c = COLORS[i % len(COLORS)]
+        dash = DASHES[i // len(COLORS) % len(DASHES)]  # past the palette: the same colours dashed, then dotted
+        dash = f' stroke-dasharray="{dash}"' if dash else ""
         p = sorted(p)
-        out.append('<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>'.format(
-            c, " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y, _ in p)))
+        out.append('<polyline fill="none" stroke="{}" stroke-width="2"{} points="{}"/>'.format(
+            c, dash, " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y, _ in p)))
         for x, y, cfg in p:
             out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.5" fill="{c}"><title>{cfg}: {y:.2f} at '
                        f'{x:.3f}</title></circle>')
-        out.append(f'<text x="{width - right + 10}" y="{top + 30 + 16 * i}" fill="{c}">— {fam}</text>')
+        ly = top + 30 + 16 * i
+        out.append(f'<line x1="{width - right + 10}" y1="{ly - 4}" x2="{width - right + 26}" y2="{ly - 4}" '
+                   f'stroke="{c}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{width - right + 30}" y="{ly}" fill="{c}">{fam}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
