@@ -92,7 +92,8 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
             "engine": {"device": "cpu", "batch_size": 8},
             "stages": [] if name == "dense" else [{**STAGES[name], "param_ratio": float(kept)}],
             "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": chat,
-                     **({"tasks": TASKS, "limit": 200} if zeroshot else {})},
+                     **({"tasks": TASKS, "limit": 200,
+                         "data_dir": os.environ.get("LRC_DATA_DIR", str(SHARED / "data"))} if zeroshot else {})},
             "samples": 0}
     if "chat" in mods or "chatq" in mods:  # text the model writes itself, chat-formatted (--calib selfgen)
         data["calibration"] = {"dataset": "selfgen", "samples": samples, "seq_len": seq_len,
@@ -273,7 +274,8 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
     model, tok, _ = load_model(model_spec)
     t = time.perf_counter()
     ev = evaluate_model(model, tok, EvalConfig(ppl=[str(WIKI)], seq_len=512, max_windows=windows, chat=True,
-                                               **({"tasks": TASKS, "limit": 200} if zeroshot else {})),
+                                               **({"tasks": TASKS, "limit": 200, "data_dir": os.environ.get(
+                                                   "LRC_DATA_DIR", str(SHARED / "data"))} if zeroshot else {})),
                         progress=False)
     answers = ev.get("chat", {}).get("answers", {})
     out = {"config": "dense", "model": model_spec, "kept_measured": 1.0, "compress_seconds": 0.0,
