@@ -45,6 +45,8 @@ SHARED = Path(os.environ.get("LRC_SHARED", ROOT.parent / "shared"))
 CALIB = SHARED / "data" / "calib" / "wiki_passages.jsonl"
 WIKI = SHARED / "data" / "wikitext2" / "wikitext2_raw_test.jsonl"
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
+# ``--zeroshot`` / ``--zeroshot-kept``: the eval section's zero-shot fields (the shared task files, or LRC_DATA_DIR)
+ZEROSHOT = {"tasks": TASKS, "limit": 200, "data_dir": os.environ.get("LRC_DATA_DIR", str(SHARED / "data"))}
 SEARCH = {"samples": 4, "trials": 10}  # LEMS: 32 sequences of 2048 tokens; 4 × 512 here (one forward per matrix)
 STAGES = {
     "svd-llm": {"method": "svd-llm"},
@@ -92,8 +94,7 @@ def recipe_for(config: str, samples: int, seq_len: int, windows: int, zeroshot: 
             "engine": {"device": "cpu", "batch_size": 8},
             "stages": [] if name == "dense" else [{**STAGES[name], "param_ratio": float(kept)}],
             "eval": {"ppl": [str(WIKI)], "seq_len": 512, "max_windows": windows, "chat": chat,
-                     **({"tasks": TASKS, "limit": 200,
-                         "data_dir": os.environ.get("LRC_DATA_DIR", str(SHARED / "data"))} if zeroshot else {})},
+                     **(ZEROSHOT if zeroshot else {})},
             "samples": 0}
     if "chat" in mods or "chatq" in mods:  # text the model writes itself, chat-formatted (--calib selfgen)
         data["calibration"] = {"dataset": "selfgen", "samples": samples, "seq_len": seq_len,
@@ -274,8 +275,7 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
     model, tok, _ = load_model(model_spec)
     t = time.perf_counter()
     ev = evaluate_model(model, tok, EvalConfig(ppl=[str(WIKI)], seq_len=512, max_windows=windows, chat=True,
-                                               **({"tasks": TASKS, "limit": 200, "data_dir": os.environ.get(
-                                                   "LRC_DATA_DIR", str(SHARED / "data"))} if zeroshot else {})),
+                                               **(ZEROSHOT if zeroshot else {})),
                         progress=False)
     answers = ev.get("chat", {}).get("answers", {})
     out = {"config": "dense", "model": model_spec, "kept_measured": 1.0, "compress_seconds": 0.0,
@@ -298,9 +298,7 @@ def zeroshot_of_kept(checkpoint: Path) -> dict:
 
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
     model, tok, _ = load_model(str(checkpoint))
-    ev = evaluate_model(model, tok, EvalConfig(ppl=[], tasks=TASKS, limit=200,
-                                               data_dir=os.environ.get("LRC_DATA_DIR", str(SHARED / "data"))),
-                        progress=False)
+    ev = evaluate_model(model, tok, EvalConfig(ppl=[], **ZEROSHOT), progress=False)
     return {**zero_shot_fields(ev), "zero_shot_checkpoint": str(checkpoint)}
 
 
