@@ -25,7 +25,8 @@ is the whole checkpoint's share of its bf16 bytes, and the search chooses each m
 (``BYTE_WIDTHS``) under what the embeddings and norms leave. ``+ftN`` with ``+q…``: the fine-tuned row's kept checkpoint, then
 quantized by a recipe of its own (lrc's order: compress, fine-tune, quantize; ``_quantized_after``). ``--no-chat`` skips ``lrc eval --chat`` (answers, chat
 KL: minutes per row); ``--keep DIR`` keeps each checkpoint in DIR (for ``lrc bench``, or reading its replies);
-``--zeroshot-kept --keep DIR --configs ...`` adds the zero-shot tasks to finished rows from their kept checkpoints.
+``--zeroshot-kept --keep DIR --configs ...`` adds the zero-shot tasks to finished rows from their kept checkpoints,
+``--answers-kept`` the answer score and chat KL to rows that ran with ``--no-chat``.
 
     python scripts/bench_usable.py --jsonl docs/results/usable-smollm2-64x512.jsonl --configs modegpt+refine:0.8
 """
@@ -287,33 +288,65 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
     return out
 
 
-def zeroshot_of_kept(checkpoint: Path) -> dict:
-    """The four zero-shot tasks at limit 200 on a checkpoint ``--keep`` wrote (the row's own weights, measured after
-    it: ``--zeroshot`` in the run itself costs the same ~9 min, this lets a row finish first)."""
+def _load_kept(checkpoint: Path | str):
     import torch
 
-    from compress.eval.run import evaluate_model
     from compress.models import load_model
-    from compress.recipe import EvalConfig
 
     torch.set_num_threads(int(os.environ.get("LRC_THREADS", "2")))
-    model, tok, _ = load_model(str(checkpoint))
+    return load_model(str(checkpoint))[:2]  # (model, tokenizer), fp32
+
+
+def zeroshot_of_kept(checkpoint: Path, reference=None) -> dict:
+    """The four zero-shot tasks at limit 200 on a checkpoint ``--keep`` wrote (the row's own weights, measured after
+    it: ``--zeroshot`` in the run itself costs the same ~9 min, this lets a row finish first)."""
+    from compress.eval.run import evaluate_model
+    from compress.recipe import EvalConfig
+
+    model, tok = _load_kept(checkpoint)
     ev = evaluate_model(model, tok, EvalConfig(ppl=[], **ZEROSHOT), progress=False)
     return {**zero_shot_fields(ev), "zero_shot_checkpoint": str(checkpoint)}
 
 
-def add_zeroshot(jsonl: Path, keep: Path, configs: list[str]) -> None:
-    """Rewrite the rows of ``configs`` in ``jsonl`` with the zero-shot accuracy of their kept checkpoints."""
+def chat_of_kept(checkpoint: Path, reference) -> dict:
+    """``lrc eval --chat`` on a checkpoint ``--keep`` wrote, against ``reference`` (the dense model, loaded once):
+    the answer score and the chat KL of a row that ran with ``--no-chat`` (the byte rows), as ``_row`` records them."""
+    from compress.eval.chat import chat_eval
+
+    model, tok = _load_kept(checkpoint)
+    chat = chat_eval(model, tok, reference, cache=True)
+    answers = chat.get("answers", {})
+    return {"chat_kl": chat.get("mean_kl"), "non_empty": chat.get("non_empty"),
+            "answer_score": answers.get("answer_score"),
+            "reference_answer_score": answers.get("reference_answer_score"),
+            "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]],
+            "answer_replies": [(s["prompt"], s["reply"], s["correct"]) for s in answers.get("samples", [])[:10]],
+            "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()},
+            "chat_checkpoint": str(checkpoint)}
+
+
+KEPT_EVALS = {"zeroshot": ("zero_shot_mean", zeroshot_of_kept), "chat": ("answer_score", chat_of_kept)}
+
+
+def add_from_kept(jsonl: Path, keep: Path, configs: list[str], what: str, model_spec: str = "smollm2") -> None:
+    """Rewrite the rows of ``configs`` in ``jsonl`` that lack ``what`` (``KEPT_EVALS``: the zero-shot tasks, or
+    the answer score and chat KL) with its measurement on their kept checkpoints; after each row, so a stop keeps
+    the rest."""
+    field, measure = KEPT_EVALS[what]
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    reference = None
     for r in rows:
-        if r["config"] in configs and r.get("zero_shot_mean") is None:
-            ckpt = kept_dir(keep, r["config"])
-            if not (ckpt / "config.json").is_file():
-                print(f"{r['config']}: no checkpoint at {ckpt}", file=sys.stderr)
-                continue
-            r.update(zeroshot_of_kept(ckpt))
-            jsonl.write_text("".join(json.dumps(x) + "\n" for x in rows))  # after each row: a stop keeps the rest
-            print(f"{r['config']:36s} zero-shot mean {r['zero_shot_mean']:.3f}", flush=True)
+        if r["config"] not in configs or r.get(field) is not None:
+            continue
+        ckpt = kept_dir(keep, r["config"])
+        if not (ckpt / "config.json").is_file():
+            print(f"{r['config']}: no checkpoint at {ckpt}", file=sys.stderr)
+            continue
+        if what == "chat" and reference is None:
+            reference = _load_kept(model_spec)[0]  # the dense model (a spec or a directory), loaded once
+        r.update(measure(ckpt, reference))
+        jsonl.write_text("".join(json.dumps(x) + "\n" for x in rows))
+        print(f"{r['config']:36s} {field} {r[field]:.3f}", flush=True)
 
 
 def dense_reference(rows: list[dict], eval_json: Path) -> dict:
@@ -369,12 +402,16 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print the --jsonl results as a table and exit")
     ap.add_argument("--zeroshot-kept", action="store_true",
                     help="add the zero-shot tasks to the --configs rows of --jsonl from their --keep checkpoints")
+    ap.add_argument("--answers-kept", action="store_true",
+                    help="add the answer score and chat KL to the --configs rows of --jsonl that ran with --no-chat, "
+                         "from their --keep checkpoints")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.zeroshot_kept:
+    if a.zeroshot_kept or a.answers_kept:
         if not a.keep:
-            ap.error("--zeroshot-kept needs --keep (the directory the rows' checkpoints were kept in)")
-        add_zeroshot(a.jsonl, Path(a.keep), a.configs)
+            ap.error("--zeroshot-kept / --answers-kept need --keep (the directory the rows' checkpoints were kept in)")
+        for what in ("zeroshot",) * a.zeroshot_kept + ("chat",) * a.answers_kept:
+            add_from_kept(a.jsonl, Path(a.keep), a.configs, what, a.model)
         return
     if a.markdown:
         rows = [json.loads(line) for line in a.jsonl.read_text().splitlines()]

@@ -37,3 +37,29 @@ def test_byte_rows_name_their_base_and_curve():
     assert family("dense+q4+e4:1") == "GPTQ, emb int4"
     assert family("dense+chatq+q4+e4:1") == "GPTQ on chat text, emb int4"
     assert family(row) == "search/modegpt,svd-llm+chatq+refine+ft128 + int4 + EoRA r32 int4, emb int4"
+
+
+def test_kept_rows_gain_only_what_they_lack(tmp_path, monkeypatch):
+    """``--answers-kept`` / ``--zeroshot-kept``: a row that lacks the measure gets it from its kept checkpoint and is
+    written back at once; a row that has it, or whose checkpoint is gone, stays as it was."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_usable
+
+    rows = [{"config": "a+q4:0.8", "answer_score": None}, {"config": "b:0.8", "answer_score": 0.5},
+            {"config": "c:0.6"}, {"config": "d:0.6"}]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for config in ("a+q4:0.8", "b:0.8", "c:0.6"):
+        ckpt = bench_usable.kept_dir(tmp_path / "keep", config)
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setitem(bench_usable.KEPT_EVALS, "chat",
+                        ("answer_score", lambda ckpt, ref: seen.append(ckpt.name) or {"answer_score": 0.25}))
+    monkeypatch.setattr(bench_usable, "_load_kept", lambda spec: ("dense", None))
+    bench_usable.add_from_kept(jsonl, tmp_path / "keep", ["a+q4:0.8", "b:0.8", "c:0.6", "d:0.6"], "chat")
+    out = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert seen == ["a+q4_0.8", "c_0.6"]
+    assert [r.get("answer_score") for r in out] == [0.25, 0.5, 0.25, None]
