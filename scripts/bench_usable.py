@@ -33,6 +33,7 @@ KL: minutes per row); ``--keep DIR`` keeps each checkpoint in DIR (for ``lrc ben
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -230,23 +231,27 @@ def base_config(config: str) -> str:
     return "+".join([name, *(m for m in mods if not re.fullmatch(r"q\d+(rtn)?|c\d+(i\d+)?|e[48]", m))]) + ":" + kept
 
 
+def chat_fields(chat: dict) -> dict:
+    """A row's fields of an ``lrc eval --chat`` result (``chat_eval``'s dict; empty when none ran): the answer score
+    beside the reference's, its score by kind, the chat KL and the first replies."""
+    answers = chat.get("answers", {})
+    return {"chat_kl": chat.get("mean_kl"), "non_empty": chat.get("non_empty"),
+            "answer_score": answers.get("answer_score"),
+            "reference_answer_score": answers.get("reference_answer_score"),
+            "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]],
+            "answer_replies": [(s["prompt"], s["reply"], s["correct"]) for s in answers.get("samples", [])[:10]],
+            "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
+
+
 def _row(config: str, model_spec: str, samples: int, seq_len: int, recipe, report: dict) -> dict:
     """A configuration's results, from its run's report."""
     ev = report["eval"]
-    chat = ev.get("chat", {})
-    answers = chat.get("answers", {})
     out = {"config": config, "model": model_spec, "calibration": f"{samples}x{seq_len}",
            "kept_measured": report["targeted"]["kept_fraction_of_targeted"],
            "params_after": report["targeted"]["params_after"],
            "compress_seconds": report["seconds"], "total_seconds": report["total_seconds"],
            "phase_seconds": report["phase_seconds"], "peak_rss_gib": report["peak_rss_gib"],
-           "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
-           "chat_kl": chat.get("mean_kl"), "non_empty": chat.get("non_empty"),
-           "answer_score": answers.get("answer_score"),
-           "reference_answer_score": answers.get("reference_answer_score"),
-           "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]],
-           "answer_replies": [(s["prompt"], s["reply"], s["correct"]) for s in answers.get("samples", [])[:10]],
-           "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
+           "perplexity": next(iter(ev["perplexity"].values()))["perplexity"], **chat_fields(ev.get("chat", {}))}
     if "refine" in report:
         out["refine"] = {k: v for k, v in report["refine"].items() if k != "blocks"}
     cb = report["checkpoint_bytes"]
@@ -278,12 +283,11 @@ def _dense(model_spec: str, windows: int, zeroshot: bool) -> dict:
     ev = evaluate_model(model, tok, EvalConfig(ppl=[str(WIKI)], seq_len=512, max_windows=windows, chat=True,
                                                **(ZEROSHOT if zeroshot else {})),
                         progress=False)
-    answers = ev.get("chat", {}).get("answers", {})
+    chat = chat_fields(ev.get("chat", {}))
     out = {"config": "dense", "model": model_spec, "kept_measured": 1.0, "compress_seconds": 0.0,
            "total_seconds": round(time.perf_counter() - t, 1), "peak_rss_gib": 0.0,
            "perplexity": next(iter(ev["perplexity"].values()))["perplexity"],
-           "answer_score": answers.get("answer_score"),
-           "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()}}
+           **{k: chat[k] for k in ("answer_score", "answers_by_kind")}}
     out.update(zero_shot_fields(ev))
     return out
 
@@ -297,7 +301,7 @@ def _load_kept(checkpoint: Path | str):
     return load_model(str(checkpoint))[:2]  # (model, tokenizer), fp32
 
 
-def zeroshot_of_kept(checkpoint: Path, reference=None) -> dict:
+def zeroshot_of_kept(checkpoint: Path, model_spec: str) -> dict:
     """The four zero-shot tasks at limit 200 on a checkpoint ``--keep`` wrote (the row's own weights, measured after
     it: ``--zeroshot`` in the run itself costs the same ~9 min, this lets a row finish first)."""
     from compress.eval.run import evaluate_model
@@ -308,20 +312,19 @@ def zeroshot_of_kept(checkpoint: Path, reference=None) -> dict:
     return {**zero_shot_fields(ev), "zero_shot_checkpoint": str(checkpoint)}
 
 
-def chat_of_kept(checkpoint: Path, reference) -> dict:
-    """``lrc eval --chat`` on a checkpoint ``--keep`` wrote, against ``reference`` (the dense model, loaded once):
-    the answer score and the chat KL of a row that ran with ``--no-chat`` (the byte rows), as ``_row`` records them."""
+@functools.cache
+def _reference(model_spec: str):
+    """The dense model the chat KL and the reference answers are measured against, loaded once per process."""
+    return _load_kept(model_spec)[0]
+
+
+def chat_of_kept(checkpoint: Path, model_spec: str) -> dict:
+    """``lrc eval --chat`` on a checkpoint ``--keep`` wrote, against the dense ``model_spec``: the answer score and
+    the chat KL of a row that ran with ``--no-chat`` (the byte rows), as ``_row`` records them."""
     from compress.eval.chat import chat_eval
 
     model, tok = _load_kept(checkpoint)
-    chat = chat_eval(model, tok, reference, cache=True)
-    answers = chat.get("answers", {})
-    return {"chat_kl": chat.get("mean_kl"), "non_empty": chat.get("non_empty"),
-            "answer_score": answers.get("answer_score"),
-            "reference_answer_score": answers.get("reference_answer_score"),
-            "replies": [(s["prompt"], s["reply"]) for s in chat.get("samples", [])[:6]],
-            "answer_replies": [(s["prompt"], s["reply"], s["correct"]) for s in answers.get("samples", [])[:10]],
-            "answers_by_kind": {k: v.get("answer_score") for k, v in answers.get("by_kind", {}).items()},
+    return {**chat_fields(chat_eval(model, tok, _reference(model_spec), cache=True)),
             "chat_checkpoint": str(checkpoint)}
 
 
@@ -334,7 +337,6 @@ def add_from_kept(jsonl: Path, keep: Path, configs: list[str], what: str, model_
     the rest."""
     field, measure = KEPT_EVALS[what]
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    reference = None
     for r in rows:
         if r["config"] not in configs or r.get(field) is not None:
             continue
@@ -342,9 +344,7 @@ def add_from_kept(jsonl: Path, keep: Path, configs: list[str], what: str, model_
         if not (ckpt / "config.json").is_file():
             print(f"{r['config']}: no checkpoint at {ckpt}", file=sys.stderr)
             continue
-        if what == "chat" and reference is None:
-            reference = _load_kept(model_spec)[0]  # the dense model (a spec or a directory), loaded once
-        r.update(measure(ckpt, reference))
+        r.update(measure(ckpt, model_spec))
         jsonl.write_text("".join(json.dumps(x) + "\n" for x in rows))
         print(f"{r['config']:36s} {field} {r[field]:.3f}", flush=True)
 

@@ -57,8 +57,7 @@ def test_kept_rows_gain_only_what_they_lack(tmp_path, monkeypatch):
         (ckpt / "config.json").write_text("{}")
     seen = []
     monkeypatch.setitem(bench_usable.KEPT_EVALS, "chat",
-                        ("answer_score", lambda ckpt, ref: seen.append(ckpt.name) or {"answer_score": 0.25}))
-    monkeypatch.setattr(bench_usable, "_load_kept", lambda spec: ("dense", None))
+                        ("answer_score", lambda ckpt, spec: seen.append(ckpt.name) or {"answer_score": 0.25}))
     bench_usable.add_from_kept(jsonl, tmp_path / "keep", ["a+q4:0.8", "b:0.8", "c:0.6", "d:0.6"], "chat")
     out = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert seen == ["a+q4_0.8", "c_0.6"]
